@@ -1,0 +1,416 @@
+"""Typed configuration: dataclasses with every default in one place, YAML files, `a.b=value` overrides.
+
+A config is built in three layers, each overriding the last: the dataclass defaults, the YAML
+file, then command-line overrides. Model presets (`model.preset: bert-base`) fill the model's
+shape before explicit model keys are applied. `validate()` checks everything that can be checked
+without compiling, so a bad config fails in a second, not after a minute of XLA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which key and how to fix it."""
+
+
+# Published shapes. BERT: Turc et al. 2019 (tiny/mini/small) and Devlin et al. 2018 (base);
+# GPT-2: Radford et al. 2019. gpt-tiny is ours: a decoder small enough for CPU tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    "bert-tiny": dict(kind="encoder", num_layers=2, hidden_size=128, num_heads=2, mlp_dim=512),
+    "bert-mini": dict(kind="encoder", num_layers=4, hidden_size=256, num_heads=4, mlp_dim=1024),
+    "bert-small": dict(kind="encoder", num_layers=4, hidden_size=512, num_heads=8, mlp_dim=2048),
+    "bert-base": dict(kind="encoder", num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
+    "gpt-tiny": dict(kind="decoder", num_layers=2, hidden_size=128, num_heads=2, mlp_dim=512,
+                     max_len=256, vocab_size=50257),
+    "gpt2-small": dict(kind="decoder", num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
+    "gpt2-medium": dict(kind="decoder", num_layers=24, hidden_size=1024, num_heads=16,
+                        mlp_dim=4096),
+}
+_BERT_COMMON = dict(vocab_size=30522, max_len=512, dropout=0.1, norm="post", activation="gelu",
+                    type_vocab_size=2)
+_GPT_COMMON = dict(vocab_size=50257, max_len=1024, dropout=0.1, norm="pre",
+                   activation="gelu_tanh", type_vocab_size=0)
+for _name, _shape in PRESETS.items():
+    PRESETS[_name] = {**(_BERT_COMMON if _shape["kind"] == "encoder" else _GPT_COMMON), **_shape}
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None
+    kind: str = "encoder"  # encoder (bidirectional, MLM head) | decoder (causal, LM head)
+    vocab_size: int | None = None  # None: the tokenizer's size, rounded up to a multiple of 128
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    mlp_dim: int = 512
+    max_len: int = 512
+    type_vocab_size: int = 2  # BERT's segment (token type) embeddings; 0 for none
+    dropout: float = 0.0
+    norm: str = "post"  # post (BERT) | pre (GPT-2, with a final norm)
+    activation: str = "gelu"  # gelu (exact) | gelu_tanh
+    dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"  # one of REMAT_POLICIES
+    attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "bundled:kjv"  # a text file (.txt or .txt.gz, one document per line)
+    tokenizer: str | None = None  # a tokenizer.json to load; None = train one on the corpus
+    tokenizer_vocab_size: int = 8192
+    seq_len: int = 128
+    shuffle_seed: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    mask_rate: float = 0.15  # MLM: fraction of eligible tokens selected
+    mask_token_rate: float = 0.8  # of the selected: replaced by [MASK]
+    random_token_rate: float = 0.1  # of the selected: replaced by a random token (rest: kept)
+
+
+@dataclass
+class MeshConfig:
+    parallelism: str = "jit"  # jit (sharded over the mesh below) | pmap (pure data parallel)
+    data: int = -1  # -1: every device not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    end_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
+    # (path regex, decay?) first match wins; every parameter must match one rule.
+    weight_decay_rules: list = field(default_factory=lambda: [
+        [r"(^|/)bias$", False],
+        [r"(^|/)scale$", False],  # LayerNorm scales
+        [r"embed", False],  # token, position and type embeddings
+        [r".*", True],
+    ])
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "auto"  # mlm | clm | auto (mlm for encoders, clm for decoders)
+    steps: int = 1000
+    global_batch: int = 32
+    grad_accum: int = 1  # microbatches per step, accumulated inside the jitted step
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # save every N steps (and always at the end); 0 = only at the end
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    enabled: bool = False  # call jax.distributed.initialize before anything else
+    coordinator_address: str | None = None  # host:port; None = auto-detect (SLURM, TPU, ...)
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list | None = None
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from nested dicts
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_keys(cls, data: dict, where: str) -> None:
+    valid = list(_field_types(cls))
+    for key in data:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f" Did you mean '{where}{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown config key '{where}{key}'.{hint} "
+                              f"Valid keys here: {', '.join(valid)}.")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Checks a YAML value against a field's annotation, converting int -> float where harmless."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"'{key}' may not be null.")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}.")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}.")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}.")
+        return value
+    if typ is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}.")
+        return value
+    return value
+
+
+def _build(cls, data: dict, where: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where.rstrip('.') or 'config'}' must be a mapping, got {data!r}.")
+    _check_keys(cls, data, where)
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, typ, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.steps=10', 'model.preset=bert-tiny'] -> nested dict; values are parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form key.sub=value "
+                              f"(for example train.steps=100).")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"Override '{item}' has an empty key part.")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Override '{item}': value is not valid YAML ({e}).") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override '{item}' conflicts with an earlier override.")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides; then model presets are expanded."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist. Shipped configs are in "
+                              f"configs/ (for example configs/pretrain_tiny_mlm.yaml).")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(data)
+
+
+def from_dict(data: dict) -> Config:
+    model = dict(data.get("model") or {})
+    preset = model.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(str(preset), list(PRESETS), n=1, cutoff=0.4)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown model.preset '{preset}'.{hint} "
+                              f"Presets: {', '.join(PRESETS)}.")
+        model = {**PRESETS[preset], **model}
+    data = {**data, "model": model}
+    return _build(Config, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be known before compiling
+
+
+def _one_of(value: str, options, key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"'{key}' is '{value}'; it must be one of: {', '.join(options)}.")
+
+
+def objective_for(cfg: Config) -> str:
+    if cfg.train.objective != "auto":
+        return cfg.train.objective
+    return "mlm" if cfg.model.kind == "encoder" else "clm"
+
+
+def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Fills the one -1 axis so that data * fsdp * tensor == num_devices."""
+    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+    names = ["mesh.data", "mesh.fsdp", "mesh.tensor"]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ConfigError("At most one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
+    for s, n in zip(sizes, names):
+        if s == 0 or s < -1:
+            raise ConfigError(f"'{n}' is {s}; use a positive size or -1 for 'the rest'.")
+    known = 1
+    for s in sizes:
+        if s != -1:
+            known *= s
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError(f"The mesh axes set ({known} devices) do not divide the "
+                              f"{num_devices} devices available.")
+        sizes[sizes.index(-1)] = num_devices // known
+    if sizes[0] * sizes[1] * sizes[2] != num_devices:
+        raise ConfigError(f"Mesh data*fsdp*tensor = {sizes[0]}*{sizes[1]}*{sizes[2]} = "
+                          f"{sizes[0] * sizes[1] * sizes[2]}, but {num_devices} devices are "
+                          f"available. Set one axis to -1 to use the rest.")
+    return tuple(sizes)
+
+
+def validate(cfg: Config, num_devices: int) -> None:
+    """Raises ConfigError naming the key at fault. Call before building anything expensive."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    _one_of(m.kind, ("encoder", "decoder"), "model.kind")
+    _one_of(m.norm, ("pre", "post"), "model.norm")
+    _one_of(m.activation, ("gelu", "gelu_tanh", "relu"), "model.activation")
+    _one_of(m.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
+    _one_of(m.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
+    _one_of(m.remat, REMAT_POLICIES, "model.remat")
+    _one_of(m.attention, ("auto", "xla", "cudnn"), "model.attention")
+    _one_of(cfg.mesh.parallelism, ("jit", "pmap"), "mesh.parallelism")
+    _one_of(t.objective, ("auto", "mlm", "clm"), "train.objective")
+    _one_of(o.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    for key, value in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
+                       ("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim),
+                       ("model.max_len", m.max_len), ("data.seq_len", cfg.data.seq_len),
+                       ("train.steps", t.steps), ("train.global_batch", t.global_batch),
+                       ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
+                       ("checkpoint.keep", cfg.checkpoint.keep)]:
+        if value < 1:
+            raise ConfigError(f"'{key}' is {value}; it must be at least 1.")
+    if m.vocab_size is not None and m.vocab_size < 8:
+        raise ConfigError(f"'model.vocab_size' is {m.vocab_size}; use null to take the "
+                          f"tokenizer's size, or a size of at least the tokenizer's vocabulary.")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by "
+                          f"model.num_heads ({m.num_heads}).")
+    if cfg.data.seq_len > m.max_len:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_len "
+                          f"({m.max_len}); lower data.seq_len or raise model.max_len.")
+    if objective_for(cfg) == "mlm" and m.kind != "encoder":
+        raise ConfigError("train.objective 'mlm' needs model.kind 'encoder' (bidirectional); "
+                          "use 'clm' for a decoder.")
+    if objective_for(cfg) == "clm" and m.kind != "decoder":
+        raise ConfigError("train.objective 'clm' needs model.kind 'decoder' (causal); "
+                          "use 'mlm' for an encoder.")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout ({m.dropout}) must be in [0, 1).")
+    ob = cfg.objective
+    if not 0 < ob.mask_rate < 1:
+        raise ConfigError(f"objective.mask_rate ({ob.mask_rate}) must be in (0, 1).")
+    if ob.mask_token_rate < 0 or ob.random_token_rate < 0 or \
+            ob.mask_token_rate + ob.random_token_rate > 1:
+        raise ConfigError("objective.mask_token_rate and objective.random_token_rate must be "
+                          "non-negative and sum to at most 1.")
+    if o.learning_rate <= 0:
+        raise ConfigError(f"optim.learning_rate ({o.learning_rate}) must be positive.")
+    if o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be "
+                          "non-negative.")
+    if cfg.checkpoint.every < 0:
+        raise ConfigError("checkpoint.every must be >= 0 (0 saves only at the end).")
+    _check_rules(o.weight_decay_rules, "optim.weight_decay_rules")
+
+    # Batch layout: the global batch is split into grad_accum microbatches, each of which is
+    # split across the data-parallel devices (data * fsdp axes, or every device under pmap).
+    if cfg.mesh.parallelism == "pmap":
+        dp = num_devices
+        where = f"the {num_devices} devices (mesh.parallelism=pmap)"
+    else:
+        data, fsdp, _ = resolve_mesh_shape(cfg.mesh, num_devices)
+        dp = data * fsdp
+        where = f"the data-parallel size mesh.data*mesh.fsdp = {data}*{fsdp} = {dp}"
+    if t.global_batch % t.grad_accum:
+        raise ConfigError(f"train.global_batch ({t.global_batch}) is not divisible by "
+                          f"train.grad_accum ({t.grad_accum}).")
+    micro = t.global_batch // t.grad_accum
+    if micro % dp:
+        raise ConfigError(f"Each microbatch (train.global_batch / train.grad_accum = {micro}) "
+                          f"must be divisible by {where}. Try train.global_batch="
+                          f"{_round_up(t.global_batch, dp * t.grad_accum)}.")
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _check_rules(rules, key: str) -> None:
+    import re
+    if not isinstance(rules, list) or not rules:
+        raise ConfigError(f"'{key}' must be a non-empty list of [regex, value] pairs.")
+    for rule in rules:
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ConfigError(f"'{key}': each rule must be [regex, value], got {rule!r}.")
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ConfigError(f"'{key}': rule regex {rule[0]!r} does not compile: {e}.") from None

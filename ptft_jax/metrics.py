@@ -1,0 +1,79 @@
+"""Where metrics go: the terminal (with a progress bar), a JSONL file and TensorBoard events."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class MetricsWriter:
+    """Writes on process 0 only; every other process gets a writer that does nothing."""
+
+    def __init__(self, run_dir: Path, total_steps: int, initial_step: int, enabled: bool,
+                 progress: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # optional at run time; a dependency of the package
+            self.tb = None
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                            dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        line = "  ".join(_fmt(k, v) for k, v in row.items() if k != "time")
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
+
+
+def _plain(v):
+    try:
+        return v.item()
+    except AttributeError:
+        return v
+
+
+def _fmt(k, v) -> str:
+    if isinstance(v, float):
+        if k in ("learning_rate",):
+            return f"{k}={v:.2e}"
+        if k.startswith("tokens_per"):
+            return f"{k}={v:,.0f}"
+        return f"{k}={v:.4g}"
+    return f"{k}={v}"

@@ -1,0 +1,147 @@
+"""Transformer building blocks shared by the encoder (BERT-style) and decoder (GPT-style).
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) and
+activations are constrained with `act_*` names; `ptft_jax.mesh.LOGICAL_RULES` maps both to mesh
+axes. Parameters are stored in `param_dtype`; matmuls run in `dtype`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ptft_jax.config import ModelConfig
+
+INIT_STD = 0.02  # BERT and GPT-2 both draw weights from N(0, 0.02^2)
+
+_ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
+def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
+    """(compute dtype, parameter dtype). 'auto' computes in bfloat16 on GPU/TPU, float32 on CPU."""
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(dtype), jnp.dtype(cfg.param_dtype)
+
+
+def normal(std: float, axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros(axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def layer_norm(cfg: ModelConfig, name: str, axis_name: str = "embed") -> nn.LayerNorm:
+    dtype, param_dtype = dtypes(cfg)
+    return nn.LayerNorm(
+        epsilon=1e-12 if cfg.norm == "post" else 1e-5,  # BERT's and GPT-2's published values
+        dtype=dtype, param_dtype=param_dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+        bias_init=zeros((axis_name,)))
+
+
+def constrain(x, axes: tuple[str, ...]):
+    return nn.with_logical_constraint(x, axes)
+
+
+class Projection(nn.Module):
+    """`einsum(equation, x, kernel) + bias` with the kernel created in its final shape.
+
+    (flax's DenseGeneral initialises a flattened kernel and applies the logical-axis constraint
+    to it, which fails under a mesh; this keeps the named shape from the start.)
+    """
+    cfg: ModelConfig
+    equation: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_shape: tuple[int, ...]
+    bias_axes: tuple[str, ...]
+    std: float = INIT_STD
+
+    @nn.compact
+    def __call__(self, x):
+        dtype, param_dtype = dtypes(self.cfg)
+        kernel = self.param("kernel", normal(self.std, self.kernel_axes), self.kernel_shape,
+                            param_dtype)
+        bias = self.param("bias", zeros(self.bias_axes), self.bias_shape, param_dtype)
+        return jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype)) + \
+            bias.astype(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel on
+    GPU when shapes allow). `mask` is a boolean [batch, 1, q, k] (True = may attend) or None."""
+    cfg: ModelConfig
+    causal: bool
+    out_std: float
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.cfg
+        d, h = cfg.hidden_size, cfg.num_heads
+        k = d // h
+
+        def project(name):
+            y = Projection(cfg, "bld,dhk->blhk", (d, h, k), ("embed", "heads", "kv"), (h, k),
+                           ("heads", "kv"), name=name)(x)
+            return constrain(y, ("act_batch", "act_len", "act_heads", "act_kv"))
+
+        q, k_, v = project("query"), project("key"), project("value")
+        implementation = None if cfg.attention == "auto" else cfg.attention
+        out = jax.nn.dot_product_attention(q, k_, v, mask=mask, is_causal=self.causal,
+                                           implementation=implementation)
+        out = Projection(cfg, "blhk,hkd->bld", (h, k, d), ("heads", "kv", "embed"), (d,),
+                         ("embed",), self.out_std, name="out")(out)
+        return constrain(out, ("act_batch", "act_len", "act_embed"))
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+    out_std: float
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dtype, param_dtype = dtypes(cfg)
+        h = nn.Dense(cfg.mlp_dim, dtype=dtype, param_dtype=param_dtype,
+                     kernel_init=normal(INIT_STD, ("embed", "mlp")), bias_init=zeros(("mlp",)),
+                     name="wi")(x)
+        h = constrain(_ACTIVATIONS[cfg.activation](h), ("act_batch", "act_len", "act_mlp"))
+        out = nn.Dense(cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                       kernel_init=normal(self.out_std, ("mlp", "embed")),
+                       bias_init=zeros(("embed",)), name="wo")(h)
+        return constrain(out, ("act_batch", "act_len", "act_embed"))
+
+
+class Block(nn.Module):
+    """One Transformer layer: post-norm (BERT) or pre-norm (GPT-2).
+
+    Returns `(x, None)` so that the same module serves `nn.scan` (carry, per-layer output).
+    """
+    cfg: ModelConfig
+    causal: bool
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.cfg
+        # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
+        out_std = INIT_STD / (2 * cfg.num_layers) ** 0.5 if cfg.norm == "pre" else INIT_STD
+        dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        attn = Attention(cfg, self.causal, out_std, name="attn")
+        mlp = Mlp(cfg, out_std, name="mlp")
+        if cfg.norm == "pre":
+            x = x + dropout(attn(layer_norm(cfg, "attn_norm")(x), mask))
+            x = x + dropout(mlp(layer_norm(cfg, "mlp_norm")(x)))
+        else:
+            x = layer_norm(cfg, "attn_norm")(x + dropout(attn(x, mask)))
+            x = layer_norm(cfg, "mlp_norm")(x + dropout(mlp(x)))
+        return constrain(x, ("act_batch", "act_len", "act_embed")), None

@@ -1,0 +1,145 @@
+"""The Transformer component (embeddings + layers) and the language models built on it.
+
+`Transformer` is the reusable component: its parameters live under `transformer/` in every
+model built from it, so a pretrained encoder can be restored alone into a classifier later.
+`LanguageModel` adds the pretraining head: BERT's MLM head (transform + tied decoder + bias) for
+encoders, GPT-2's tied LM head for decoders. Logits are returned in float32.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ptft_jax.config import ModelConfig
+from ptft_jax.models.layers import (INIT_STD, Block, _ACTIVATIONS, constrain, dtypes,
+                                    layer_norm, normal, zeros)
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def attention_mask(segment_ids):
+    """[batch, len] segment ids (0 = padding) -> boolean [batch, 1, q, k]: a token attends to
+    tokens of its own segment only, and padding attends to nothing."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & (segment_ids[:, None, :] != 0))[:, None, :, :]
+
+
+class Transformer(nn.Module):
+    """Embeddings and a stack of blocks; returns hidden states [batch, len, hidden]."""
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    def setup(self):
+        cfg = self.cfg
+        dtype, param_dtype = dtypes(cfg)
+        self.causal = cfg.kind == "decoder"
+        self.token_embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                    param_dtype=param_dtype,
+                                    embedding_init=normal(INIT_STD, ("vocab", "embed")))
+        self.position_embed = nn.Embed(cfg.max_len, cfg.hidden_size, dtype=dtype,
+                                       param_dtype=param_dtype,
+                                       embedding_init=normal(INIT_STD, ("pos", "embed")))
+        if cfg.type_vocab_size:
+            self.type_embed = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype,
+                                       param_dtype=param_dtype,
+                                       embedding_init=normal(INIT_STD, ("type", "embed")))
+        # Post-norm models normalise the embeddings; pre-norm models normalise the output.
+        self.norm = layer_norm(cfg, "embed_norm" if cfg.norm == "post" else "final_norm")
+        self.dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast,), length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            self.layers = stack(cfg, self.causal, self.deterministic)
+        else:
+            self.layers = [block(cfg, self.causal, self.deterministic)
+                           for _ in range(cfg.num_layers)]
+
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.arange(tokens.shape[1])[None, :]
+        act = ("act_batch", "act_len", "act_embed")
+        x = self._lookup(self.token_embed, tokens, "vocab", act)
+        x = x + self._lookup(self.position_embed, positions, None,
+                             (None, "act_len", "act_embed") if positions.shape[0] == 1 else act)
+        if cfg.type_vocab_size:
+            x = x + self._lookup(self.type_embed, jnp.zeros_like(tokens), None, act)
+        if cfg.norm == "post":
+            x = self.norm(x)
+        x = constrain(self.dropout(x), ("act_batch", "act_len", "act_embed"))
+        mask = None if segment_ids is None else attention_mask(segment_ids)
+        if cfg.scan_layers:
+            x, _ = self.layers(x, mask)
+        else:
+            for layer in self.layers:
+                x, _ = layer(x, mask)
+        if cfg.norm == "pre":
+            x = self.norm(x)
+        return x
+
+    def _lookup(self, embed: nn.Embed, ids, row_axis, out_axes):
+        """Embedding lookup, gathering the table along `embed` first and constraining the result
+        to the activation layout. (A lookup from a table sharded along `embed` comes out sharded
+        along `embed`; XLA then meets the batch-sharded activations by replicating them whole.
+        FSDP gathers every weight this way anyway.)"""
+        dtype, _ = dtypes(self.cfg)
+        table = constrain(embed.embedding, (row_axis, None))
+        return constrain(jnp.take(table, ids, axis=0).astype(dtype), out_axes)
+
+    def attend(self, x):
+        """Tied output projection: hidden -> vocabulary logits, accumulated in float32."""
+        dtype, _ = dtypes(self.cfg)
+        table = self.token_embed.embedding.astype(dtype)
+        logits = jnp.einsum("bld,vd->blv", x.astype(dtype), table,
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("act_batch", "act_len", "act_vocab"))
+
+
+class MlmHead(nn.Module):
+    """BERT's MLM transform (dense, activation, norm) before the tied decoder."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dtype, param_dtype = dtypes(cfg)
+        x = nn.Dense(cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                     kernel_init=normal(INIT_STD, ("embed", "mlp")), bias_init=zeros(("mlp",)),
+                     name="transform")(x)
+        # Keep these constraints: without them, XLA's partitioner (jax 0.10.2, Shardy) gave
+        # wrong gradients for this norm on a (data 2, fsdp 2, tensor 2) mesh, while the loss
+        # stayed right. tests/test_parallel.py catches it.
+        act = ("act_batch", "act_len", "act_embed")
+        x = constrain(_ACTIVATIONS[cfg.activation](x), act)
+        return constrain(layer_norm(cfg, "norm", axis_name="mlp")(x), act)
+
+
+class LanguageModel(nn.Module):
+    """Transformer + pretraining head -> float32 logits [batch, len, vocab]."""
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    def setup(self):
+        self.transformer = Transformer(self.cfg, self.deterministic)
+        if self.cfg.kind == "encoder":
+            self.mlm_head = MlmHead(self.cfg)
+            self.output_bias = self.param("output_bias", zeros(("vocab",)),
+                                          (self.cfg.vocab_size,), jnp.float32)
+
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        x = self.transformer(tokens, segment_ids, positions)
+        if self.cfg.kind == "encoder":
+            return self.transformer.attend(self.mlm_head(x)) + self.output_bias
+        return self.transformer.attend(x)

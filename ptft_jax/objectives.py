@@ -1,0 +1,92 @@
+"""Pretraining objectives: masked LM and causal LM, as token-level loss sums.
+
+Losses are returned as sums with a token count rather than means, so that microbatches (and
+devices under pmap) add up exactly to the big-batch loss: mean = sum of sums / sum of counts.
+Randomness is drawn per example from `fold_in(key, example_id)`, so an example is masked the
+same way whether it sits in a microbatch, on another device, or in one big batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from ptft_jax.config import ObjectiveConfig
+
+
+@dataclass(frozen=True)
+class MlmSpec:
+    """What masking needs to know about the tokenizer (static: closed over by the jitted step)."""
+    mask_id: int
+    special_ids: tuple[int, ...]  # never selected for masking (CLS, SEP, PAD, ...)
+    random_low: int  # random replacements are drawn from [random_low, random_high)
+    random_high: int
+    mask_rate: float = 0.15
+    mask_token_rate: float = 0.8
+    random_token_rate: float = 0.1
+
+    @classmethod
+    def from_config(cls, cfg: ObjectiveConfig, **token_ids) -> "MlmSpec":
+        return cls(mask_rate=cfg.mask_rate, mask_token_rate=cfg.mask_token_rate,
+                   random_token_rate=cfg.random_token_rate, **token_ids)
+
+
+def mask_tokens(key, tokens, spec: MlmSpec, valid=None):
+    """BERT masking of one sequence [len]: select `mask_rate` of the eligible tokens; of those,
+    `mask_token_rate` become [MASK], `random_token_rate` a random token, the rest stay.
+
+    Returns (inputs, targets, weights): weights are 1.0 exactly at the selected positions.
+    """
+    eligible = ~jnp.isin(tokens, jnp.asarray(spec.special_ids, tokens.dtype))
+    if valid is not None:
+        eligible &= valid
+    k_select, k_how, k_random = jax.random.split(key, 3)
+    selected = eligible & (jax.random.uniform(k_select, tokens.shape) < spec.mask_rate)
+    how = jax.random.uniform(k_how, tokens.shape)
+    to_mask = selected & (how < spec.mask_token_rate)
+    to_random = selected & (how >= spec.mask_token_rate) & \
+        (how < spec.mask_token_rate + spec.random_token_rate)
+    random_tokens = jax.random.randint(k_random, tokens.shape, spec.random_low, spec.random_high,
+                                       tokens.dtype)
+    inputs = jnp.where(to_mask, spec.mask_id, jnp.where(to_random, random_tokens, tokens))
+    return inputs, tokens, selected.astype(jnp.float32)
+
+
+def token_sums(logits, targets, weights) -> dict:
+    """Cross-entropy and accuracy sums in float32 over weighted tokens."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {"loss_sum": jnp.sum((log_z - target_logit) * weights),
+            "correct_sum": jnp.sum(correct * weights),
+            "count": jnp.sum(weights)}
+
+
+def mlm_sums(apply_fn, params, batch, example_ids, key, spec: MlmSpec, rngs=None) -> dict:
+    tokens = batch["tokens"]
+    valid = batch["segment_ids"] != 0 if "segment_ids" in batch else None
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
+    if valid is None:
+        inputs, targets, weights = jax.vmap(lambda k, t: mask_tokens(k, t, spec))(keys, tokens)
+    else:
+        inputs, targets, weights = jax.vmap(
+            lambda k, t, v: mask_tokens(k, t, spec, v))(keys, tokens, valid)
+    logits = apply_fn(params, inputs, batch.get("segment_ids"), batch.get("positions"), rngs)
+    return token_sums(logits, targets, weights)
+
+
+def clm_sums(apply_fn, params, batch, example_ids, key, spec=None, rngs=None) -> dict:
+    """Next-token prediction: position t predicts token t+1 (the last position has no target)."""
+    del example_ids, key, spec
+    tokens = batch["tokens"]
+    logits = apply_fn(params, tokens, batch.get("segment_ids"), batch.get("positions"), rngs)
+    weights = jnp.ones(tokens[:, 1:].shape, jnp.float32)
+    if "segment_ids" in batch:  # no target across a document boundary or into padding
+        seg = batch["segment_ids"]
+        weights = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).astype(jnp.float32)
+    return token_sums(logits[:, :-1], tokens[:, 1:], weights)
+
+
+OBJECTIVES = {"mlm": mlm_sums, "clm": clm_sums}

@@ -1,0 +1,88 @@
+"""FLOPs accounting, accelerator peaks, a measured CPU ceiling, and MFU.
+
+FLOPs convention (PaLM, Chowdhery et al. 2022, appendix B): training costs
+    6 * N + 12 * L * T * D   FLOPs per token,
+where N counts the weights of every matrix multiply (attention and MLP kernels, the MLM
+transform, and the tied vocabulary projection V * D; not the embedding lookups, biases or
+norms), L is the depth, T the sequence length and D the width. The attention term counts the
+full T x T score matrix even for causal models, as PaLM does. Peaks are dense bf16 FLOP/s.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from ptft_jax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' datasheets (without sparsity).
+PEAK_FLOPS = {
+    "h100 sxm": 989e12,
+    "h100 pcie": 756e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """N: weights that take part in a matrix multiply per token (see module docstring)."""
+    d, f, L, v = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size
+    per_layer = 4 * d * d + 2 * d * f  # q, k, v, out projections; MLP in and out
+    head = v * d + (d * d if cfg.kind == "encoder" else 0)  # tied projection (+ MLM transform)
+    return L * per_layer + head
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return 6 * matmul_params(cfg) + 12 * cfg.num_layers * seq_len * cfg.hidden_size
+
+
+def device_peak_flops(device=None) -> float | None:
+    """The table's dense bf16 peak for this device kind, or None when unknown (e.g. CPU)."""
+    device = device or jax.devices()[0]
+    kind = device.device_kind.lower()
+    if device.platform == "gpu" and "h100" in kind:
+        return PEAK_FLOPS["h100 pcie"] if "pcie" in kind else PEAK_FLOPS["h100 sxm"]
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name in kind:
+            return PEAK_FLOPS[name]
+    return None
+
+
+def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+    """Achieved FLOP/s of one large dense matmul on the first device: the practical ceiling."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / sorted(times)[len(times) // 2]
+
+
+def system_peak_flops() -> tuple[float, str]:
+    """(peak FLOP/s of all devices together, where the figure came from)."""
+    devices = jax.devices()
+    peak = device_peak_flops(devices[0])
+    if peak is not None:
+        return peak * len(devices), f"datasheet bf16 peak of {devices[0].device_kind}"
+    # CPU (or an unknown chip): every fake CPU device shares the same cores, so the ceiling of
+    # the whole host is one measured matmul, not one per device.
+    measured = measure_matmul_flops()
+    if devices[0].platform != "cpu":
+        measured *= len(devices)
+    return measured, "measured dense-matmul ceiling"
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak: float) -> float:
+    return tokens_per_second * flops_per_token / peak

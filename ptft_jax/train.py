@@ -1,0 +1,272 @@
+"""The training loop, top to bottom: config -> data -> model -> state -> steps -> checkpoints.
+
+Resume order: a checkpoint in the run directory, else a fresh initialisation. Everything that
+can be wrong with the inputs is checked before the first compile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from jax.experimental import multihost_utils
+from jax.sharding import SingleDeviceSharding
+
+from ptft_jax import perf
+from ptft_jax.checkpoint import Checkpointer
+from ptft_jax.config import Config, ConfigError, objective_for, validate
+from ptft_jax.data.corpus import read_documents
+from ptft_jax.data.loader import BatchLoader, prefetch
+from ptft_jax.data.packing import pack
+from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, train_tokenizer
+from ptft_jax.mesh import (LOGICAL_RULES, global_batch_array, initialize_distributed,
+                           make_mesh, process_rows)
+from ptft_jax.metrics import MetricsWriter
+from ptft_jax.models.transformer import LanguageModel
+from ptft_jax.objectives import OBJECTIVES, MlmSpec
+from ptft_jax.optim import make_optimizer
+from ptft_jax.state import (TrainState, abstract_state, init_state, state_shardings,
+                             with_shardings)
+from ptft_jax.step import make_jit_step, make_pmap_step, pmap_sharding
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: tokenizer (the run directory's wins, so a resumed run keeps its vocabulary) and packing
+
+
+def prepare_tokenizer(cfg: Config, run_dir: Path, documents: list[str]):
+    """The run directory's tokenizer if it has one, else data.tokenizer, else a new one trained
+    on the corpus (saved into the run directory by the caller, once every check has passed)."""
+    saved = run_dir / "tokenizer.json"
+    if saved.exists():
+        tok = load_tokenizer(saved)
+        if cfg.data.tokenizer and Path(cfg.data.tokenizer).read_text() != saved.read_text():
+            raise ConfigError(f"data.tokenizer '{cfg.data.tokenizer}' differs from the "
+                              f"tokenizer this run directory was trained with ({saved}). Use "
+                              f"a new run_dir, or drop data.tokenizer to resume.")
+        return tok
+    if cfg.data.tokenizer:
+        tok = load_tokenizer(cfg.data.tokenizer)
+    else:
+        tok = train_tokenizer(cfg.model.kind, documents, cfg.data.tokenizer_vocab_size)
+    # Every process trains its own (deterministic) tokenizer; check they agree, then save once.
+    digest = hashlib.sha256(tok.to_str().encode()).digest()[:8]
+    if jax.process_count() > 1:
+        ours = np.frombuffer(digest, np.uint8)
+        if not np.array_equal(multihost_utils.broadcast_one_to_all(ours), ours):
+            raise RuntimeError("Processes built different tokenizers; pass data.tokenizer.")
+    return tok
+
+
+def resolve_vocab(cfg: Config, token_ids: TokenIds) -> Config:
+    """model.vocab_size: null -> the tokenizer's size rounded up to a multiple of 128 (fast
+    matmuls); an explicit size must hold every token id."""
+    vocab = cfg.model.vocab_size
+    if vocab is None:
+        vocab = -(-token_ids.vocab_size // 128) * 128
+    elif vocab < token_ids.vocab_size:
+        raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's "
+                          f"vocabulary ({token_ids.vocab_size}); set model.vocab_size to at "
+                          f"least {token_ids.vocab_size}, or null to follow the tokenizer.")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def objective_spec(cfg: Config, ids: TokenIds):
+    if objective_for(cfg) != "mlm":
+        return None
+    first_regular = max(ids.special_ids) + 1  # our tokenizers put special tokens first
+    return MlmSpec.from_config(cfg.objective, mask_id=ids.mask_id, special_ids=ids.special_ids,
+                               random_low=first_regular, random_high=ids.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: model, optimizer, shardings and the compiled step, from the config alone
+
+
+@dataclasses.dataclass
+class Engine:
+    """What a run needs that follows from its config: the model and optimizer, the state's
+    shardings, the compiled step, and how host batches become device arrays."""
+    cfg: Config
+    model: LanguageModel
+    tx: object
+    abstract: TrainState  # shapes only
+    shardings: TrainState
+    step_fn: object  # (state, batch, key) -> (state, metrics)
+    rows: slice  # the rows of each global batch this process feeds
+    batch_sharding: object = None  # jit only
+
+    @property
+    def pmap(self) -> bool:
+        return self.cfg.mesh.parallelism == "pmap"
+
+    def init(self, key) -> TrainState:
+        state = init_state(self.model, self.tx, key, self.cfg.data.seq_len, self.shardings)
+        return self.place(state)
+
+    def restore_target(self) -> TrainState:
+        return with_shardings(self.abstract, self.shardings)
+
+    def place(self, state: TrainState) -> TrainState:
+        """Puts a state built on the mesh (or one device, for pmap) where the step wants it."""
+        if not self.pmap:
+            return state
+        n = jax.local_device_count()
+        return jax.device_put(jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), state),
+                              pmap_sharding())
+
+    def host_state(self, state: TrainState) -> TrainState:
+        """The state as checkpoints hold it (one copy, not one per pmap device)."""
+        return jax.tree.map(lambda x: x[0], state) if self.pmap else state
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.pmap:
+            n = jax.local_device_count()
+            return jax.device_put({k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()},
+                                  pmap_sharding())
+        return global_batch_array(batch, self.batch_sharding, self.cfg.train.global_batch)
+
+
+def build(cfg: Config, spec, devices=None) -> Engine:
+    """Builds the engine for `cfg` on `devices` (default: all). `spec` is the objective's
+    tokenizer-dependent part (an MlmSpec for masked LM, None for causal LM)."""
+    t = cfg.train
+    model = LanguageModel(cfg.model, deterministic=cfg.model.dropout == 0)
+    tx, schedule = make_optimizer(cfg.optim, t.steps)
+    static = dict(model=model, tx=tx, schedule=schedule, objective=OBJECTIVES[objective_for(cfg)],
+                  spec=spec, grad_accum=t.grad_accum)
+    abstract, logical_specs = abstract_state(model, tx, cfg.data.seq_len)
+    if cfg.mesh.parallelism == "pmap":
+        one = SingleDeviceSharding(jax.local_devices()[0])
+        per_process = t.global_batch // jax.process_count()
+        first = jax.process_index() * per_process
+        return Engine(cfg, model, tx, abstract, jax.tree.map(lambda _: one, abstract),
+                      make_pmap_step(**static), slice(first, first + per_process))
+    mesh = make_mesh(cfg.mesh, devices)
+    shardings = state_shardings(abstract, logical_specs, tx, mesh, LOGICAL_RULES)
+    step_fn = make_jit_step(mesh, shardings, LOGICAL_RULES, **static)
+    return Engine(cfg, model, tx, abstract, shardings, step_fn,
+                  process_rows(step_fn.batch_sharding, t.global_batch), step_fn.batch_sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def pretrain(cfg: Config) -> dict:
+    initialize_distributed(cfg.distributed)
+    validate(cfg, jax.device_count())
+    is_main = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t, B, T = cfg.train, cfg.train.global_batch, cfg.data.seq_len
+
+    # Data and tokenizer, then the model's vocabulary from the tokenizer.
+    documents = read_documents(cfg.data.corpus)
+    tokenizer = prepare_tokenizer(cfg, run_dir, documents)
+    token_ids = TokenIds.of(tokenizer, cfg.model.kind)
+    cfg = resolve_vocab(cfg, token_ids)
+    encoded = [e.ids for e in tokenizer.encode_batch(documents, add_special_tokens=False)]
+    examples, dropped = pack(encoded, T, token_ids.bos_id, token_ids.eos_id)
+
+    engine = build(cfg, objective_spec(cfg, token_ids))
+    step_fn, objective = engine.step_fn, objective_for(cfg)
+
+    # Resume from the run directory, else initialise from scratch.
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
+                        cfg.checkpoint.async_save)
+    init_key, train_key = jax.random.split(jax.random.key(t.seed))
+    start_step = ckpt.latest_step()
+    if start_step is not None:
+        if start_step >= t.steps:
+            ckpt.close()
+            raise ConfigError(f"{run_dir} already holds a checkpoint at step {start_step}, "
+                              f"at or past train.steps={t.steps}: nothing to do. Raise "
+                              f"train.steps to continue training, or use a new run_dir.")
+        state, _ = ckpt.restore(start_step, engine.restore_target())
+        state = engine.place(state)
+    else:
+        start_step = 0
+        state = engine.init(init_key)
+
+    # Every check has passed: only now does the run directory get its tokenizer and config.
+    if is_main:
+        if not (run_dir / "tokenizer.json").exists():
+            tokenizer.save(str(run_dir / "tokenizer.json"))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    loader = BatchLoader(examples, B, cfg.data.shuffle_seed, engine.rows)
+    batches = prefetch(engine.to_device(loader.batch(s)) for s in range(start_step, t.steps))
+
+    writer = MetricsWriter(run_dir, t.steps, start_step, is_main, t.progress)
+    writer.info(f"{objective} | {cfg.model.kind} {cfg.model.preset or ''} "
+                f"{perf.matmul_params(cfg.model) / 1e6:.2f}M matmul params | "
+                f"{len(examples)} sequences of {T} tokens ({dropped} tail tokens dropped) | "
+                f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+                f"{cfg.mesh.parallelism} | run dir {run_dir}"
+                + (f" | resumed at step {start_step}" if start_step else ""))
+    flops_per_token = perf.train_flops_per_token(cfg.model, T)
+    peak, peak_source = perf.system_peak_flops()
+
+    # Compile once, apart from the steps, so step times are steady-state.
+    first = next(batches, None)
+    t0 = time.perf_counter()
+    if first is not None:
+        step_fn = step_fn.lower(state, first, train_key).compile()
+    compile_seconds = time.perf_counter() - t0
+    writer.info(f"compile {compile_seconds:.1f}s | MFU against {peak / 1e12:.2f} TFLOP/s "
+                f"({peak_source})")
+
+    def save(step):
+        meta = {"config": cfg.to_dict(), "data": loader.position(step),
+                "objective": objective, "tokenizer_vocab_size": token_ids.vocab_size}
+        ckpt.save(step, engine.host_state(state), meta)
+
+    pending: list = []
+    last: dict = {}
+    step, saved_step = start_step, None
+    interval_start = time.perf_counter()
+    try:
+        batch = first
+        while step < t.steps:
+            state, metrics = step_fn(state, batch, train_key)
+            step += 1
+            pending.append(metrics)
+            writer.advance()
+            if step % t.log_every == 0 or step == t.steps:
+                values = jax.device_get(pending)  # waits for the steps to finish
+                elapsed = time.perf_counter() - interval_start
+                values = [engine.host_state(v) for v in values]
+                last = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+                tokens_per_s = len(values) * B * T / elapsed
+                last.update(step_time_s=elapsed / len(values), tokens_per_s=tokens_per_s,
+                            tokens_per_s_per_device=tokens_per_s / jax.device_count(),
+                            mfu=perf.mfu(tokens_per_s, flops_per_token, peak))
+                writer.write(step, last)
+                pending = []
+                interval_start = time.perf_counter()
+            if ckpt.should_save(step) or step == t.steps:
+                save(step)
+                saved_step = step
+            if step < t.steps:
+                batch = next(batches)
+    except KeyboardInterrupt:
+        if step != saved_step and step > start_step:
+            save(step)
+            writer.info(f"Interrupted: saved step {step}. Run the same command to resume.")
+        ckpt.close()
+        writer.close()
+        raise
+    ckpt.close()
+    writer.close()
+    return {"run_dir": str(run_dir), "steps": step, "start_step": start_step,
+            "compile_seconds": compile_seconds, "peak_flops": peak,
+            "flops_per_token": flops_per_token, **last}
+

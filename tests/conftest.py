@@ -1,0 +1,26 @@
+"""Fakes 8 CPU devices before JAX initialises, and offers small configs and corpora."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import gzip  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from ptft_jax.data.corpus import BUNDLED  # noqa: E402
+
+assert jax.device_count() == 8, "tests expect 8 fake CPU devices (set before JAX initialises)"
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """The first 60 chapters of the bundled corpus: enough for a tokenizer, fast to pack."""
+    with gzip.open(BUNDLED["kjv"], "rt", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(60)]
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text("".join(lines), encoding="utf-8")
+    return str(path)

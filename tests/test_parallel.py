@@ -1,0 +1,102 @@
+"""Parallel layouts compute the same step: sharded == one device, pmap == jit,
+scanned == unrolled layers, microbatches == one big batch."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ptft_jax.models.transformer import LanguageModel
+from ptft_jax.train import build
+from tests.helpers import batches, host_params, run_steps, spec_for, tiny_config
+
+# float32 on CPU; sharded reductions sum in a different order, so compare with a tolerance.
+RTOL, ATOL = 2e-4, 2e-5
+
+
+def _assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
+    flat_a = jax.tree_util.tree_leaves_with_path(a)
+    flat_b = jax.tree.leaves(b)
+    for (path, x), y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _train(cfg, n_steps=3, devices=None, state=None):
+    engine = build(cfg, spec_for(cfg), devices)
+    if state is None:
+        state = engine.init(jax.random.key(0))
+    state, history = run_steps(engine, state, batches(cfg, n_steps))
+    return engine, state, history
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_sharded_step_equals_single_device(kind):
+    one_cfg = tiny_config(kind)
+    _, one_state, one_hist = _train(one_cfg, devices=jax.devices()[:1])
+    mesh_cfg = tiny_config(kind, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    engine, state, hist = _train(mesh_cfg)
+    # The state really is spread over the mesh: a kernel split over fsdp and tensor.
+    kernel = state.params["transformer"]["layers_0"]["mlp"]["wi"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert len({s.device for s in kernel.addressable_shards}) == 8
+    for a, b in zip(one_hist, hist):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=RTOL)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-3)
+    _assert_trees_close(host_params(engine, state), jax.device_get(one_state.params))
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_pmap_equals_jit(kind):
+    jit_cfg = tiny_config(kind, "mesh.data=8")
+    jit_engine, jit_state, jit_hist = _train(jit_cfg)
+    pmap_cfg = tiny_config(kind, "mesh.parallelism=pmap")
+    pmap_engine, pmap_state, pmap_hist = _train(pmap_cfg)
+    for a, b in zip(jit_hist, pmap_hist):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=RTOL)
+        np.testing.assert_allclose(a["accuracy"], b["accuracy"], rtol=RTOL)
+    _assert_trees_close(host_params(pmap_engine, pmap_state), host_params(jit_engine, jit_state))
+
+
+def test_microbatches_equal_one_big_batch():
+    big_cfg = tiny_config("encoder", "mesh.data=8", "train.global_batch=32")
+    _, big_state, big_hist = _train(big_cfg, n_steps=2)
+    acc_cfg = tiny_config("encoder", "mesh.data=8", "train.global_batch=32", "train.grad_accum=4")
+    engine, acc_state, acc_hist = _train(acc_cfg, n_steps=2)
+    for a, b in zip(big_hist, acc_hist):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=RTOL)
+        np.testing.assert_allclose(a["tokens_in_loss"], b["tokens_in_loss"])
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-3)
+    _assert_trees_close(host_params(engine, acc_state), jax.device_get(big_state.params))
+
+
+def _stack_layers(unrolled: dict, num_layers: int) -> dict:
+    """Unrolled params (layers_0, layers_1, ...) -> the scanned layout (layers, stacked)."""
+    tf = dict(unrolled["transformer"])
+    layers = [tf.pop(f"layers_{i}") for i in range(num_layers)]
+    tf["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return {**unrolled, "transformer": tf}
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_equal_unrolled(kind, remat):
+    cfg = tiny_config(kind).model
+    unrolled = LanguageModel(dataclasses.replace(cfg, remat=remat))
+    scanned = LanguageModel(dataclasses.replace(cfg, scan_layers=True, remat=remat))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(5, 256, (4, 16)), jnp.int32)
+    params = nn.unbox(unrolled.init(jax.random.key(0), tokens)["params"])
+    stacked = _stack_layers(params, cfg.num_layers)
+    # The scanned model's own init has the same structure as the stacked tree.
+    own = nn.unbox(scanned.init(jax.random.key(0), tokens)["params"])
+    assert jax.tree.structure(own) == jax.tree.structure(stacked)
+
+    def loss(model, p):
+        return jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, tokens))[..., 7])
+
+    l_u, g_u = jax.value_and_grad(lambda p: loss(unrolled, p))(params)
+    l_s, g_s = jax.value_and_grad(lambda p: loss(scanned, p))(stacked)
+    np.testing.assert_allclose(l_u, l_s, rtol=1e-5)
+    _assert_trees_close(_stack_layers(g_u, cfg.num_layers), g_s, rtol=1e-4, atol=1e-6)
