@@ -71,10 +71,16 @@ class Checkpointer:
                 problems.append(f"  {path}: checkpoint {stored[path]} vs model {wanted[path]}")
         if problems:
             shown = "\n".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+            hint = "Check the model config (preset, sizes, scan_layers) against the run that " \
+                   "wrote it."
+            stored_scanned = any("/layers/" in p for p in stored)
+            if stored_scanned != any("/layers/" in p for p in wanted):
+                hint = (f"The checkpoint was written with model.scan_layers="
+                        f"{str(stored_scanned).lower()} and the model has the other layout; set "
+                        f"model.scan_layers={str(stored_scanned).lower()}.")
             raise CheckpointMismatch(
                 f"The checkpoint at {self.directory / str(step)} does not fit the model "
-                f"({len(problems)} parameter(s) differ):\n{shown}\nCheck the model config "
-                f"(preset, sizes, scan_layers) against the run that wrote it.")
+                f"({len(problems)} parameter(s) differ):\n{shown}\n{hint}")
 
     def restore(self, step: int, target: TrainState, params_only: bool = False):
         """Restores into `target` (ShapeDtypeStructs with shardings). Returns (state, meta);

@@ -32,9 +32,20 @@ def train_tokenizer(kind: str, documents: list[str], vocab_size: int) -> Tokeniz
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
     tok.train_from_iterator(documents, trainer=trainer)
+    if kind == "encoder":
+        tok.model = _canonical_wordpiece(tok.get_vocab())
     log.info("trained a %s tokenizer: %d tokens", "WordPiece" if kind == "encoder" else "BPE",
              tok.get_vocab_size())
     return tok
+
+
+def _canonical_wordpiece(vocab: dict[str, int]) -> models.WordPiece:
+    """The WordPiece trainer hands out ids in hash-map order, so two trainings on the same text
+    give the same tokens under different ids. Renumber them in a fixed order (special tokens
+    first, then by length and text) so that training is reproducible, across processes too."""
+    rest = sorted((t for t in vocab if t not in WORDPIECE_SPECIALS), key=lambda t: (len(t), t))
+    ordered = {t: i for i, t in enumerate(WORDPIECE_SPECIALS + rest)}
+    return models.WordPiece(vocab=ordered, unk_token="[UNK]")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

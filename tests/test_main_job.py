@@ -1,0 +1,43 @@
+"""The README's main job, end to end through the `ptft` command, on a shortened run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def _ptft(*args, timeout=600):
+    exe = shutil.which("ptft")
+    cmd = [exe] if exe else [sys.executable, "-m", "ptft_jax.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.parametrize("config", ["pretrain_tiny_mlm", "pretrain_tiny_clm"])
+def test_main_job_runs_end_to_end(tmp_path, config):
+    run = tmp_path / "run"
+    result = _ptft("pretrain", "--config", f"configs/{config}.yaml", f"run_dir={run}",
+                   "train.steps=20", "train.log_every=10", "optim.warmup_steps=5",
+                   "checkpoint.every=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 20 steps" in result.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20]
+    for key in ("loss", "accuracy", "learning_rate", "grad_norm", "step_time_s",
+                "tokens_per_s", "mfu"):
+        assert all(r[key] > 0 for r in rows), key
+    assert rows[1]["loss"] < rows[0]["loss"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["10", "20"]
+    assert (run / "tokenizer.json").is_file() and (run / "config.yaml").is_file()
+    assert any(p.name.startswith("events") for p in (run / "tensorboard").iterdir())
+
+
+def test_bad_config_fails_fast_and_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    result = _ptft("pretrain", "--config", "configs/pretrain_tiny_mlm.yaml", f"run_dir={run}",
+                   "train.global_batch=30", timeout=120)
+    assert result.returncode == 2
+    assert "divisible" in result.stderr and "Traceback" not in result.stderr
+    assert not run.exists()
