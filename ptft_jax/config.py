@@ -102,7 +102,7 @@ class OptimConfig:
     clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
     # (path regex, decay?) first match wins; every parameter must match one rule.
     weight_decay_rules: list = field(default_factory=lambda: [
-        [r"(^|/)bias$", False],
+        [r"bias$", False],  # every bias, the MLM output bias too
         [r"(^|/)scale$", False],  # LayerNorm scales
         [r"embed", False],  # token, position and type embeddings
         [r".*", True],

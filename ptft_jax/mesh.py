@@ -79,11 +79,13 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
     """`jax.distributed.initialize` from config; must run before any other JAX call."""
     if not cfg.enabled:
         return
-    if jax.process_count() > 1:  # already initialised by the caller
+    # Nothing here may touch a backend (jax.process_count, jax.default_backend, ...): that would
+    # initialise XLA, after which jax.distributed.initialize refuses to run.
+    if jax.distributed.is_initialized():  # already initialised by the caller
         return
-    if jax.default_backend() == "cpu" or cfg.coordinator_address:
-        # CPU processes need gloo for cross-process collectives.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes need gloo for cross-process collectives; the setting only concerns the CPU
+    # client, so it is harmless on GPU/TPU hosts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
                                num_processes=cfg.num_processes, process_id=cfg.process_id,
                                local_device_ids=cfg.local_device_ids)

@@ -6,7 +6,8 @@ can be wrong with the inputs is checked before the first compile.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import signal
+import threading
 import logging
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
+from tokenizers import Tokenizer
 
 from ptft_jax import perf
 from ptft_jax.checkpoint import Checkpointer
@@ -54,16 +56,25 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, documents: list[str]):
                               f"a new run_dir, or drop data.tokenizer to resume.")
         return tok
     if cfg.data.tokenizer:
-        tok = load_tokenizer(cfg.data.tokenizer)
-    else:
+        return load_tokenizer(cfg.data.tokenizer)
+    # HF's WordPiece trainer breaks frequency ties in hash order, so two trainings on the same
+    # text can differ in a few tokens. On multi-host, process 0 trains and the others take its
+    # tokenizer; the run directory keeps it for every later resume.
+    tok = None
+    if jax.process_index() == 0:
         tok = train_tokenizer(cfg.model.kind, documents, cfg.data.tokenizer_vocab_size)
-    # Every process trains its own (deterministic) tokenizer; check they agree, then save once.
-    digest = hashlib.sha256(tok.to_str().encode()).digest()[:8]
     if jax.process_count() > 1:
-        ours = np.frombuffer(digest, np.uint8)
-        if not np.array_equal(multihost_utils.broadcast_one_to_all(ours), ours):
-            raise RuntimeError("Processes built different tokenizers; pass data.tokenizer.")
+        tok = Tokenizer.from_str(_broadcast_text(tok.to_str() if tok is not None else ""))
     return tok
+
+
+def _broadcast_text(text: str) -> str:
+    """Process 0's `text`, on every process."""
+    data = np.frombuffer(text.encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    padded = np.zeros(size, np.uint8)
+    padded[: min(size, len(data))] = data[:size]
+    return bytes(multihost_utils.broadcast_one_to_all(padded)).decode()
 
 
 def resolve_vocab(cfg: Config, token_ids: TokenIds) -> Config:
@@ -231,19 +242,19 @@ def pretrain(cfg: Config) -> dict:
 
     pending: list = []
     last: dict = {}
-    step, saved_step = start_step, None
+    step = start_step
     interval_start = time.perf_counter()
-    try:
-        batch = first
+    batch = first
+    with StopOnSignal() as stop:
         while step < t.steps:
             state, metrics = step_fn(state, batch, train_key)
             step += 1
             pending.append(metrics)
             writer.advance()
-            if step % t.log_every == 0 or step == t.steps:
-                values = jax.device_get(pending)  # waits for the steps to finish
+            at_log = step % t.log_every == 0 or step == t.steps
+            if at_log:
+                values = [engine.host_state(v) for v in jax.device_get(pending)]  # waits
                 elapsed = time.perf_counter() - interval_start
-                values = [engine.host_state(v) for v in values]
                 last = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
                 tokens_per_s = len(values) * B * T / elapsed
                 last.update(step_time_s=elapsed / len(values), tokens_per_s=tokens_per_s,
@@ -252,21 +263,57 @@ def pretrain(cfg: Config) -> dict:
                 writer.write(step, last)
                 pending = []
                 interval_start = time.perf_counter()
-            if ckpt.should_save(step) or step == t.steps:
+            stopping = stop.agreed(check_all_processes=at_log)
+            if ckpt.should_save(step) or step == t.steps or stopping:
                 save(step)
-                saved_step = step
+            if stopping:
+                writer.info(f"Stopped by {stop.signal_name}: saved step {step}. Run the same "
+                            f"command to resume.")
+                break
             if step < t.steps:
                 batch = next(batches)
-    except KeyboardInterrupt:
-        if step != saved_step and step > start_step:
-            save(step)
-            writer.info(f"Interrupted: saved step {step}. Run the same command to resume.")
-        ckpt.close()
-        writer.close()
-        raise
     ckpt.close()
     writer.close()
     return {"run_dir": str(run_dir), "steps": step, "start_step": start_step,
+            "stopped_by_signal": stop.signal_name,
             "compile_seconds": compile_seconds, "peak_flops": peak,
             "flops_per_token": flops_per_token, **last}
 
+
+
+class StopOnSignal:
+    """Turns SIGINT / SIGTERM (Ctrl-C, preemption) into a request to stop between steps, so
+    the loop saves a checkpoint instead of dying inside a step whose inputs were donated.
+    A second signal interrupts at once. On multi-host, processes agree at log steps."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # the second time: stop now
+            signal.default_int_handler(signum, frame)
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, check_all_processes: bool) -> bool:
+        """Whether to stop now. Single-process: at once. Multi-host: only when every process
+        asks together (at log steps), so that none waits alone in a collective."""
+        if jax.process_count() == 1:
+            return self.signal_name is not None
+        if not check_all_processes:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
+        if flags.any() and self.signal_name is None:
+            self.signal_name = "another process"
+        return bool(flags.any())
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

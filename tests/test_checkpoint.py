@@ -90,3 +90,13 @@ def test_scanned_checkpoint_into_unrolled_model_is_refused(tmp_path):
     with pytest.raises(CheckpointMismatch, match="written with model.scan_layers=true"):
         ckpt.restore(1, unrolled.restore_target())
     ckpt.close()
+
+
+def test_keeps_only_the_last_k_steps(tmp_path):
+    cfg = tiny_config("decoder")
+    _, state = _trained(cfg, steps=1)
+    ckpt = Checkpointer(tmp_path, every=1, keep=2)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, state, {})
+    ckpt.close()
+    assert Checkpointer(tmp_path).all_steps() == [3, 4]

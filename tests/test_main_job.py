@@ -41,3 +41,31 @@ def test_bad_config_fails_fast_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert "divisible" in result.stderr and "Traceback" not in result.stderr
     assert not run.exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    import signal
+    import time
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", "configs/pretrain_tiny_mlm.yaml", f"run_dir={run}",
+            "train.log_every=1", "data.seq_len=32", "model.max_len=32", "checkpoint.every=1000"]
+    exe = shutil.which("ptft")
+    cmd = [exe] if exe else [sys.executable, "-m", "ptft_jax.cli"]
+    proc = subprocess.Popen([*cmd, *args, "train.steps=1000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Stopped by SIGINT: saved step" in out + err
+    saved = [int(p.name) for p in (run / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 3 <= saved[0] < 1000
+    resumed = _ptft(*args, f"train.steps={saved[0] + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {saved[0]}" in resumed.stdout + resumed.stderr
+    assert f"done: {saved[0] + 2} steps" in resumed.stdout
