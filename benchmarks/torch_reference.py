@@ -1,0 +1,98 @@
+"""The PyTorch reference for `ptft bench`: the same architecture and shapes in Hugging Face
+`transformers` (GPT2LMHeadModel, BertForMaskedLM), AdamW with global-norm clipping, the same
+global batch, timed the same way (warm-up discarded, synchronised, median of N steps).
+
+Optional: needs `torch` and `transformers` (here: pip install torch==2.13.0 transformers).
+Masked-LM masking happens inside the timed step, as it does in ptft's jitted step.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+SPECIAL_IDS = 5  # ids below this are special tokens, as in ptft's synthetic data
+
+
+def build_model(mcfg):
+    if mcfg.kind == "decoder":
+        hf = GPT2Config(vocab_size=mcfg.vocab_size, n_positions=mcfg.max_len,
+                        n_embd=mcfg.hidden_size, n_layer=mcfg.num_layers,
+                        n_head=mcfg.num_heads, n_inner=mcfg.mlp_dim,
+                        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, tie_word_embeddings=True)
+        return GPT2LMHeadModel(hf)
+    hf = BertConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size,
+                    num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads,
+                    intermediate_size=mcfg.mlp_dim, max_position_embeddings=mcfg.max_len,
+                    hidden_act="gelu", hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0, type_vocab_size=max(1, mcfg.type_vocab_size))
+    return BertForMaskedLM(hf)
+
+
+def mask_tokens(tokens, vocab_size, mask_id=4, rate=0.15):
+    """BERT's 80/10/10 masking, on the device, as ptft does inside its step."""
+    selected = torch.rand(tokens.shape, device=tokens.device) < rate
+    how = torch.rand(tokens.shape, device=tokens.device)
+    random_tokens = torch.randint(SPECIAL_IDS, vocab_size, tokens.shape, device=tokens.device)
+    inputs = torch.where(selected & (how < 0.8), torch.full_like(tokens, mask_id), tokens)
+    inputs = torch.where(selected & (how >= 0.8) & (how < 0.9), random_tokens, inputs)
+    labels = torch.where(selected, tokens, torch.full_like(tokens, -100))
+    return inputs, labels
+
+
+def time_case(cfg, compiled: bool, steps: int, warmup: int) -> dict:
+    """Times `steps` training steps of the reference; returns medians like ptft's rows."""
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device == "cuda")
+    model = build_model(cfg.model).to(device).train()
+    model.config._attn_implementation = "sdpa"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.optim.weight_decay,
+                            betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps)
+    forward = torch.compile(model) if compiled else model
+    shape = (cfg.train.global_batch, cfg.data.seq_len)
+    batches = [torch.randint(SPECIAL_IDS, cfg.model.vocab_size, shape, device=device)
+               for _ in range(2)]
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+
+    def step(tokens):
+        for chunk in tokens.split(micro):
+            if cfg.model.kind == "decoder":
+                inputs, labels = chunk, chunk  # the model shifts labels itself
+            else:
+                inputs, labels = mask_tokens(chunk, cfg.model.vocab_size)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                loss = forward(input_ids=inputs, labels=labels).loss / cfg.train.grad_accum
+            loss.backward()
+        if cfg.optim.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    step(batches[0])  # with torch.compile, this first step compiles
+    sync()
+    first_step_s = time.perf_counter() - t0
+    for i in range(warmup):
+        step(batches[i % 2])
+    sync()
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(batches[i % 2])
+        sync()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    tokens = cfg.train.global_batch * cfg.data.seq_len
+    return {"step_ms_median": median * 1e3, "step_ms_min": min(times) * 1e3,
+            "step_ms_max": max(times) * 1e3, "tokens_per_s": tokens / median,
+            "first_step_s": first_step_s, "device": device, "bf16": bf16}
