@@ -79,6 +79,9 @@ class ObjectiveConfig:
     mask_rate: float = 0.15  # MLM: fraction of eligible tokens selected
     mask_token_rate: float = 0.8  # of the selected: replaced by [MASK]
     random_token_rate: float = 0.1  # of the selected: replaced by a random token (rest: kept)
+    # Positions per sequence whose logits are computed together in the loss (recomputed in the
+    # backward pass); 0 = all at once; null = auto (cache-sized chunks on CPU, off elsewhere).
+    loss_chunk: int | None = None
 
 
 @dataclass
@@ -376,6 +379,10 @@ def validate(cfg: Config, num_devices: int) -> None:
             ob.mask_token_rate + ob.random_token_rate > 1:
         raise ConfigError("objective.mask_token_rate and objective.random_token_rate must be "
                           "non-negative and sum to at most 1.")
+    if ob.loss_chunk is not None and (ob.loss_chunk < 0 or
+                                      (ob.loss_chunk and cfg.data.seq_len % ob.loss_chunk)):
+        raise ConfigError(f"objective.loss_chunk ({ob.loss_chunk}) must divide data.seq_len "
+                          f"({cfg.data.seq_len}); 0 turns chunking off, null picks a size.")
     if o.learning_rate <= 0:
         raise ConfigError(f"optim.learning_rate ({o.learning_rate}) must be positive.")
     if o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:

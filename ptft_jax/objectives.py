@@ -8,6 +8,7 @@ same way whether it sits in a microbatch, on another device, or in one big batch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,18 +54,55 @@ def mask_tokens(key, tokens, spec: MlmSpec, valid=None):
     return inputs, tokens, selected.astype(jnp.float32)
 
 
-def token_sums(logits, targets, weights) -> dict:
+class ModelFns(NamedTuple):
+    """The model split at the vocabulary projection (see LanguageModel.features / .logits)."""
+    features: Callable  # (params, tokens, segment_ids, positions, rngs) -> [batch, len, dim]
+    logits: Callable  # (params, features) -> float32 logits [batch, len, vocab]
+
+
+def logit_sums(logits, targets, weights) -> dict:
     """Cross-entropy and accuracy sums in float32 over weighted tokens."""
     logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+    # One max serves the stable log-sum-exp and the accuracy (the target is among the largest
+    # logits): no separate argmax pass over the [tokens, vocab] logits.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    log_z = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (target_logit >= top).astype(jnp.float32)
     return {"loss_sum": jnp.sum((log_z - target_logit) * weights),
             "correct_sum": jnp.sum(correct * weights),
             "count": jnp.sum(weights)}
 
 
-def mlm_sums(apply_fn, params, batch, example_ids, key, spec: MlmSpec, rngs=None) -> dict:
+def token_sums(fns: ModelFns, params, features, targets, weights, chunk: int = 0) -> dict:
+    """Loss sums from features, `chunk` positions of every sequence at a time (0: all at once).
+
+    Chunks are taken along the sequence axis, so the batch axis keeps its sharding, and each
+    chunk's logits are recomputed in the backward pass rather than stored: the full
+    [batch, len, vocab] float32 logits never exist. That saves their memory on accelerators
+    and, on CPUs, keeps each chunk in cache.
+    """
+    length = features.shape[1]
+    if not chunk or chunk >= length:
+        return logit_sums(fns.logits(params, features), targets, weights)
+
+    def split(x):
+        return x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(p, f, t, w):
+        return logit_sums(fns.logits(p, f), t, w)
+
+    def body(total, xs):
+        return jax.tree.map(jnp.add, total, one_chunk(params, *xs)), None
+
+    zero = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "count")}
+    total, _ = jax.lax.scan(body, zero, (split(features), split(targets), split(weights)))
+    return total
+
+
+def mlm_sums(fns: ModelFns, params, batch, example_ids, key, spec: MlmSpec, chunk=0,
+             rngs=None) -> dict:
     tokens = batch["tokens"]
     valid = batch["segment_ids"] != 0 if "segment_ids" in batch else None
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
@@ -73,20 +111,26 @@ def mlm_sums(apply_fn, params, batch, example_ids, key, spec: MlmSpec, rngs=None
     else:
         inputs, targets, weights = jax.vmap(
             lambda k, t, v: mask_tokens(k, t, spec, v))(keys, tokens, valid)
-    logits = apply_fn(params, inputs, batch.get("segment_ids"), batch.get("positions"), rngs)
-    return token_sums(logits, targets, weights)
+    features = fns.features(params, inputs, batch.get("segment_ids"), batch.get("positions"),
+                            rngs)
+    return token_sums(fns, params, features, targets, weights, chunk)
 
 
-def clm_sums(apply_fn, params, batch, example_ids, key, spec=None, rngs=None) -> dict:
+def clm_sums(fns: ModelFns, params, batch, example_ids, key, spec=None, chunk=0,
+             rngs=None) -> dict:
     """Next-token prediction: position t predicts token t+1 (the last position has no target)."""
     del example_ids, key, spec
     tokens = batch["tokens"]
-    logits = apply_fn(params, tokens, batch.get("segment_ids"), batch.get("positions"), rngs)
-    weights = jnp.ones(tokens[:, 1:].shape, jnp.float32)
+    features = fns.features(params, tokens, batch.get("segment_ids"), batch.get("positions"),
+                            rngs)
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    has_next = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1
+    weights = jnp.broadcast_to(has_next, tokens.shape).astype(jnp.float32)
     if "segment_ids" in batch:  # no target across a document boundary or into padding
         seg = batch["segment_ids"]
-        weights = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).astype(jnp.float32)
-    return token_sums(logits[:, :-1], tokens[:, 1:], weights)
+        nxt = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
+        weights = weights * ((nxt == seg) & (nxt != 0))
+    return token_sums(fns, params, features, targets, weights, chunk)
 
 
 OBJECTIVES = {"mlm": mlm_sums, "clm": clm_sums}

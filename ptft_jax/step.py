@@ -17,26 +17,32 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ptft_jax.mesh import batch_sharding, replicated
+from ptft_jax.objectives import ModelFns
 from ptft_jax.state import TrainState
 
 
-def _apply_fn(model: nn.Module):
-    def apply(params, tokens, segment_ids, positions, rngs):
-        return model.apply({"params": params}, tokens, segment_ids, positions, rngs=rngs)
-    return apply
+def model_fns(model: nn.Module) -> ModelFns:
+    def features(params, tokens, segment_ids, positions, rngs):
+        return model.apply({"params": params}, tokens, segment_ids, positions, rngs=rngs,
+                           method=model.features)
+
+    def logits(params, feats):
+        return model.apply({"params": params}, feats, method=model.logits)
+    return ModelFns(features, logits)
 
 
 def _sums_and_grads(params, batch, example_ids, key, micro_index=0, *, model, objective,
-                    spec):
+                    spec, loss_chunk=0):
     """Gradients of the summed loss, and the loss / accuracy sums, for one (micro)batch.
 
     The objective's randomness (MLM masks) is keyed by global example ids, so it does not
     depend on the microbatch; dropout is drawn afresh for each microbatch."""
-    apply = _apply_fn(model)
+    fns = model_fns(model)
     dropout_key = jax.random.fold_in(jax.random.fold_in(key, 1 << 30), micro_index)
 
     def loss_sum(p):
-        sums = objective(apply, p, batch, example_ids, key, spec, rngs={"dropout": dropout_key})
+        sums = objective(fns, p, batch, example_ids, key, spec, loss_chunk,
+                         rngs={"dropout": dropout_key})
         return sums["loss_sum"], sums
 
     grads, sums = jax.grad(loss_sum, has_aux=True)(params)
@@ -70,15 +76,16 @@ def accumulate(params, batch, example_ids, key, *, grad_accum: int, **kw):
 
 
 def train_step(state: TrainState, batch: dict, key, *, model, tx, schedule, objective, spec,
-               grad_accum: int = 1, rules=None, axis_name: str | None = None,
-               example_offset=0):
+               grad_accum: int = 1, loss_chunk: int = 0, rules=None,
+               axis_name: str | None = None, example_offset=0):
     """One optimizer step on `batch`. Under pmap, `axis_name` sums gradients across devices."""
     step_key = jax.random.fold_in(key, state.step)
     batch_size = batch["tokens"].shape[0]
     example_ids = example_offset + jnp.arange(batch_size)
     with nn.logical_axis_rules(rules or ()):
         grads, sums = accumulate(state.params, batch, example_ids, step_key, model=model,
-                                 objective=objective, spec=spec, grad_accum=grad_accum)
+                                 objective=objective, spec=spec, grad_accum=grad_accum,
+                                 loss_chunk=loss_chunk)
     if axis_name is not None:
         grads, sums = jax.lax.psum((grads, sums), axis_name)
     count = jnp.maximum(sums["count"], 1.0)

@@ -22,7 +22,8 @@ from tokenizers import Tokenizer
 
 from ptft_jax import perf
 from ptft_jax.checkpoint import Checkpointer
-from ptft_jax.config import Config, ConfigError, objective_for, validate
+from ptft_jax.config import (Config, ConfigError, objective_for, resolve_mesh_shape,
+                             validate)
 from ptft_jax.data.corpus import read_documents
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.data.packing import pack
@@ -146,14 +147,33 @@ class Engine:
         return global_batch_array(batch, self.batch_sharding, self.cfg.train.global_batch)
 
 
+def resolve_loss_chunk(cfg: Config, data_parallel: int) -> int:
+    """objective.loss_chunk, or for null: on CPU, the longest chunk whose float32 logits fit
+    in about 8 MB (last-level cache) per device; elsewhere 0 (no chunking)."""
+    if cfg.objective.loss_chunk is not None:
+        return cfg.objective.loss_chunk
+    if jax.default_backend() != "cpu":
+        return 0
+    rows = max(1, cfg.train.global_batch // cfg.train.grad_accum // data_parallel)
+    fits = max(1, (8 << 20) // (rows * cfg.model.vocab_size * 4))
+    length = cfg.data.seq_len
+    chunk = max(c for c in range(1, length + 1) if length % c == 0 and c <= fits)
+    return 0 if chunk == length else chunk
+
+
 def build(cfg: Config, spec, devices=None) -> Engine:
     """Builds the engine for `cfg` on `devices` (default: all). `spec` is the objective's
     tokenizer-dependent part (an MlmSpec for masked LM, None for causal LM)."""
     t = cfg.train
     model = LanguageModel(cfg.model, deterministic=cfg.model.dropout == 0)
     tx, schedule = make_optimizer(cfg.optim, t.steps)
+    data_parallel = jax.device_count() if cfg.mesh.parallelism == "pmap" else None
+    if data_parallel is None:
+        data, fsdp, _ = resolve_mesh_shape(cfg.mesh, len(devices or jax.devices()))
+        data_parallel = data * fsdp
     static = dict(model=model, tx=tx, schedule=schedule, objective=OBJECTIVES[objective_for(cfg)],
-                  spec=spec, grad_accum=t.grad_accum)
+                  spec=spec, grad_accum=t.grad_accum,
+                  loss_chunk=resolve_loss_chunk(cfg, data_parallel))
     abstract, logical_specs = abstract_state(model, tx, cfg.data.seq_len)
     if cfg.mesh.parallelism == "pmap":
         one = SingleDeviceSharding(jax.local_devices()[0])

@@ -2,8 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from ptft_jax.objectives import MlmSpec, clm_sums, mask_tokens, token_sums
+from ptft_jax.objectives import (ModelFns, MlmSpec, clm_sums, logit_sums, mask_tokens,
+                                 token_sums)
 
 SPEC = MlmSpec(mask_id=4, special_ids=(0, 1, 2, 3, 4), random_low=5, random_high=1000)
 
@@ -59,7 +61,7 @@ def test_token_sums_match_numpy_cross_entropy():
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
     targets = rng.integers(0, 7, (2, 5))
     weights = (rng.random((2, 5)) > 0.4).astype(np.float32)
-    sums = token_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+    sums = logit_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
     log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(sums["loss_sum"], (nll * weights).sum(), rtol=1e-5)
@@ -68,20 +70,39 @@ def test_token_sums_match_numpy_cross_entropy():
     assert float(sums["count"]) == weights.sum()
 
 
-def test_clm_predicts_the_next_token_within_a_segment():
+def _perfect_next_token_model(vocab=20):
+    """Features = one-hot of the true next token (scaled); logits = features."""
+    def features(params, inputs, segment_ids, positions, rngs):
+        nxt = jnp.concatenate([inputs[:, 1:], inputs[:, :1]], axis=1)
+        return jax.nn.one_hot(nxt, vocab) * 100.0
+    return ModelFns(features, lambda params, f: f)
+
+
+@pytest.mark.parametrize("chunk", [0, 2, 3])
+def test_clm_predicts_the_next_token_within_a_segment(chunk):
     tokens = jnp.asarray([[10, 11, 12, 13, 14, 0]], jnp.int32)
     segments = jnp.asarray([[1, 1, 1, 2, 2, 0]], jnp.int32)
-    seen = {}
-
-    def apply(params, inputs, segment_ids, positions, rngs):
-        seen["inputs"] = inputs
-        # A perfect model: all logit mass on the true next token.
-        nxt = jnp.concatenate([inputs[:, 1:], inputs[:, :1]], axis=1)
-        return jax.nn.one_hot(nxt, 20) * 100.0
-
-    sums = clm_sums(apply, None, {"tokens": tokens, "segment_ids": segments}, None, None)
-    assert np.array_equal(seen["inputs"], tokens)  # inputs are not shifted; targets are
+    sums = clm_sums(_perfect_next_token_model(), None,
+                    {"tokens": tokens, "segment_ids": segments}, None, None, chunk=chunk)
     # Targets: 11, 12 (segment 1) and 14 (segment 2); not 13 (crosses a boundary), not padding.
     assert float(sums["count"]) == 3.0
     assert float(sums["correct_sum"]) == 3.0
     assert float(sums["loss_sum"]) < 1e-3
+
+
+def test_chunked_loss_equals_whole_loss_with_gradients():
+    rng = np.random.default_rng(4)
+    feats = jnp.asarray(rng.normal(size=(3, 8, 16)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(50, 16)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 8)))
+    weights = jnp.asarray(rng.random((3, 8)) > 0.3, jnp.float32)
+    fns = ModelFns(None, lambda p, f: jnp.einsum("bld,vd->blv", f, p))
+
+    def loss(p, chunk):
+        return token_sums(fns, p, feats, targets, weights, chunk)["loss_sum"]
+
+    whole, g_whole = jax.value_and_grad(loss)(table, 0)
+    for chunk in (1, 2, 4):
+        part, g_part = jax.value_and_grad(loss)(table, chunk)
+        np.testing.assert_allclose(part, whole, rtol=1e-5)
+        np.testing.assert_allclose(g_part, g_whole, rtol=1e-4, atol=1e-6)

@@ -100,3 +100,14 @@ def test_scanned_layers_equal_unrolled(kind, remat):
     l_s, g_s = jax.value_and_grad(lambda p: loss(scanned, p))(stacked)
     np.testing.assert_allclose(l_u, l_s, rtol=1e-5)
     _assert_trees_close(_stack_layers(g_u, cfg.num_layers), g_s, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_chunked_loss_on_a_mesh_equals_whole_loss_on_one_device(kind):
+    _, one_state, one_hist = _train(tiny_config(kind, "objective.loss_chunk=0"),
+                                    devices=jax.devices()[:1], n_steps=2)
+    engine, state, hist = _train(tiny_config(kind, "objective.loss_chunk=4", "mesh.data=2",
+                                             "mesh.fsdp=2", "mesh.tensor=2"), n_steps=2)
+    for a, b in zip(one_hist, hist):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=RTOL)
+    _assert_trees_close(host_params(engine, state), jax.device_get(one_state.params))

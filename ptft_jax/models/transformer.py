@@ -127,7 +127,10 @@ class MlmHead(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Transformer + pretraining head -> float32 logits [batch, len, vocab]."""
+    """Transformer + pretraining head -> float32 logits [batch, len, vocab].
+
+    `features` and `logits` split the work at the vocabulary projection, so that the loss can
+    compute logits a chunk of positions at a time (see objectives.token_sums)."""
     cfg: ModelConfig
     deterministic: bool = True
 
@@ -138,8 +141,15 @@ class LanguageModel(nn.Module):
             self.output_bias = self.param("output_bias", zeros(("vocab",)),
                                           (self.cfg.vocab_size,), jnp.float32)
 
-    def __call__(self, tokens, segment_ids=None, positions=None):
+    def features(self, tokens, segment_ids=None, positions=None):
+        """What the vocabulary projection reads: the last hidden states, after BERT's MLM
+        transform for encoders."""
         x = self.transformer(tokens, segment_ids, positions)
-        if self.cfg.kind == "encoder":
-            return self.transformer.attend(self.mlm_head(x)) + self.output_bias
-        return self.transformer.attend(x)
+        return self.mlm_head(x) if self.cfg.kind == "encoder" else x
+
+    def logits(self, features):
+        logits = self.transformer.attend(features)
+        return logits + self.output_bias if self.cfg.kind == "encoder" else logits
+
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        return self.logits(self.features(tokens, segment_ids, positions))
