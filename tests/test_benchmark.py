@@ -1,0 +1,53 @@
+"""Every benchmark case runs two steps at a tiny size (a smoke test: no timing asserted)."""
+import importlib.util
+import json
+
+import pytest
+
+from ptft_jax import benchmark
+
+ALL_CASES = benchmark.load_cases(benchmark.DEFAULT_CASES, ["cpu", "memory", "accelerator"], [])
+# Shrink the model and batch; keep each case's parallelism, mesh, dtype, remat, scan, accum.
+TINY = ("model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.mlp_dim=128",
+        "model.vocab_size=256", "model.max_len=32", "data.seq_len=16", "train.global_batch=32",
+        "model.dtype=float32")
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
+def test_every_case_runs_two_steps(case):
+    row = benchmark.run_jax_case(case, steps=2, warmup=0, profile_dir=None, overrides=TINY)
+    assert row["steps_timed"] == 2 and row["step_ms_median"] > 0
+    assert row["state_bytes_per_device"] > 0 and row["compile_s"] > 0
+    assert 0 < row["mfu_vs_measured_ceiling"] < 10
+
+
+def test_run_writes_jsonl_markdown_and_chart(tmp_path):
+    rows = benchmark.run(["bert-mini-dp8", "bert-mini-fsdp8"], [], steps=2, warmup=0,
+                         profile=False, cases_file=benchmark.DEFAULT_CASES, out_dir=tmp_path,
+                         with_torch=False, echo=lambda *a: None, overrides=TINY)
+    (device_dir,) = tmp_path.iterdir()
+    jsonl = next(device_dir.glob("*.jsonl"))
+    written = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["case"] for r in written] == ["bert-mini-dp8", "bert-mini-fsdp8"]
+    for key in ("jax", "device_kind", "device_count", "git_commit", "tokens_per_s",
+                "mem_temporaries_bytes", "flops_per_token"):
+        assert key in written[0], key
+    table = (device_dir / "latest.md").read_text()
+    assert "| bert-mini-fsdp8 |" in table
+    # FSDP over 8 devices holds about an eighth of data parallelism's parameter + optimizer
+    # bytes per device (replicated scalars and biases that 8 does not divide keep it above).
+    ratio = rows[1]["state_bytes_per_device"] / rows[0]["state_bytes_per_device"]
+    assert 0.1 < ratio < 0.2, ratio
+    assert "bert-mini-fsdp8: " in table and "of bert-mini-dp8's per-device" in table
+    assert next(device_dir.glob("*.png")).stat().st_size > 1000
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None or
+                    importlib.util.find_spec("transformers") is None,
+                    reason="the PyTorch reference is optional (torch, transformers)")
+def test_torch_reference_runs_a_step():
+    torch_ref = benchmark.load_torch_reference()
+    cfg = benchmark.load_cases(benchmark.DEFAULT_CASES, [], ["bert-tiny-mlm-s128"])[0] \
+        .config(TINY)
+    result = torch_ref.time_case(cfg, compiled=False, steps=2, warmup=0)
+    assert result["step_ms_median"] > 0 and result["tokens_per_s"] > 0
