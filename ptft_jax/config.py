@@ -67,11 +67,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "bundled:kjv"  # a text file (.txt or .txt.gz, one document per line)
-    tokenizer: str | None = None  # a tokenizer.json to load; None = train one on the corpus
+    # Where the text comes from: a file, folder or glob of .txt / .txt.gz (one document per
+    # line), .jsonl / .json, .csv or .parquet files; "hf:NAME" or "hf:NAME/CONFIG" (a Hugging
+    # Face hub dataset); "tfds:NAME" (TensorFlow Datasets, array_record); or "bundled:kjv".
+    corpus: str = "bundled:kjv"
+    format: str = "auto"  # auto (from the file extension) | text | jsonl | csv | parquet
+    text_column: str = "text"
+    label_column: str | None = None
+    split: str = "train"
+    tokenizer: str | None = None  # a tokenizer.json or vocab.txt; None = train one on the corpus
     tokenizer_vocab_size: int = 8192
     seq_len: int = 128
+    packing: str = "pack"  # pack: documents share rows (segment ids keep them apart) | pad
+    cache_dir: str | None = None  # the pre-tokenized cache; None = <run_dir>/data_cache
+    num_workers: int = 0  # tokenizing processes for the cache; 0 = every core
     shuffle_seed: int = 0
+    prefetch: int = 2  # batches placed on the devices ahead of the step
 
 
 @dataclass
@@ -344,6 +355,8 @@ def validate(cfg: Config, num_devices: int) -> None:
     _one_of(m.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
     _one_of(m.remat, REMAT_POLICIES, "model.remat")
     _one_of(m.attention, ("auto", "xla", "cudnn"), "model.attention")
+    _one_of(cfg.data.format, ("auto", "text", "jsonl", "csv", "parquet"), "data.format")
+    _one_of(cfg.data.packing, ("pack", "pad"), "data.packing")
     _one_of(cfg.mesh.parallelism, ("jit", "pmap"), "mesh.parallelism")
     _one_of(t.objective, ("auto", "mlm", "clm"), "train.objective")
     _one_of(o.schedule, ("cosine", "linear", "constant"), "optim.schedule")

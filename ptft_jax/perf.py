@@ -56,7 +56,7 @@ def device_peak_flops(device=None) -> float | None:
     return None
 
 
-def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 20) -> float:
     """Achieved FLOP/s of one large dense matmul on the first device: the practical ceiling."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)

@@ -26,7 +26,7 @@ from ptft_jax.config import (Config, ConfigError, objective_for, resolve_mesh_sh
                              validate)
 from ptft_jax.data.corpus import read_documents
 from ptft_jax.data.loader import BatchLoader, prefetch
-from ptft_jax.data.packing import pack
+from ptft_jax.data.packing import Packer
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, train_tokenizer
 from ptft_jax.mesh import (LOGICAL_RULES, global_batch_array, initialize_distributed,
                            make_mesh, process_rows)
@@ -206,7 +206,9 @@ def pretrain(cfg: Config) -> dict:
     token_ids = TokenIds.of(tokenizer, cfg.model.kind)
     cfg = resolve_vocab(cfg, token_ids)
     encoded = [e.ids for e in tokenizer.encode_batch(documents, add_special_tokens=False)]
-    examples, dropped = pack(encoded, T, token_ids.bos_id, token_ids.eos_id)
+    offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in encoded])])
+    tokens = np.fromiter((t for ids in encoded for t in ids), np.int32, int(offsets[-1]))
+    packer = Packer(tokens, offsets, T, token_ids.bos_id, token_ids.eos_id, cfg.data.packing)
 
     engine = build(cfg, objective_spec(cfg, token_ids))
     step_fn, objective = engine.step_fn, objective_for(cfg)
@@ -233,18 +235,20 @@ def pretrain(cfg: Config) -> dict:
         if not (run_dir / "tokenizer.json").exists():
             tokenizer.save(str(run_dir / "tokenizer.json"))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    loader = BatchLoader(examples, B, cfg.data.shuffle_seed, engine.rows)
+    # The MFU reference, timed before the input thread starts so nothing competes with it.
+    peak, peak_source = perf.system_peak_flops()
+    loader = BatchLoader(packer, B, cfg.data.shuffle_seed, engine.rows)
     batches = prefetch(engine.to_device(loader.batch(s)) for s in range(start_step, t.steps))
 
     writer = MetricsWriter(run_dir, t.steps, start_step, is_main, t.progress)
     writer.info(f"{objective} | {cfg.model.kind} {cfg.model.preset or ''} "
                 f"{perf.matmul_params(cfg.model) / 1e6:.2f}M matmul params | "
-                f"{len(examples)} sequences of {T} tokens ({dropped} tail tokens dropped) | "
+                f"{len(packer)} rows of {T} tokens ({cfg.data.packing}; {packer.dropped_tokens} tail "
+                f"tokens dropped) | "
                 f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
                 f"{cfg.mesh.parallelism} | run dir {run_dir}"
                 + (f" | resumed at step {start_step}" if start_step else ""))
     flops_per_token = perf.train_flops_per_token(cfg.model, T)
-    peak, peak_source = perf.system_peak_flops()
 
     # Compile once, apart from the steps, so step times are steady-state.
     first = next(batches, None)

@@ -6,7 +6,7 @@ import pytest
 
 from ptft_jax.data.corpus import read_documents
 from ptft_jax.data.loader import BatchLoader
-from ptft_jax.data.packing import pack
+from ptft_jax.data.packing import Packer
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, train_tokenizer
 
 
@@ -35,29 +35,107 @@ def test_tokenizer_round_trips_through_its_file(tmp_path, small_corpus, kind):
         assert loaded.decode(loaded.encode(text).ids) == text
 
 
-def test_pack_concatenates_documents_with_separators():
-    rows, dropped = pack([[5, 6, 7], [8, 9]], seq_len=4, bos_id=2, eos_id=3)
-    assert rows.tolist() == [[2, 5, 6, 7], [3, 2, 8, 9]]
-    assert dropped == 1  # the final [SEP]
-    with pytest.raises(ValueError, match="fewer than one sequence"):
-        pack([[5]], seq_len=8, bos_id=None, eos_id=0)
+def _docs(seed=0, n=40, longest=30):
+    rng = np.random.default_rng(seed)
+    docs = [list(rng.integers(10, 100, rng.integers(1, longest))) for _ in range(n)]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
+    return docs, np.concatenate(docs).astype(np.int32), offsets
+
+
+def _reference_stream(docs, bos, eos):
+    """The wrapped documents one after another, and which document each token belongs to."""
+    stream, owner = [], []
+    for i, d in enumerate(docs):
+        wrapped = ([bos] if bos is not None else []) + list(d) + [eos]
+        stream += wrapped
+        owner += [i] * len(wrapped)
+    return np.array(stream), np.array(owner)
+
+
+@pytest.mark.parametrize("bos", [2, None])
+def test_pack_rows_hold_the_stream_with_segments_and_positions(bos):
+    docs, tokens, offsets = _docs()
+    packer = Packer(tokens, offsets, seq_len=16, bos_id=bos, eos_id=3, mode="pack")
+    stream, owner = _reference_stream(docs, bos, 3)
+    assert len(packer) == len(stream) // 16
+    assert packer.dropped_tokens == len(stream) % 16
+    rows = packer.rows(np.arange(len(packer)))
+    assert np.array_equal(rows["tokens"].ravel(), stream[: len(packer) * 16])
+    own = owner[: len(packer) * 16].reshape(-1, 16)
+    for r in range(len(packer)):
+        seg, pos = rows["segment_ids"][r], rows["positions"][r]
+        assert seg[0] == 1 and np.all(seg > 0)
+        # Same segment <=> same document; positions count up from each segment's start.
+        assert np.array_equal(seg[:, None] == seg[None, :], own[r][:, None] == own[r][None, :])
+        starts = np.flatnonzero(np.diff(seg, prepend=0))
+        for a, b in zip(starts, list(starts[1:]) + [16]):
+            assert list(pos[a:b]) == list(range(b - a))
+
+
+def test_packed_attention_never_crosses_documents():
+    from ptft_jax.models.transformer import attention_mask
+    docs, tokens, offsets = _docs(seed=1)
+    packer = Packer(tokens, offsets, seq_len=32, bos_id=2, eos_id=3)
+    _, owner = _reference_stream(docs, 2, 3)
+    index = np.array([0, 3, 5])
+    mask = np.asarray(attention_mask(packer.rows(index)["segment_ids"]))[:, 0]
+    own = owner[: len(packer) * 32].reshape(-1, 32)[index]
+    same_doc = own[:, :, None] == own[:, None, :]
+    assert np.array_equal(mask, same_doc)  # attends exactly within its own document
+
+
+def test_pad_puts_one_document_per_row_and_loses_nothing():
+    docs, tokens, offsets = _docs(seed=2, longest=40)
+    packer = Packer(tokens, offsets, seq_len=16, bos_id=2, eos_id=3, mode="pad")
+    rows = packer.rows(np.arange(len(packer)))
+    rebuilt, row_docs = [], []
+    for r in range(len(packer)):
+        keep = rows["segment_ids"][r] == 1
+        assert np.all(keep[: keep.sum()])  # real tokens first, then padding
+        assert np.all(rows["tokens"][r][~keep] == 0)
+        assert list(rows["positions"][r][keep]) == list(range(keep.sum()))
+        rebuilt += list(rows["tokens"][r][keep])
+    stream, _ = _reference_stream(docs, 2, 3)
+    assert rebuilt == list(stream)  # every token of every document, in order
+    assert packer.dropped_tokens == 0
+
+
+def test_too_little_text_for_one_row():
+    with pytest.raises(ValueError, match="fewer than one row"):
+        Packer(np.array([5], np.int32), np.array([0, 1]), seq_len=8, bos_id=None, eos_id=0)
+
+
+class _Rows:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def rows(self, index):
+        return {"tokens": np.asarray(index)[:, None]}
 
 
 def test_loader_is_deterministic_covers_each_epoch_and_splits_rows():
-    examples = np.arange(40, dtype=np.int32).reshape(20, 2)
-    whole = BatchLoader(examples, global_batch=8, seed=3, rows=slice(0, 8))
-    again = BatchLoader(examples, global_batch=8, seed=3, rows=slice(0, 8))
-    other = BatchLoader(examples, global_batch=8, seed=4, rows=slice(0, 8))
+    whole = BatchLoader(_Rows(20), global_batch=8, seed=3, rows=slice(0, 8))
+    again = BatchLoader(_Rows(20), global_batch=8, seed=3, rows=slice(0, 8))
+    other = BatchLoader(_Rows(20), global_batch=8, seed=4, rows=slice(0, 8))
     assert np.array_equal(whole.batch(7)["tokens"], again.batch(7)["tokens"])
     assert not np.array_equal(whole.batch(0)["tokens"], other.batch(0)["tokens"])
-    # Five steps of 8 = two epochs of 20: each epoch sees every example once.
+    # Five steps of 8 = two epochs of 20: each epoch sees every row once.
     seen = np.concatenate([whole.indices(s) for s in range(5)])
     assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:]) == list(range(20))
-    # Two processes' row slices make up the global batch.
-    first = BatchLoader(examples, 8, 3, slice(0, 4))
-    second = BatchLoader(examples, 8, 3, slice(4, 8))
+    # Resuming at step k gives what an uninterrupted run gives next.
+    resumed = BatchLoader(_Rows(20), global_batch=8, seed=3, rows=slice(0, 8))
+    assert all(np.array_equal(resumed.indices(s), whole.indices(s)) for s in range(3, 9))
+    # Two processes' row slices make up the global batch, and together see each row once.
+    first = BatchLoader(_Rows(20), 8, 3, slice(0, 4))
+    second = BatchLoader(_Rows(20), 8, 3, slice(4, 8))
     assert np.array_equal(np.concatenate([first.indices(2), second.indices(2)]),
                           whole.indices(2))
+    epoch = np.concatenate([np.concatenate([first.indices(s), second.indices(s)])
+                            for s in range(5)])[:20]
+    assert sorted(epoch) == list(range(20))
 
 
 def test_bad_corpora_get_clear_errors(tmp_path):
