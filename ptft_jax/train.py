@@ -79,16 +79,32 @@ def _broadcast_text(text: str) -> str:
 
 
 def resolve_vocab(cfg: Config, token_ids: TokenIds) -> Config:
-    """model.vocab_size: null -> the tokenizer's size rounded up to a multiple of 128 (fast
-    matmuls); an explicit size must hold every token id."""
+    """model.vocab_size must fit the tokenizer: equal to its size, or that size rounded up to a
+    multiple of 128 (padding rows make the vocabulary matmuls faster). null picks the latter."""
+    size = token_ids.vocab_size
+    padded = -(-size // 128) * 128
     vocab = cfg.model.vocab_size
     if vocab is None:
-        vocab = -(-token_ids.vocab_size // 128) * 128
-    elif vocab < token_ids.vocab_size:
-        raise ConfigError(f"model.vocab_size ({vocab}) is smaller than the tokenizer's "
-                          f"vocabulary ({token_ids.vocab_size}); set model.vocab_size to at "
-                          f"least {token_ids.vocab_size}, or null to follow the tokenizer.")
+        vocab = padded
+    elif vocab not in (size, padded):
+        raise ConfigError(f"model.vocab_size is {vocab} but the tokenizer has {size} tokens. "
+                          f"Set model.vocab_size={padded} (or {size}), or null to follow the "
+                          f"tokenizer; to keep {vocab}, use a tokenizer of that size.")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def check_data_position(meta: dict, loader: BatchLoader) -> None:
+    """Exact resume needs the same rows in the same order: same seed, same number of rows per
+    epoch, same global batch. Anything else would silently replay or skip data."""
+    saved = meta.get("data", {})
+    now = loader.position(int(meta["step"]))
+    for key in ("seed", "rows_per_epoch", "samples_seen"):
+        if key in saved and saved[key] != now[key]:
+            raise ConfigError(
+                f"The checkpoint was reading a different data stream ({key}: {saved[key]} "
+                f"then, {now[key]} now): the corpus, data.seq_len, data.packing, "
+                f"data.shuffle_seed or train.global_batch changed. Restore them to resume "
+                f"exactly, or start a new run_dir.")
 
 
 def objective_spec(cfg: Config, ids: TokenIds):
@@ -197,7 +213,6 @@ def pretrain(cfg: Config) -> dict:
     validate(cfg, jax.device_count())
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     t, B, T = cfg.train, cfg.train.global_batch, cfg.data.seq_len
 
     # Data and tokenizer, then the model's vocabulary from the tokenizer.
@@ -214,6 +229,7 @@ def pretrain(cfg: Config) -> dict:
     step_fn, objective = engine.step_fn, objective_for(cfg)
 
     # Resume from the run directory, else initialise from scratch.
+    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
                         cfg.checkpoint.async_save)
     init_key, train_key = jax.random.split(jax.random.key(t.seed))
@@ -224,7 +240,7 @@ def pretrain(cfg: Config) -> dict:
             raise ConfigError(f"{run_dir} already holds a checkpoint at step {start_step}, "
                               f"at or past train.steps={t.steps}: nothing to do. Raise "
                               f"train.steps to continue training, or use a new run_dir.")
-        state, _ = ckpt.restore(start_step, engine.restore_target())
+        state, meta = ckpt.restore(start_step, engine.restore_target())
         state = engine.place(state)
     else:
         start_step = 0
@@ -238,7 +254,10 @@ def pretrain(cfg: Config) -> dict:
     # The MFU reference, timed before the input thread starts so nothing competes with it.
     peak, peak_source = perf.system_peak_flops()
     loader = BatchLoader(packer, B, cfg.data.shuffle_seed, engine.rows)
-    batches = prefetch(engine.to_device(loader.batch(s)) for s in range(start_step, t.steps))
+    if start_step:
+        check_data_position(meta, loader)
+    batches = prefetch((engine.to_device(loader.batch(s)) for s in range(start_step, t.steps)),
+                       cfg.data.prefetch)
 
     writer = MetricsWriter(run_dir, t.steps, start_step, is_main, t.progress)
     writer.info(f"{objective} | {cfg.model.kind} {cfg.model.preset or ''} "

@@ -51,3 +51,10 @@ def test_torch_reference_runs_a_step():
         .config(TINY)
     result = torch_ref.time_case(cfg, compiled=False, steps=2, warmup=0)
     assert result["step_ms_median"] > 0 and result["tokens_per_s"] > 0
+
+
+def test_pipeline_case_moves_batches_to_the_device(tmp_path):
+    row = benchmark.run_pipeline_case({"name": "tiny", "seq_len": 64, "global_batch": 8,
+                                       "packing": "pack"}, tmp_path, num_tokens=100_000,
+                                      batches=3)
+    assert row["host_tokens_per_s"] > 0 and row["to_device_tokens_per_s"] > 0

@@ -88,3 +88,19 @@ def test_resume_with_another_model_shape_fails_before_training(tmp_path, small_c
     with pytest.raises(CheckpointMismatch, match="mlp/wi/kernel"):
         pretrain(_cfg(run, small_corpus, "train.steps=6", "model.mlp_dim=256"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3"]
+
+
+def test_resume_on_a_changed_data_stream_is_refused(tmp_path, small_corpus):
+    run = tmp_path / "run"
+    pretrain(_cfg(run, small_corpus, "train.steps=3"))
+    with pytest.raises(ConfigError, match="different data stream \\(seed"):
+        pretrain(_cfg(run, small_corpus, "train.steps=6", "data.shuffle_seed=7"))
+    with pytest.raises(ConfigError, match="different data stream \\(rows_per_epoch"):
+        pretrain(_cfg(run, small_corpus, "train.steps=6", "data.packing=pad"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3"]
+
+
+def test_model_vocabulary_must_fit_the_tokenizer(tmp_path, small_corpus):
+    with pytest.raises(ConfigError, match="model.vocab_size is 1000 but the tokenizer has 512"):
+        pretrain(_cfg(tmp_path / "run", small_corpus, "model.vocab_size=1000"))
+    assert not (tmp_path / "run").exists()
