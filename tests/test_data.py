@@ -88,7 +88,7 @@ def test_pad_puts_one_document_per_row_and_loses_nothing():
     docs, tokens, offsets = _docs(seed=2, longest=40)
     packer = Packer(tokens, offsets, seq_len=16, bos_id=2, eos_id=3, mode="pad")
     rows = packer.rows(np.arange(len(packer)))
-    rebuilt, row_docs = [], []
+    rebuilt = []
     for r in range(len(packer)):
         keep = rows["segment_ids"][r] == 1
         assert np.all(keep[: keep.sum()])  # real tokens first, then padding

@@ -103,6 +103,14 @@ class Attention(nn.Module):
         return constrain(out, ("act_batch", "act_len", "act_embed"))
 
 
+def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str,
+          std: float = INIT_STD) -> nn.Dense:
+    """A dense layer whose kernel carries logical `axes` (in, out) and whose bias the out axis."""
+    dtype, param_dtype = dtypes(cfg)
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=normal(std, axes), bias_init=zeros((axes[1],)), name=name)
+
+
 class Mlp(nn.Module):
     cfg: ModelConfig
     out_std: float
@@ -110,14 +118,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        dtype, param_dtype = dtypes(cfg)
-        h = nn.Dense(cfg.mlp_dim, dtype=dtype, param_dtype=param_dtype,
-                     kernel_init=normal(INIT_STD, ("embed", "mlp")), bias_init=zeros(("mlp",)),
-                     name="wi")(x)
+        h = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi")(x)
         h = constrain(_ACTIVATIONS[cfg.activation](h), ("act_batch", "act_len", "act_mlp"))
-        out = nn.Dense(cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                       kernel_init=normal(self.out_std, ("mlp", "embed")),
-                       bias_init=zeros(("embed",)), name="wo")(h)
+        out = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "wo", self.out_std)(h)
         return constrain(out, ("act_batch", "act_len", "act_embed"))
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ptft_jax.config import ModelConfig
-from ptft_jax.models.layers import (INIT_STD, Block, _ACTIVATIONS, constrain, dtypes,
+from ptft_jax.models.layers import (INIT_STD, Block, _ACTIVATIONS, constrain, dense, dtypes,
                                     layer_norm, normal, zeros)
 
 _REMAT_POLICIES = {
@@ -114,10 +114,7 @@ class MlmHead(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        dtype, param_dtype = dtypes(cfg)
-        x = nn.Dense(cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                     kernel_init=normal(INIT_STD, ("embed", "mlp")), bias_init=zeros(("mlp",)),
-                     name="transform")(x)
+        x = dense(cfg, cfg.hidden_size, ("embed", "mlp"), "transform")(x)
         # Keep these constraints: without them, XLA's partitioner (jax 0.10.2, Shardy) gave
         # wrong gradients for this norm on a (data 2, fsdp 2, tensor 2) mesh, while the loss
         # stayed right. tests/test_parallel.py catches it.
