@@ -1,6 +1,8 @@
 """`ptft`: the command line.
 
     ptft pretrain --config configs/pretrain_tiny_mlm.yaml [key.sub=value ...]
+    ptft tokenizer train --config FILE [key.sub=value ...] [--out PATH] [--force]
+    ptft data prepare --config FILE [key.sub=value ...] [--overwrite]
     ptft bench --set cpu [--cases NAME ...] [--steps N] [--profile]
 """
 from __future__ import annotations
@@ -36,6 +38,90 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _error(command: str, message) -> int:
+    print(f"ptft {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _tokenizer_train(args) -> int:
+    import time
+    from pathlib import Path
+
+    from ptft_jax.data.sources import open_documents
+    from ptft_jax.data.tokenizer import iter_texts, train_tokenizer
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.run_dir) / "tokenizer.json"
+    if out.exists() and not args.force:
+        return _error("tokenizer train", f"{out} already exists; pass --force to replace it, "
+                                         f"or --out to write elsewhere.")
+    if cfg.model.kind not in ("encoder", "decoder"):
+        raise ConfigError(f"'model.kind' is '{cfg.model.kind}'; it must be encoder (WordPiece "
+                          f"tokenizer) or decoder (byte-level BPE).")
+    if cfg.data.tokenizer_vocab_size < 1:
+        raise ConfigError(f"'data.tokenizer_vocab_size' is {cfg.data.tokenizer_vocab_size}; "
+                          f"it must be at least 1.")
+    try:
+        documents = open_documents(cfg.data)
+    except ValueError as e:
+        return _error("tokenizer train", e)
+    kind = "WordPiece" if cfg.model.kind == "encoder" else "byte-level BPE"
+    print(f"training a {kind} tokenizer of {cfg.data.tokenizer_vocab_size} tokens on "
+          f"{len(documents):,} documents of {cfg.data.corpus} ...", flush=True)
+    t0 = time.perf_counter()
+    # The trainer's bars only make sense on a terminal; elsewhere they print empty lines.
+    tokenizer = train_tokenizer(cfg.model.kind, iter_texts(documents),
+                                cfg.data.tokenizer_vocab_size, progress=sys.stderr.isatty())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")  # an interrupted save leaves no half file at `out`
+    tokenizer.save(str(tmp))
+    os.replace(tmp, out)
+    print(f"saved {out}: {tokenizer.get_vocab_size():,} tokens, trained in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _data_prepare(args) -> int:
+    from pathlib import Path
+
+    from ptft_jax.data.cache import prepare_cache
+    from ptft_jax.data.sources import open_documents
+    from ptft_jax.data.tokenizer import run_tokenizer_path
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.run_dir)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
+    try:
+        tokenizer = run_tokenizer_path(cfg.data.tokenizer, run_dir)  # the one pretrain uses
+    except ValueError as e:
+        return _error("data prepare", e)
+    if tokenizer is None:
+        return _error("data prepare", f"no tokenizer: data.tokenizer is not set and "
+                                      f"{run_dir / 'tokenizer.json'} does not exist. Run `ptft "
+                                      f"tokenizer train` with the same config first, or set "
+                                      f"data.tokenizer=PATH (a tokenizer.json or vocab.txt).")
+    try:
+        documents = open_documents(cfg.data)
+        print(f"preparing {cache_dir} from {len(documents):,} documents of {cfg.data.corpus} "
+              f"with {tokenizer} ...", flush=True)
+        cache = prepare_cache(documents, tokenizer, cache_dir, cfg.data.num_workers,
+                              shard_docs=args.shard_docs, overwrite=args.overwrite)
+    except ValueError as e:
+        return _error("data prepare", e)
+    except KeyboardInterrupt:
+        print(f"ptft data prepare: interrupted; finished shards are kept in {cache_dir}. Run "
+              f"the same command to resume.", file=sys.stderr)
+        return 130
+    counts = f"{cache.num_docs:,} documents, {len(cache.tokens):,} {cache.tokens.dtype} tokens"
+    stats = cache.stats
+    if stats is None:
+        print(f"already prepared: {cache_dir} ({counts}); nothing to do")
+        return 0
+    resumed = f" | {stats.shards_skipped} shard(s) reused" if stats.shards_skipped else ""
+    print(f"done: {cache_dir} | {counts} | {stats.docs_per_s:,.0f} docs/s, "
+          f"{stats.tokens_per_s:,.0f} tokens/s on {stats.workers} worker(s) | "
+          f"merge {stats.merge_seconds:.1f}s{resumed}")
+    return 0
+
+
 def _bench(args) -> int:
     if args.fake_cpu_devices:  # must happen before JAX initialises
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -62,6 +148,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", "-c", help="a YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
     p.set_defaults(func=_pretrain)
+    t = sub.add_parser("tokenizer", help="tokenizer tools")
+    t_sub = t.add_subparsers(dest="action", required=True)
+    tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "
+                                        "encoders, byte-level BPE for decoders")
+    tt.add_argument("--config", "-c", help="a YAML config (see configs/)")
+    tt.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    tt.add_argument("--out", help="where to save tokenizer.json (default: <run_dir>/"
+                                  "tokenizer.json, where pretraining looks)")
+    tt.add_argument("--force", action="store_true", help="replace an existing file")
+    tt.set_defaults(func=_tokenizer_train)
+    d = sub.add_parser("data", help="data tools")
+    d_sub = d.add_subparsers(dest="action", required=True)
+    dp = d_sub.add_parser("prepare", help="tokenize data.corpus once into the cache at "
+                                          "data.cache_dir (resumes when interrupted)")
+    dp.add_argument("--config", "-c", help="a YAML config (see configs/)")
+    dp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    dp.add_argument("--overwrite", action="store_true",
+                    help="replace a cache built from another tokenizer or source (it stays "
+                         "usable until the new one is complete)")
+    dp.add_argument("--shard-docs", type=int, default=10_000,
+                    help="documents per resumable shard (default 10000)")
+    dp.set_defaults(func=_data_prepare)
     b = sub.add_parser("bench", help="benchmark step time, throughput, MFU, compile time and "
                                      "memory, beside a PyTorch reference")
     b.add_argument("--set", action="append", help="a set of cases in the cases file "

@@ -68,10 +68,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # Where the text comes from: a file, folder or glob of .txt / .txt.gz (one document per
-    # line), .jsonl / .json, .csv or .parquet files; "hf:NAME" or "hf:NAME/CONFIG" (a Hugging
-    # Face hub dataset); "tfds:NAME" (TensorFlow Datasets, array_record); or "bundled:kjv".
+    # line), .jsonl / .json, .csv or .parquet files; a Hugging Face hub dataset "hf:NAME",
+    # "hf:OWNER/NAME" or "hf:OWNER/NAME/CONFIG"; TensorFlow Datasets through array_record,
+    # "tfds:NAME[/CONFIG][:VERSION]" (TFDS_DATA_DIR locates it); or "bundled:kjv".
     corpus: str = "bundled:kjv"
-    format: str = "auto"  # auto (from the file extension) | text | jsonl | csv | parquet
+    format: str = "auto"  # auto (from the extension) | text | jsonl (.jsonl, .json) | csv | parquet
     text_column: str = "text"
     label_column: str | None = None
     split: str = "train"

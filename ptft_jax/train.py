@@ -24,10 +24,12 @@ from ptft_jax import perf
 from ptft_jax.checkpoint import Checkpointer
 from ptft_jax.config import (Config, ConfigError, objective_for, resolve_mesh_shape,
                              validate)
-from ptft_jax.data.corpus import read_documents
+from ptft_jax.data.cache import TokenCache, prepare_cache
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.data.packing import Packer
-from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, train_tokenizer
+from ptft_jax.data.sources import open_documents
+from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
+                                     train_tokenizer)
 from ptft_jax.mesh import (LOGICAL_RULES, global_batch_array, initialize_distributed,
                            make_mesh, process_rows)
 from ptft_jax.metrics import MetricsWriter
@@ -45,28 +47,41 @@ log = logging.getLogger(__name__)
 # Data: tokenizer (the run directory's wins, so a resumed run keeps its vocabulary) and packing
 
 
-def prepare_tokenizer(cfg: Config, run_dir: Path, documents: list[str]):
-    """The run directory's tokenizer if it has one, else data.tokenizer, else a new one trained
-    on the corpus (saved into the run directory by the caller, once every check has passed)."""
-    saved = run_dir / "tokenizer.json"
-    if saved.exists():
-        tok = load_tokenizer(saved)
-        if cfg.data.tokenizer and Path(cfg.data.tokenizer).read_text() != saved.read_text():
-            raise ConfigError(f"data.tokenizer '{cfg.data.tokenizer}' differs from the "
-                              f"tokenizer this run directory was trained with ({saved}). Use "
-                              f"a new run_dir, or drop data.tokenizer to resume.")
-        return tok
-    if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
+def prepare_tokenizer(cfg: Config, run_dir: Path, documents):
+    """The tokenizer `run_tokenizer_path` names, else a new one trained on the documents (the
+    caller saves it into the run directory once every check has passed)."""
+    try:
+        path = run_tokenizer_path(cfg.data.tokenizer, run_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if path is not None:
+        return load_tokenizer(path)
     # HF's WordPiece trainer breaks frequency ties in hash order, so two trainings on the same
     # text can differ in a few tokens. On multi-host, process 0 trains and the others take its
     # tokenizer; the run directory keeps it for every later resume.
     tok = None
     if jax.process_index() == 0:
-        tok = train_tokenizer(cfg.model.kind, documents, cfg.data.tokenizer_vocab_size)
+        tok = train_tokenizer(cfg.model.kind, iter_texts(documents),
+                              cfg.data.tokenizer_vocab_size)
     if jax.process_count() > 1:
         tok = Tokenizer.from_str(_broadcast_text(tok.to_str() if tok is not None else ""))
     return tok
+
+
+def open_token_cache(cfg: Config, run_dir: Path, documents) -> TokenCache:
+    """The pre-tokenized cache of the documents, built on first use (resumably) by process 0;
+    the other processes open it once it is ready (the cache folder must be shared)."""
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
+    tokenizer_path = run_dir / "tokenizer.json"
+    cache = None
+    if jax.process_index() == 0:
+        cache = prepare_cache(documents, tokenizer_path, cache_dir, cfg.data.num_workers,
+                              progress=cfg.train.progress)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ptft token cache ready")
+        if cache is None:
+            cache = TokenCache.open(cache_dir, tokenizer_path, documents)
+    return cache
 
 
 def _broadcast_text(text: str) -> str:
@@ -215,47 +230,53 @@ def pretrain(cfg: Config) -> dict:
     run_dir = Path(cfg.run_dir)
     t, B, T = cfg.train, cfg.train.global_batch, cfg.data.seq_len
 
-    # Data and tokenizer, then the model's vocabulary from the tokenizer.
-    documents = read_documents(cfg.data.corpus)
+    # Documents and tokenizer, then the model's vocabulary from the tokenizer.
+    try:
+        documents = open_documents(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     tokenizer = prepare_tokenizer(cfg, run_dir, documents)
     token_ids = TokenIds.of(tokenizer, cfg.model.kind)
     cfg = resolve_vocab(cfg, token_ids)
-    encoded = [e.ids for e in tokenizer.encode_batch(documents, add_special_tokens=False)]
-    offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in encoded])])
-    tokens = np.fromiter((t for ids in encoded for t in ids), np.int32, int(offsets[-1]))
-    packer = Packer(tokens, offsets, T, token_ids.bos_id, token_ids.eos_id, cfg.data.packing)
 
     engine = build(cfg, objective_spec(cfg, token_ids))
     step_fn, objective = engine.step_fn, objective_for(cfg)
 
-    # Resume from the run directory, else initialise from scratch.
+    # The run directory's latest checkpoint must fit the model before anything is written.
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
                         cfg.checkpoint.async_save)
+    start_step = ckpt.latest_step() or 0
+    if start_step >= t.steps:
+        ckpt.close()
+        raise ConfigError(f"{run_dir} already holds a checkpoint at step {start_step}, at or "
+                          f"past train.steps={t.steps}: nothing to do. Raise train.steps to "
+                          f"continue training, or use a new run_dir.")
+    if start_step:
+        ckpt.check_shapes(start_step, engine.abstract.params)
+
+    # The tokenizer goes into the run directory, the documents into the token cache (built on
+    # first use, resumable), and the cache into fixed-length rows.
+    if is_main and not (run_dir / "tokenizer.json").exists():
+        tokenizer.save(str(run_dir / "tokenizer.json"))
+    cache = open_token_cache(cfg, run_dir, documents)
+    packer = Packer(cache.tokens, cache.offsets, T, token_ids.bos_id, token_ids.eos_id,
+                    cfg.data.packing)
+    loader = BatchLoader(packer, B, cfg.data.shuffle_seed, engine.rows)
+
+    # Resume from the run directory, else initialise from scratch.
     init_key, train_key = jax.random.split(jax.random.key(t.seed))
-    start_step = ckpt.latest_step()
-    if start_step is not None:
-        if start_step >= t.steps:
-            ckpt.close()
-            raise ConfigError(f"{run_dir} already holds a checkpoint at step {start_step}, "
-                              f"at or past train.steps={t.steps}: nothing to do. Raise "
-                              f"train.steps to continue training, or use a new run_dir.")
+    if start_step:
         state, meta = ckpt.restore(start_step, engine.restore_target())
+        check_data_position(meta, loader)
         state = engine.place(state)
     else:
-        start_step = 0
         state = engine.init(init_key)
-
-    # Every check has passed: only now does the run directory get its tokenizer and config.
-    if is_main:
-        if not (run_dir / "tokenizer.json").exists():
-            tokenizer.save(str(run_dir / "tokenizer.json"))
+    if is_main:  # every check has passed: the config this run trains with
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
     # The MFU reference, timed before the input thread starts so nothing competes with it.
     peak, peak_source = perf.system_peak_flops()
-    loader = BatchLoader(packer, B, cfg.data.shuffle_seed, engine.rows)
-    if start_step:
-        check_data_position(meta, loader)
     batches = prefetch((engine.to_device(loader.batch(s)) for s in range(start_step, t.steps)),
                        cfg.data.prefetch)
 

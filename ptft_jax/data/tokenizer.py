@@ -1,11 +1,14 @@
 """Subword tokenizers with HF `tokenizers`: WordPiece for encoders, byte-level BPE for decoders."""
 from __future__ import annotations
 
+import hashlib
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 log = logging.getLogger(__name__)
 
@@ -13,9 +16,10 @@ WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BPE_SPECIALS = ["<|endoftext|>"]
 
 
-def train_tokenizer(kind: str, documents: list[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(kind: str, documents: list[str], vocab_size: int,
+                    progress: bool = False) -> Tokenizer:
     """Trains a WordPiece (kind='encoder') or byte-level BPE (kind='decoder') tokenizer.
-    Special tokens take the first ids."""
+    Special tokens take the first ids. `progress` shows the trainer's own progress bars."""
     if kind == "encoder":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -23,14 +27,14 @@ def train_tokenizer(kind: str, documents: list[str], vocab_size: int) -> Tokeniz
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
                                             special_tokens=WORDPIECE_SPECIALS,
-                                            show_progress=False)
+                                            show_progress=progress)
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIALS,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
+                                      show_progress=progress)
     tok.train_from_iterator(documents, trainer=trainer)
     if kind == "encoder":
         tok.model = _canonical_wordpiece(tok.get_vocab())
@@ -49,14 +53,46 @@ def _canonical_wordpiece(vocab: dict[str, int]) -> models.WordPiece:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A HF tokenizer.json, or a BERT vocab.txt (one WordPiece token per line)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"Tokenizer file '{path}' does not exist; give a tokenizer.json, or "
-                         f"leave data.tokenizer null to train one on the corpus.")
+        raise ValueError(f"Tokenizer file '{path}' does not exist; give a tokenizer.json or a "
+                         f"BERT vocab.txt, or leave data.tokenizer null to train one on the "
+                         f"corpus.")
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises bare Exceptions on malformed files
-        raise ValueError(f"Tokenizer file '{path}' could not be read: {e}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        text = None
+    # Told apart by content, not name: a tokenizer.json is a JSON object, a vocab.txt is not.
+    if text is not None and text.lstrip().startswith("{"):
+        try:
+            return Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises bare Exceptions on malformed files
+            raise ValueError(f"Tokenizer file '{path}' could not be read as a tokenizer.json: "
+                             f"{e}") from None
+    # Read as HF reads a vocab.txt (line number = id, trailing spaces trimmed, a repeated line
+    # takes its last number), so ids match other BERT tooling.
+    vocab = models.WordPiece.read_file(str(path)) if text else {}
+    if "[UNK]" not in vocab:
+        raise ValueError(f"Tokenizer file '{path}' is neither a tokenizer.json (a JSON object) "
+                         f"nor a BERT vocab.txt (UTF-8, one token per line, with an [UNK] "
+                         f"line). Give one of those in data.tokenizer.")
+    return _bert_wordpiece(vocab)
+
+
+def _bert_wordpiece(vocab: dict[str, int]) -> Tokenizer:
+    """The tokenizer BERT (uncased) builds from its vocab.txt: lowercasing normalizer, BERT's
+    pre-tokenizer, WordPiece with ## continuations, and [CLS] ... [SEP] around a text."""
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    # Marked special as HF's BertWordPieceTokenizer does: kept whole in text, skipped by decode.
+    tok.add_special_tokens([t for t in WORDPIECE_SPECIALS if t in vocab])
+    if "[CLS]" in vocab and "[SEP]" in vocab:
+        tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]),
+                                                       ("[CLS]", vocab["[CLS]"]))
+    return tok
 
 
 @dataclass(frozen=True)
@@ -80,3 +116,29 @@ class TokenIds:
             return cls(tok.get_vocab_size(), tuple(ids.values()), ids["[CLS]"], ids["[SEP]"],
                        ids["[MASK]"])
         return cls(tok.get_vocab_size(), tuple(ids.values()), None, ids["<|endoftext|>"], None)
+
+
+def tokenizer_sha256(path: str | Path) -> str:
+    """Identifies a tokenizer by its canonical JSON, not its file: the same tokenizer read from
+    a vocab.txt or from the tokenizer.json a run saved has one hash."""
+    return hashlib.sha256(load_tokenizer(path).to_str().encode()).hexdigest()
+
+
+def iter_texts(documents, chunk: int = 10_000):
+    """Every text of a sources.Documents, read `chunk` documents at a time."""
+    for start in range(0, len(documents), chunk):
+        yield from documents.texts(start, start + chunk)
+
+
+def run_tokenizer_path(data_tokenizer: str | None, run_dir: Path) -> Path | None:
+    """The one rule for which tokenizer a run uses: the run directory's tokenizer.json once it
+    exists (a run keeps its vocabulary), else data.tokenizer, else None (train one).
+    data.tokenizer given for a run that already has a different tokenizer is an error."""
+    saved = Path(run_dir) / "tokenizer.json"
+    if saved.exists():
+        if data_tokenizer and tokenizer_sha256(data_tokenizer) != tokenizer_sha256(saved):
+            raise ValueError(f"data.tokenizer '{data_tokenizer}' differs from the tokenizer this "
+                             f"run directory was trained with ({saved}). Use a new run_dir, or "
+                             f"drop data.tokenizer to resume.")
+        return saved
+    return Path(data_tokenizer) if data_tokenizer else None

@@ -1,0 +1,497 @@
+"""The pre-tokenized cache: a corpus tokenized once into a memory-mapped token file.
+
+Layout of a cache folder (`data.cache_dir`, by default `<run_dir>/data_cache`):
+
+    tokens.bin     every document's token ids, concatenated (uint16, or uint32 for vocabularies
+                   over 65536 tokens); no special tokens, packing adds those
+    offsets.npy    int64 [num_docs + 1]: document d is tokens[offsets[d]:offsets[d + 1]]
+    meta.json      tokenizer sha256, source name and fingerprint, counts, dtype, version and
+                   "complete": true. Written last: it is the commit record of the cache.
+    partial/       only while a prepare is unfinished: plan.json (what is being built) and one
+                   shard-NNNNNN.npz per finished shard of `shard_docs` documents
+
+Resume: each shard is written to a temporary file and renamed, so a shard file exists only
+when it is whole, and its existence is the record that it is done. A rerun with the same
+tokenizer and source skips finished shards. The merge writes tokens.bin and offsets.npy through
+temporary files too, removes an old meta.json before replacing the files it describes, and
+writes the new meta.json last, so an interrupted merge leaves a folder that `open()` rejects as
+incomplete and that a rerun merges again from the shards (deleted only after the commit).
+
+Staleness: a cache belongs to one tokenizer (sha256 of its canonical JSON) and one source
+(its fingerprint). `TokenCache.open` raises `StaleCache` when either differs, and
+`prepare_cache` refuses to touch a folder built from other inputs unless `overwrite=True`;
+even then the old cache stays whole and readable until the new one is committed.
+
+Workers: a `spawn` pool (JAX's and the tokenizer's threads make `fork` unsafe). Each worker
+receives the documents object once (pickled through the pool initializer) and the tokenizer
+as a JSON string, then reads, tokenizes and writes its shards itself, so no token ids travel
+back through pipes. The documents object must therefore pickle cheaply: a reference to the
+data (paths, a dataset name), not the data itself. With one worker, or one shard to do,
+everything runs in this process and the tokenizer's own threads use the cores.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from ptft_jax.data.tokenizer import load_tokenizer, tokenizer_sha256
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+TOKENS_FILE, OFFSETS_FILE, META_FILE = "tokens.bin", "offsets.npy", "meta.json"
+PARTIAL_DIR, PLAN_FILE, LOCK_FILE = "partial", "plan.json", ".lock"
+
+
+class Documents(Protocol):
+    """What the cache reads documents from (implemented by ptft_jax.data.sources)."""
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def texts(self, start: int, stop: int) -> list[str]: ...
+
+    def fingerprint(self) -> str: ...
+
+
+class CacheError(ValueError):
+    """The cache cannot be used as it is; the message names the file and what to do."""
+
+
+class MissingCache(CacheError):
+    """No cache (or only an unfinished one) in the folder."""
+
+
+class StaleCache(CacheError):
+    """The cache was built from another tokenizer or another version of the source."""
+
+
+class CorruptCache(CacheError):
+    """A cache file is missing, truncated or inconsistent with meta.json."""
+
+
+@dataclass(frozen=True)
+class PrepareStats:
+    """What one `prepare_cache` call did. Rates count only the documents tokenized by this
+    call (not shards finished by an earlier, interrupted one), over the tokenizing time."""
+    docs: int
+    tokens: int
+    seconds: float  # tokenizing, pool start-up included
+    merge_seconds: float
+    workers: int
+    shards_done: int  # tokenized by this call
+    shards_skipped: int  # finished by an earlier call and reused
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.docs / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+_WHAT_TO_DO = ("Delete the folder and rerun `ptft data prepare`, or point data.cache_dir "
+               "elsewhere")
+
+
+class TokenCache:
+    """A finished cache, opened read-only: `tokens` (memory-mapped) and `offsets` are what
+    `ptft_jax.data.packing.Packer(tokens, offsets, ...)` takes."""
+
+    def __init__(self, cache_dir: Path, tokens: np.ndarray, offsets: np.ndarray, meta: dict):
+        self.cache_dir, self.tokens, self.offsets, self.meta = cache_dir, tokens, offsets, meta
+        self.stats: PrepareStats | None = None  # set by a prepare_cache that did some work
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def __repr__(self) -> str:
+        return (f"TokenCache({str(self.cache_dir)!r}: {self.num_docs} docs, "
+                f"{len(self.tokens)} {self.tokens.dtype} tokens)")
+
+    def document(self, index: int) -> np.ndarray:
+        return self.tokens[self.offsets[index]:self.offsets[index + 1]]
+
+    @classmethod
+    def open(cls, cache_dir: str | Path, tokenizer_path: str | Path | None = None,
+             documents: Documents | None = None) -> "TokenCache":
+        """Opens and checks a cache: raises MissingCache, CorruptCache, or (when the tokenizer
+        or documents are given) StaleCache if they are not the ones it was built from."""
+        cache = cls._read(Path(cache_dir))
+        if tokenizer_path is not None:
+            tokenizer_path = Path(tokenizer_path)
+            if not tokenizer_path.is_file():
+                raise ValueError(f"Tokenizer file '{tokenizer_path}' does not exist.")
+            cache.check_tokenizer(tokenizer_path, tokenizer_sha256(tokenizer_path))
+        if documents is not None:
+            cache.check_source(documents.name, documents.fingerprint(), len(documents))
+        return cache
+
+    @classmethod
+    def _read(cls, cache_dir: Path) -> "TokenCache":
+        meta_path = cache_dir / META_FILE
+        if not meta_path.is_file():
+            if (cache_dir / PARTIAL_DIR).is_dir() or (cache_dir / TOKENS_FILE).exists():
+                raise MissingCache(f"The token cache in {cache_dir} is incomplete ({META_FILE} "
+                                   f"is missing): a `ptft data prepare` was interrupted. Rerun "
+                                   f"it to finish; finished shards are reused.")
+            raise MissingCache(f"No token cache in {cache_dir} ({META_FILE} not found). Build "
+                               f"it with `ptft data prepare --config ...`.")
+        try:
+            meta = json.loads(meta_path.read_text())
+            dtype = np.dtype(meta["dtype"])
+            num_docs, num_tokens = int(meta["num_docs"]), int(meta["num_tokens"])
+            meta["tokenizer"]["sha256"], meta["source"]["fingerprint"]  # the staleness checks'
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptCache(f"{meta_path} is unreadable ({type(e).__name__}: {e}). "
+                               f"{_WHAT_TO_DO}.") from None
+        if meta.get("version") != CACHE_VERSION:
+            raise CorruptCache(f"{meta_path}: cache format version {meta.get('version')!r}, "
+                               f"this ptft reads version {CACHE_VERSION}. {_WHAT_TO_DO}.")
+        if meta.get("complete") is not True:
+            raise MissingCache(f"{meta_path} says the cache is incomplete. Rerun "
+                               f"`ptft data prepare` to finish it.")
+
+        offsets_path = cache_dir / OFFSETS_FILE
+        try:
+            offsets = np.load(offsets_path)
+        except (OSError, ValueError, EOFError) as e:
+            raise CorruptCache(f"{offsets_path} is missing or unreadable ({e}). "
+                               f"{_WHAT_TO_DO}.") from None
+        if offsets.dtype != np.int64 or offsets.shape != (num_docs + 1,):
+            raise CorruptCache(f"{offsets_path} holds {offsets.dtype} {offsets.shape}; "
+                               f"{META_FILE} says int64 ({num_docs + 1},). {_WHAT_TO_DO}.")
+        falls = ", and fall on the way" if np.any(np.diff(offsets) < 0) else ""
+        if offsets[0] != 0 or offsets[-1] != num_tokens or falls:
+            raise CorruptCache(f"{offsets_path} is inconsistent: offsets must rise from 0 to "
+                               f"the {num_tokens} tokens of {META_FILE} (they go from "
+                               f"{offsets[0]} to {offsets[-1]}{falls}). {_WHAT_TO_DO}.")
+
+        tokens_path = cache_dir / TOKENS_FILE
+        expected = num_tokens * dtype.itemsize
+        size = tokens_path.stat().st_size if tokens_path.is_file() else None
+        if size != expected:
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            raise CorruptCache(f"{tokens_path} {found}; {META_FILE} says {num_tokens:,} "
+                               f"{dtype} tokens = {expected:,} bytes. The cache is truncated or "
+                               f"damaged. {_WHAT_TO_DO}.")
+        # np.memmap cannot map an empty file; a corpus of empty documents has no tokens.
+        tokens = (np.memmap(tokens_path, dtype=dtype, mode="r") if num_tokens
+                  else np.zeros(0, dtype))
+        return cls(cache_dir, tokens, offsets, meta)
+
+    def check_tokenizer(self, path: Path, sha256: str) -> None:
+        built = self.meta["tokenizer"]
+        if built["sha256"] != sha256:
+            raise StaleCache(
+                f"The token cache in {self.cache_dir} is stale: it was built with tokenizer "
+                f"{built['path']} (sha256 {built['sha256'][:16]}...), but the tokenizer now is "
+                f"{path} (sha256 {sha256[:16]}...). {_WHAT_TO_DO}.")
+
+    def check_source(self, name: str, fingerprint: str, num_docs: int) -> None:
+        built = self.meta["source"]
+        if built["fingerprint"] != fingerprint or self.num_docs != num_docs:
+            raise StaleCache(
+                f"The token cache in {self.cache_dir} is stale: it was built from "
+                f"'{built['name']}' (fingerprint {built['fingerprint']}, {self.num_docs} "
+                f"documents), but the data is now '{name}' (fingerprint {fingerprint}, "
+                f"{num_docs} documents). {_WHAT_TO_DO}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a cache
+
+
+def prepare_cache(documents: Documents, tokenizer_path: str | Path, cache_dir: str | Path,
+                  num_workers: int = 0, shard_docs: int = 10_000, progress: bool = True,
+                  overwrite: bool = False) -> TokenCache:
+    """Tokenizes `documents` into `cache_dir` and returns the opened cache.
+
+    A finished cache of the same tokenizer and source is returned as it is (its `.stats` is
+    None); an unfinished one is resumed, and `.stats` tells what this call did. A cache
+    (finished or not) of another tokenizer or source, or a damaged one, raises CacheError
+    unless `overwrite`: then it is replaced, but only once the new one is complete.
+    `num_workers=0` uses every core. With more than one worker, processes are spawned: a script
+    that calls this needs the `if __name__ == "__main__":` guard, and `documents` must pickle.
+    """
+    cache_dir, tokenizer_path = Path(cache_dir), Path(tokenizer_path)
+    if shard_docs < 1:
+        raise ValueError(f"shard_docs must be at least 1, got {shard_docs}.")
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0 (0 = every core), got {num_workers}.")
+    tokenizer = load_tokenizer(tokenizer_path)
+    # One past the largest id (a vocab.txt with repeated lines has gaps, so not the count).
+    vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    inputs = {"version": CACHE_VERSION,
+              "tokenizer": {"path": str(tokenizer_path),
+                            "sha256": tokenizer_sha256(tokenizer_path)},
+              "source": {"name": documents.name, "fingerprint": documents.fingerprint()},
+              "num_docs": len(documents), "vocab_size": vocab_size,
+              "dtype": token_dtype(vocab_size).name}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cache_dir / PARTIAL_DIR
+    with _exclusive(cache_dir):
+        finished = _reusable_cache(cache_dir, inputs, overwrite)
+        if finished is not None:
+            if _same_inputs(_read_plan(partial), inputs):  # a merge died after its commit
+                shutil.rmtree(partial)
+            log.info("token cache %s is already prepared", cache_dir)
+            return finished
+        plan = _start_or_resume_plan(partial, inputs, shard_docs, overwrite)
+        stats = _tokenize_shards(documents, tokenizer, partial, plan, num_workers, progress)
+        t0 = time.perf_counter()
+        _merge(cache_dir, plan)
+        cache = TokenCache._read(cache_dir)
+        cache.stats = PrepareStats(**stats, merge_seconds=time.perf_counter() - t0)
+        shutil.rmtree(partial)  # only after _merge's commit
+    return cache
+
+
+def _same_inputs(a: dict, b: dict) -> bool:
+    """Same tokenizer bytes, same source data, same format; paths and names may differ."""
+    def key(d: dict) -> tuple:
+        return (d.get("version"), d.get("tokenizer", {}).get("sha256"),
+                d.get("source", {}).get("fingerprint"), d.get("num_docs"), d.get("dtype"))
+    return key(a) == key(b)
+
+
+@contextlib.contextmanager
+def _exclusive(cache_dir: Path):
+    """Holds a lock on the folder, so two prepares never write the same files at once."""
+    with open(cache_dir / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"Another `ptft data prepare` is writing {cache_dir}. Wait for it "
+                             f"to finish, or use another data.cache_dir.") from None
+        yield
+
+
+def _reusable_cache(cache_dir: Path, inputs: dict, overwrite: bool) -> TokenCache | None:
+    """The finished cache in the folder if it was built from these inputs; None if there is
+    none (or `overwrite` lets a stale or damaged one be replaced); else CacheError."""
+    if not (cache_dir / META_FILE).exists():
+        return None
+    try:
+        cache = TokenCache._read(cache_dir)
+        cache.check_tokenizer(Path(inputs["tokenizer"]["path"]), inputs["tokenizer"]["sha256"])
+        cache.check_source(inputs["source"]["name"], inputs["source"]["fingerprint"],
+                           inputs["num_docs"])
+        return cache
+    except MissingCache:  # an interrupted merge: it is finished from the shards
+        return None
+    except CacheError as e:
+        if overwrite:
+            log.warning("replacing the token cache in %s: %s", cache_dir, e)
+            return None
+        raise type(e)(f"{e} `ptft data prepare` does not mix caches; pass --overwrite "
+                      f"(overwrite=True) to replace this one.") from None
+
+
+def _start_or_resume_plan(partial: Path, inputs: dict, shard_docs: int,
+                          overwrite: bool) -> dict:
+    """The plan of an unfinished prepare of the same inputs (its shard size wins, so its
+    finished shards stay valid), or a new one."""
+    plan_path = partial / PLAN_FILE
+    if plan_path.exists():
+        plan = _read_plan(partial)
+        if _same_inputs(plan, inputs):
+            if plan["shard_docs"] != shard_docs:
+                log.info("resuming with the unfinished prepare's shard size, %d documents",
+                         plan["shard_docs"])
+            return plan
+        if not overwrite:
+            raise StaleCache(f"{partial} holds an unfinished prepare of other inputs (another "
+                             f"tokenizer or source), or its {plan_path.name} is unreadable. "
+                             f"{_WHAT_TO_DO}, or pass --overwrite (overwrite=True) to discard "
+                             f"it.")
+    if partial.exists():  # another plan's shards, or shards without a plan: not trustworthy
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    plan = {**inputs, "shard_docs": shard_docs}
+    _atomic_write(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+    return plan
+
+
+def _read_plan(partial: Path) -> dict:
+    """An unfinished prepare's plan; {} if there is none or it is unreadable."""
+    try:
+        return json.loads((partial / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _shard_path(partial: Path, shard: int) -> Path:
+    return partial / f"shard-{shard:06d}.npz"
+
+
+def _shard_range(plan: dict, shard: int) -> tuple[int, int]:
+    start = shard * plan["shard_docs"]
+    return start, min(start + plan["shard_docs"], plan["num_docs"])
+
+
+def _num_shards(plan: dict) -> int:
+    return -(-plan["num_docs"] // plan["shard_docs"])
+
+
+class _ShardWriter:
+    """Tokenizes one shard and writes it atomically; lives in each worker (or this process)."""
+
+    def __init__(self, documents: Documents, tokenizer_json: str, plan: dict, partial: Path):
+        self.documents, self.plan, self.partial = documents, plan, partial
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.dtype = np.dtype(plan["dtype"])
+
+    def __call__(self, shard: int) -> tuple[int, int]:
+        start, stop = _shard_range(self.plan, shard)
+        texts = self.documents.texts(start, stop)
+        if len(texts) != stop - start:
+            raise ValueError(f"{self.documents.name}: texts({start}, {stop}) returned "
+                             f"{len(texts)} documents, not {stop - start}.")
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(lengths.sum()))
+        _atomic_write(_shard_path(self.partial, shard),
+                      lambda f: np.savez(f, tokens=tokens, lengths=lengths))
+        return stop - start, len(tokens)
+
+
+_worker_writer: _ShardWriter | None = None  # one per pool worker, set by _init_worker
+
+
+def _init_worker(documents, tokenizer_json, plan, partial) -> None:
+    global _worker_writer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # One process per core already: the tokenizer's own threads would only oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_writer = _ShardWriter(documents, tokenizer_json, plan, partial)
+
+
+def _run_shard(shard: int) -> tuple[int, int]:
+    return _worker_writer(shard)
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use, in a container too
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _tokenize_shards(documents: Documents, tokenizer: Tokenizer, partial: Path, plan: dict,
+                     num_workers: int, progress: bool) -> dict:
+    for stray in partial.glob("*.tmp"):  # from a process killed mid-write
+        stray.unlink()
+    shards = range(_num_shards(plan))
+    finished = {s for s in shards if _shard_path(partial, s).exists()}
+    pending = [s for s in shards if s not in finished]
+    if finished:
+        log.info("resuming: %d of %d shards already tokenized", len(finished), len(shards))
+    workers = max(1, min(num_workers or _available_cores(), len(pending)))
+    finished_docs = sum(stop - start for start, stop in (_shard_range(plan, s) for s in finished))
+    docs = tokens = 0
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=plan["num_docs"], initial=finished_docs, unit="doc",
+                                       unit_scale=True, desc="tokenizing", smoothing=0.1,
+                                       disable=not progress))
+        if workers == 1:
+            results = map(_ShardWriter(documents, tokenizer.to_str(), plan, partial), pending)
+        else:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
+                workers, _init_worker, (documents, tokenizer.to_str(), plan, partial)))
+            results = pool.imap_unordered(_run_shard, pending)
+        for shard_docs, shard_tokens in results:
+            docs, tokens = docs + shard_docs, tokens + shard_tokens
+            bar.update(shard_docs)
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tokens/s",
+                                refresh=False)
+    return dict(docs=docs, tokens=tokens, seconds=time.perf_counter() - t0, workers=workers,
+                shards_done=len(pending), shards_skipped=len(finished))
+
+
+def _merge(cache_dir: Path, plan: dict) -> None:
+    """Shards -> tokens.bin + offsets.npy, then meta.json as the commit. Safe to redo."""
+    partial = cache_dir / PARTIAL_DIR
+    lengths = []
+
+    def write_tokens(f: BinaryIO) -> None:
+        for shard in range(_num_shards(plan)):
+            path = _shard_path(partial, shard)
+            start, stop = _shard_range(plan, shard)
+            try:
+                with np.load(path) as data:
+                    tokens, shard_lengths = data["tokens"], data["lengths"]
+            except (OSError, ValueError, KeyError) as e:
+                raise CorruptCache(f"Shard {path} is unreadable ({e}); delete it and rerun "
+                                   f"`ptft data prepare` to redo it.") from None
+            if len(shard_lengths) != stop - start or shard_lengths.sum() != len(tokens):
+                raise CorruptCache(f"Shard {path} does not hold documents {start}..{stop - 1}; "
+                                   f"delete it and rerun `ptft data prepare` to redo it.")
+            f.write(tokens.astype(plan["dtype"], copy=False).tobytes())
+            lengths.append(shard_lengths)
+
+    tokens_tmp = _write_tmp(cache_dir / TOKENS_FILE, write_tokens)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths or [[]]))]).astype(np.int64)
+    offsets_tmp = _write_tmp(cache_dir / OFFSETS_FILE, lambda f: np.save(f, offsets))
+    # The old meta.json goes first: from here until the new one lands, the folder reads as
+    # unfinished, never as a complete cache whose files do not match its meta.
+    (cache_dir / META_FILE).unlink(missing_ok=True)
+    _fsync_dir(cache_dir)
+    os.replace(tokens_tmp, cache_dir / TOKENS_FILE)
+    os.replace(offsets_tmp, cache_dir / OFFSETS_FILE)
+    _commit_meta(cache_dir, plan, num_tokens=int(offsets[-1]))
+
+
+def _commit_meta(cache_dir: Path, plan: dict, num_tokens: int) -> None:
+    meta = {**plan, "num_tokens": num_tokens,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "complete": True}
+    _atomic_write(cache_dir / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+
+def _write_tmp(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Writes `path`.tmp and flushes it to disk; the caller renames it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`path` appears whole or not at all, even if the process is killed mid-write."""
+    os.replace(_write_tmp(path, write), path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes renames in `path` durable (survive a power loss, not only a killed process)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
