@@ -248,12 +248,45 @@ def run_pipeline_case(case: dict, work_dir: Path, num_tokens: int = 50_000_000,
             "to_device_tokens_per_s": tokens_moved / device_s}
 
 
+def run_tokenization_case(work_dir: Path, copies: int = 10) -> dict:
+    """Documents/s and tokens/s of `ptft data prepare` (the cache build, every core) on the
+    bundled corpus repeated `copies` times, with a WordPiece tokenizer of 8192 trained on it."""
+    import shutil
+    from ptft_jax.data.cache import prepare_cache
+    from ptft_jax.data.sources import from_arrays
+    from ptft_jax.data.tokenizer import iter_texts, train_tokenizer
+
+    kjv = open_documents_bundled()
+    tokenizer_path = work_dir / "tokenization_tokenizer.json"
+    train_tokenizer("encoder", iter_texts(kjv), 8192).save(str(tokenizer_path))
+    texts = kjv.texts(0, len(kjv)) * copies
+    cache_dir = work_dir / "tokenization_cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache = prepare_cache(from_arrays(texts, name=f"kjv x{copies}"), tokenizer_path, cache_dir,
+                          shard_docs=2_000, progress=False)
+    stats = cache.stats
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return {"case": f"tokenize-kjv-x{copies}", "documents": stats.docs,
+            "tokens": stats.tokens, "workers": stats.workers,
+            "docs_per_s": stats.docs_per_s, "tokens_per_s": stats.tokens_per_s}
+
+
+def open_documents_bundled():
+    from ptft_jax.config import DataConfig
+    from ptft_jax.data.sources import open_documents
+    return open_documents(DataConfig(corpus="bundled:kjv"))
+
+
 def run_pipeline(names: list[str], cases_file: Path, out_dir: Path, echo=print) -> list[dict]:
     doc = yaml.safe_load(cases_file.read_text())
     cases = [c for c in doc.get("pipeline", []) if not names or c["name"] in names]
     env = environment()
     out = out_dir / device_slug(env)
     out.mkdir(parents=True, exist_ok=True)
+    tokenization = {**run_tokenization_case(out_dir), **env}
+    echo(f"[{tokenization['case']}] {tokenization['docs_per_s']:,.0f} documents/s, "
+         f"{tokenization['tokens_per_s'] / 1e6:.2f}M tokens/s on {tokenization['workers']} "
+         f"worker(s)")
     rows = []
     for case in cases:
         row = {**run_pipeline_case(case, out_dir), **env}
@@ -266,9 +299,14 @@ def run_pipeline(names: list[str], cases_file: Path, out_dir: Path, echo=print) 
               f"{r['host_tokens_per_s'] / 1e6:.1f}M | {r['to_device_tokens_per_s'] / 1e6:.1f}M |"
               for r in rows]
     table = (f"Input pipeline on {env['machine']} ({env['device_kind']} x{env['device_count']}),"
-             f" commit {env['git_commit']}, {env['time']}\n\n" + "\n".join(lines) + "\n")
+             f" commit {env['git_commit']}, {env['time']}\n\n" + "\n".join(lines) + "\n\n"
+             f"Tokenization into the cache ({tokenization['case']}, "
+             f"{tokenization['documents']:,} documents, {tokenization['workers']} worker(s)): "
+             f"{tokenization['docs_per_s']:,.0f} documents/s, "
+             f"{tokenization['tokens_per_s'] / 1e6:.2f}M tokens/s\n")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (out / f"pipeline-{stamp}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / f"pipeline-{stamp}.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in [tokenization, *rows]))
     (out / "pipeline-latest.md").write_text(table)
     echo(table)
     return rows
