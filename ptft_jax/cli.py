@@ -70,7 +70,8 @@ def _tokenizer_train(args) -> int:
     t0 = time.perf_counter()
     # The trainer's bars only make sense on a terminal; elsewhere they print empty lines.
     tokenizer = train_tokenizer(cfg.model.kind, iter_texts(documents),
-                                cfg.data.tokenizer_vocab_size, progress=sys.stderr.isatty())
+                                cfg.data.tokenizer_vocab_size, progress=sys.stderr.isatty(),
+                                extra_special_tokens=cfg.data.extra_special_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")  # an interrupted save leaves no half file at `out`
     tokenizer.save(str(tmp))

@@ -78,6 +78,9 @@ class DataConfig:
     split: str = "train"
     tokenizer: str | None = None  # a tokenizer.json or vocab.txt; None = train one on the corpus
     tokenizer_vocab_size: int = 8192
+    # Added to a trained tokenizer after the ones the objective needs ([PAD] [UNK] [CLS] [SEP]
+    # [MASK] for WordPiece, <|endoftext|> for byte-level BPE); never masked by MLM.
+    extra_special_tokens: list = field(default_factory=list)
     seq_len: int = 128
     packing: str = "pack"  # pack: documents share rows (segment ids keep them apart) | pad
     cache_dir: str | None = None  # the pre-tokenized cache; None = <run_dir>/data_cache
@@ -358,6 +361,9 @@ def validate(cfg: Config, num_devices: int) -> None:
     _one_of(m.attention, ("auto", "xla", "cudnn"), "model.attention")
     _one_of(cfg.data.format, ("auto", "text", "jsonl", "csv", "parquet"), "data.format")
     _one_of(cfg.data.packing, ("pack", "pad"), "data.packing")
+    if not all(isinstance(t, str) and t for t in cfg.data.extra_special_tokens):
+        raise ConfigError("data.extra_special_tokens must be a list of non-empty strings, e.g. "
+                          "['<doc>', '<title>'].")
     _one_of(cfg.mesh.parallelism, ("jit", "pmap"), "mesh.parallelism")
     _one_of(t.objective, ("auto", "mlm", "clm"), "train.objective")
     _one_of(o.schedule, ("cosine", "linear", "constant"), "optim.schedule")

@@ -62,7 +62,8 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, documents):
     tok = None
     if jax.process_index() == 0:
         tok = train_tokenizer(cfg.model.kind, iter_texts(documents),
-                              cfg.data.tokenizer_vocab_size)
+                              cfg.data.tokenizer_vocab_size,
+                              extra_special_tokens=cfg.data.extra_special_tokens)
     if jax.process_count() > 1:
         tok = Tokenizer.from_str(_broadcast_text(tok.to_str() if tok is not None else ""))
     return tok

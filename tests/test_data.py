@@ -35,6 +35,18 @@ def test_tokenizer_round_trips_through_its_file(tmp_path, small_corpus, kind):
         assert loaded.decode(loaded.encode(text).ids) == text
 
 
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_extra_special_tokens_come_after_the_objectives_and_are_never_masked(small_corpus, kind):
+    docs = read_documents(small_corpus)
+    tok = train_tokenizer(kind, docs, 600, extra_special_tokens=["<doc>", "<title>"])
+    ids = TokenIds.of(tok, kind)
+    base = 5 if kind == "encoder" else 1
+    assert tok.token_to_id("<doc>") == base and tok.token_to_id("<title>") == base + 1
+    assert set(ids.special_ids) == set(range(base + 2))
+    # A special token stays whole in text rather than being split into subwords.
+    assert tok.encode("<doc> in the beginning", add_special_tokens=False).ids[0] == base
+
+
 def _docs(seed=0, n=40, longest=30):
     rng = np.random.default_rng(seed)
     docs = [list(rng.integers(10, 100, rng.integers(1, longest))) for _ in range(n)]

@@ -108,3 +108,48 @@ def test_two_processes_match_one_process(small_corpus, tmp_path):
     assert [p.name for p in multi_dir.rglob("*.jsonl")] == ["metrics.jsonl"]
     assert {2, 4} <= {int(p.name) for p in (multi_dir / "checkpoints").iterdir()
                       if p.name.isdigit()}
+
+
+LOADER_SCRIPT = """
+import json, sys
+import numpy as np
+from ptft_jax.config import DistributedConfig, MeshConfig
+from ptft_jax.data.loader import BatchLoader
+from ptft_jax.mesh import batch_sharding, initialize_distributed, make_mesh, process_rows
+
+port, process_id, out = sys.argv[1:4]
+initialize_distributed(DistributedConfig(enabled=True, coordinator_address=f"127.0.0.1:{port}",
+                                         num_processes=2, process_id=int(process_id)))
+rows = process_rows(batch_sharding(make_mesh(MeshConfig(data=2, fsdp=2))), 8)
+
+class Rows:  # 40 rows of a dataset; what each process reads is all that matters here
+    def __len__(self):
+        return 40
+    def rows(self, index):
+        return {"tokens": np.asarray(index)}
+
+loader = BatchLoader(Rows(), 8, 0, rows)
+with open(out, "w") as f:
+    json.dump({"rows": [rows.start, rows.stop],
+               "seen": [loader.batch(step)["tokens"].tolist() for step in range(10)]}, f)
+"""
+
+
+def test_two_processes_read_every_row_of_an_epoch_exactly_once(tmp_path):
+    port = _free_port()
+    procs = {}
+    for i in range(2):
+        err = open(tmp_path / f"loader{i}.err", "w")
+        procs[f"loader{i}"] = subprocess.Popen(
+            [sys.executable, "-c", LOADER_SCRIPT, str(port), str(i), str(tmp_path / f"{i}.json")],
+            cwd=REPO, env=_env(2), stdout=subprocess.DEVNULL, stderr=err)
+        err.close()
+    _wait_all(procs, tmp_path)
+    first, second = (json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2))
+    # Each process holds its own half of every global batch of 8 ...
+    assert sorted([first["rows"], second["rows"]]) == [[0, 4], [4, 8]]
+    # ... and over 10 steps (two epochs of 40 rows) together they read each row once per epoch.
+    for epoch in range(2):
+        steps = range(epoch * 5, epoch * 5 + 5)
+        seen = [r for s in steps for r in first["seen"][s] + second["seen"][s]]
+        assert sorted(seen) == list(range(40))

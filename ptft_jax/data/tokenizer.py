@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,39 +15,42 @@ WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BPE_SPECIALS = ["<|endoftext|>"]
 
 
-def train_tokenizer(kind: str, documents: list[str], vocab_size: int,
-                    progress: bool = False) -> Tokenizer:
-    """Trains a WordPiece (kind='encoder') or byte-level BPE (kind='decoder') tokenizer.
-    Special tokens take the first ids. `progress` shows the trainer's own progress bars."""
+def train_tokenizer(kind: str, documents, vocab_size: int, progress: bool = False,
+                    extra_special_tokens=()) -> Tokenizer:
+    """Trains a WordPiece (kind='encoder') or byte-level BPE (kind='decoder') tokenizer on an
+    iterable of texts. Special tokens take the first ids: the ones the objectives need, then
+    `extra_special_tokens`. `progress` shows the trainer's own progress bars."""
+    base = WORDPIECE_SPECIALS if kind == "encoder" else BPE_SPECIALS
+    specials = base + [t for t in extra_special_tokens if t not in base]
     if kind == "encoder":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                            special_tokens=WORDPIECE_SPECIALS,
+                                            special_tokens=specials,
                                             show_progress=progress)
     else:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIALS,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=progress)
     tok.train_from_iterator(documents, trainer=trainer)
     if kind == "encoder":
-        tok.model = _canonical_wordpiece(tok.get_vocab())
+        tok.model = _canonical_wordpiece(tok.get_vocab(), specials)
     log.info("trained a %s tokenizer: %d tokens", "WordPiece" if kind == "encoder" else "BPE",
              tok.get_vocab_size())
     return tok
 
 
-def _canonical_wordpiece(vocab: dict[str, int]) -> models.WordPiece:
+def _canonical_wordpiece(vocab: dict[str, int], specials: list[str]) -> models.WordPiece:
     """The WordPiece trainer hands out ids in hash-map order, so two trainings on the same text
-    give the same tokens under different ids. Renumber them in a fixed order (special tokens
-    first, then by length and text) so that training is reproducible, across processes too."""
-    rest = sorted((t for t in vocab if t not in WORDPIECE_SPECIALS), key=lambda t: (len(t), t))
-    ordered = {t: i for i, t in enumerate(WORDPIECE_SPECIALS + rest)}
+    can give the same tokens under different ids. Renumber them in a fixed order (special tokens
+    first, then by length and text)."""
+    rest = sorted((t for t in vocab if t not in specials), key=lambda t: (len(t), t))
+    ordered = {t: i for i, t in enumerate(specials + rest)}
     return models.WordPiece(vocab=ordered, unk_token="[UNK]")
 
 
@@ -112,10 +114,13 @@ class TokenIds:
         if missing:
             raise ValueError(f"The tokenizer lacks the special token(s) {missing} that a "
                              f"{kind} needs; train one with ptft (leave data.tokenizer null).")
+        # Every special token (data.extra_special_tokens too) is kept out of MLM masking.
+        special = sorted(set(ids.values()) | {i for i, t in tok.get_added_tokens_decoder().items()
+                                              if t.special})
         if kind == "encoder":
-            return cls(tok.get_vocab_size(), tuple(ids.values()), ids["[CLS]"], ids["[SEP]"],
+            return cls(tok.get_vocab_size(), tuple(special), ids["[CLS]"], ids["[SEP]"],
                        ids["[MASK]"])
-        return cls(tok.get_vocab_size(), tuple(ids.values()), None, ids["<|endoftext|>"], None)
+        return cls(tok.get_vocab_size(), tuple(special), None, ids["<|endoftext|>"], None)
 
 
 def tokenizer_sha256(path: str | Path) -> str:
