@@ -99,10 +99,6 @@ class Checkpointer:
                            opt_state=restored["opt_state"])
         return state, meta
 
-    def restore_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
-
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

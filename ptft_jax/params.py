@@ -13,7 +13,6 @@ from collections import Counter
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,3 @@ def match_rules(tree, rules: Sequence[Sequence[Any]], what: str = "rules"):
     for i, (pattern, value) in enumerate(rules):
         log.info("%s: rule %r -> %r matched %d parameter(s)", what, pattern, value, hits[i])
     return out
-
-
-def count(tree) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))
