@@ -140,21 +140,26 @@ def _bench(args) -> int:
     return 0
 
 
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config file and `key.sub=value` overrides every config-driven command takes."""
+    parser.add_argument("--config", "-c", help="a YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key.sub=value overrides, e.g. train.steps=100")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pretrain a language model (MLM or causal LM)")
-    p.add_argument("--config", "-c", help="a YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
+    _config_arguments(p)
     p.set_defaults(func=_pretrain)
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     t_sub = t.add_subparsers(dest="action", required=True)
     tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "
                                         "encoders, byte-level BPE for decoders")
-    tt.add_argument("--config", "-c", help="a YAML config (see configs/)")
-    tt.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _config_arguments(tt)
     tt.add_argument("--out", help="where to save tokenizer.json (default: <run_dir>/"
                                   "tokenizer.json, where pretraining looks)")
     tt.add_argument("--force", action="store_true", help="replace an existing file")
@@ -163,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     d_sub = d.add_subparsers(dest="action", required=True)
     dp = d_sub.add_parser("prepare", help="tokenize data.corpus once into the cache at "
                                           "data.cache_dir (resumes when interrupted)")
-    dp.add_argument("--config", "-c", help="a YAML config (see configs/)")
-    dp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _config_arguments(dp)
     dp.add_argument("--overwrite", action="store_true",
                     help="replace a cache built from another tokenizer or source (it stays "
                          "usable until the new one is complete)")
