@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if type(None) in args:
             return None
         raise ConfigError(f"'{key}' may not be null.")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if typ is bool:

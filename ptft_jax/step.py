@@ -93,7 +93,7 @@ def train_step(state: TrainState, batch: dict, key, *, model, tx, schedule, obje
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": sums["loss_sum"] / count, "accuracy": sums["correct_sum"] / count,
-               "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step),
+               "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step),
                "tokens_in_loss": sums["count"]}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
