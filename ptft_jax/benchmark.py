@@ -27,8 +27,9 @@ import yaml
 from ptft_jax import perf
 from ptft_jax.config import ConfigError, load_config, validate
 from ptft_jax.models.layers import dtypes
-from ptft_jax.objectives import MlmSpec
-from ptft_jax.train import build
+from ptft_jax.engine import build
+from ptft_jax.jobs import lm_task
+from ptft_jax.tasks.lm import MlmSpec
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = REPO / "benchmarks" / "cases.yaml"
@@ -55,7 +56,7 @@ class Case:
 
     def config(self, overrides: tuple[str, ...] = ()):
         cfg = load_config(None, [
-            f"model.preset={self.preset}", f"train.objective={self.objective}",
+            f"model.preset={self.preset}", f"train.task={self.objective}",
             f"data.seq_len={self.seq_len}", f"train.global_batch={self.global_batch}",
             f"mesh.parallelism={self.parallelism}", f"mesh.data={self.mesh.get('data', -1)}",
             f"mesh.fsdp={self.mesh.get('fsdp', 1)}", f"mesh.tensor={self.mesh.get('tensor', 1)}",
@@ -142,7 +143,7 @@ def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
     validate(cfg, jax.device_count())
     spec = MlmSpec(mask_id=4, special_ids=SPECIAL_IDS, random_low=len(SPECIAL_IDS),
                    random_high=cfg.model.vocab_size) if case.objective == "mlm" else None
-    engine = build(cfg, spec)
+    engine = build(cfg, lm_task(cfg, spec))
     key = jax.random.key(0)
     state = engine.init(key)
     batches = [engine.to_device(b) for b in synthetic_batches(cfg)]

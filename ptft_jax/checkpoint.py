@@ -1,6 +1,9 @@
-"""Orbax checkpoints: params, optimizer state and metadata saved as separate items.
+"""Orbax checkpoints: params, optimizer state, model state and metadata as separate items.
 
-- `params` can be restored alone (finetuning starts from pretrained weights only).
+- `params` can be restored alone, and a component's subtree restores into any model that
+  holds it (`load_pretrained`: finetuning starts from a pretrained encoder).
+- The best checkpoint by an eval metric is kept apart from the latest ones (`BestCheckpointer`,
+  on Orbax's own best tracking), so early stopping and keep-N never lose it.
 - Restores go into targets that carry shardings, so a checkpoint written on one mesh or device
   count restores onto any other.
 - Shapes are compared against the checkpoint's metadata first; a mismatch raises an error
@@ -10,16 +13,29 @@
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ptft_jax.params import flatten
+from ptft_jax.params import flatten, is_stacked, path_str, stack_layers, unstack_layers
 from ptft_jax.state import TrainState
 
-ITEMS = ("params", "opt_state", "meta")
+ITEMS = ("params", "opt_state", "model_state", "meta")
+
+
+def _handlers(*items):
+    handlers = {"params": ocp.StandardCheckpointHandler(),
+                "opt_state": ocp.StandardCheckpointHandler(),
+                "model_state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    return {k: handlers[k] for k in items}
+
+
+def _has_leaves(tree) -> bool:
+    return bool(jax.tree.leaves(tree))
 
 
 class CheckpointMismatch(ValueError):
@@ -36,9 +52,7 @@ class Checkpointer:
         self.every = every
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"params": ocp.StandardCheckpointHandler(),
-                           "opt_state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            item_handlers=_handlers(*ITEMS))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -50,11 +64,19 @@ class Checkpointer:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, state: TrainState, meta: dict) -> None:
-        """Starts an (async) save of `state` as step `step`; `meta` must be JSON-serialisable."""
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave({**meta, "step": step})), force=True)
+        """Starts an (async) save of `state` as step `step`; `meta` must be JSON-serialisable.
+        An empty model state (no mutable collections) is not written."""
+        items = dict(params=ocp.args.StandardSave(state.params),
+                     opt_state=ocp.args.StandardSave(state.opt_state),
+                     meta=ocp.args.JsonSave({**meta, "step": step}))
+        if _has_leaves(state.model_state):
+            items["model_state"] = ocp.args.StandardSave(state.model_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def read_meta(self, step: int) -> dict:
+        """A step's metadata alone (what the loop needs to know before building a model)."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
 
     def check_shapes(self, step: int, abstract_params) -> None:
         """Raises CheckpointMismatch listing every parameter whose path or shape differs."""
@@ -88,15 +110,19 @@ class Checkpointer:
         self.check_shapes(step, target.params)
         args = {"params": ocp.args.StandardRestore(target.params),
                 "meta": ocp.args.JsonRestore()}
+        if _has_leaves(target.model_state):
+            args["model_state"] = ocp.args.StandardRestore(target.model_state)
         if not params_only:
             args["opt_state"] = ocp.args.StandardRestore(target.opt_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         meta = restored["meta"]
+        model_state = restored["model_state"] if "model_state" in args else \
+            target.model_state
         if params_only:
-            return target.replace(params=restored["params"]), meta
+            return target.replace(params=restored["params"], model_state=model_state), meta
         step_array = jax.device_put(np.int32(meta["step"]), target.step.sharding)
         state = TrainState(step=step_array, params=restored["params"],
-                           opt_state=restored["opt_state"])
+                           opt_state=restored["opt_state"], model_state=model_state)
         return state, meta
 
     def wait(self) -> None:
@@ -105,3 +131,193 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class BestCheckpointer:
+    """The best checkpoint by an eval metric (params, model state and metadata; no optimizer
+    state), in a folder of its own, on Orbax's best-checkpoint tracking (keeps one)."""
+
+    def __init__(self, directory: str | Path, metric: str, mode: str):
+        self.directory = Path(directory).absolute()
+        self.metric = metric
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode=mode,
+            keep_checkpoints_without_metrics=False, create=True,
+            enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=_handlers("params", "model_state",
+                                                                     "meta"))
+
+    def save(self, step: int, state: TrainState, meta: dict, metrics: dict) -> None:
+        items = dict(params=ocp.args.StandardSave(state.params),
+                     meta=ocp.args.JsonSave({**meta, "step": step,
+                                             "metrics": _json_safe(metrics)}))
+        if _has_leaves(state.model_state):
+            items["model_state"] = ocp.args.StandardSave(state.model_state)
+        self.manager.save(step, args=ocp.args.Composite(**items),
+                          metrics={self.metric: float(metrics[self.metric])}, force=True)
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def restore(self, step: int, target: TrainState):
+        args = {"params": ocp.args.StandardRestore(target.params),
+                "meta": ocp.args.JsonRestore()}
+        if _has_leaves(target.model_state):
+            args["model_state"] = ocp.args.StandardRestore(target.model_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        state = target.replace(params=restored["params"],
+                               model_state=restored.get("model_state", target.model_state))
+        return state, restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _json_safe(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list))}
+
+
+# ---------------------------------------------------------------------------------------------
+# A pretrained component, restored into any model that holds it (finetune.init_from)
+
+VOCAB_ROWS = ("transformer/token_embed/embedding", "output_bias")
+
+
+def pretrained_source(path: str | Path) -> tuple[Path, int]:
+    """(checkpoint step folder) from a run directory (its latest checkpoint), a checkpoints
+    folder, or one step folder."""
+    path = Path(path)
+    if (path / "params").is_dir():
+        return path, int(path.name) if path.name.isdigit() else 0
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and
+                   (p / "params").is_dir()) if folder.is_dir() else []
+    if not steps:
+        raise ValueError(f"finetune.init_from: {path} holds no ptft checkpoint; give a run "
+                         f"directory (with checkpoints/), its checkpoints folder or one step "
+                         f"folder.")
+    return folder / str(steps[-1]), steps[-1]
+
+
+def read_params(step_dir: Path) -> dict:
+    """A checkpoint's params item as host NumPy arrays, whatever mesh wrote it."""
+    item = step_dir / "params"
+    tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def _check_rules_hit(paths, patterns, key):
+    for pattern in patterns:
+        if not any(re.search(pattern, p) for p in paths):
+            raise ValueError(f"{key}: regex {pattern!r} matches no parameter of the model "
+                             f"(paths look like: {', '.join(sorted(paths)[:3])}).")
+
+
+def load_pretrained(path, model_params, load, dont_load, init_fresh,
+                    vocab_rows: int | None = None) -> tuple[dict, list[str]]:
+    """`model_params` (freshly initialised, placed) with the parameters the rules select taken
+    from the checkpoint at `path`; returns (params, report lines).
+
+    A model parameter is loaded when a `load` regex matches its path and no `dont_load` regex
+    does; every other one must match an `init_fresh` regex. The checkpoint's layer layout
+    (stacked or unrolled) is converted to the model's. Vocabulary rows may differ: extra
+    checkpoint rows that no token id reaches are sliced off, extra model rows keep their fresh
+    values. Every problem is collected and raised together, before anything is placed."""
+    wanted = flatten(model_params)
+    paths = list(wanted)
+    for key, patterns in (("finetune.load", load), ("finetune.dont_load", dont_load),
+                          ("finetune.init_fresh", init_fresh)):
+        _check_rules_hit(paths, patterns, key)
+    step_dir, step = pretrained_source(path)
+    stored_tree = read_params(step_dir)
+    model_stacked = any(is_stacked(p) for p in paths)
+    stored_stacked = any(is_stacked(p) for p in flatten(stored_tree))
+    if model_stacked and not stored_stacked:
+        stored_tree = stack_layers(stored_tree)
+    elif stored_stacked and not model_stacked:
+        stored_tree = unstack_layers(stored_tree)
+    stored = flatten(stored_tree)
+
+    def selected(p):
+        return any(re.search(r, p) for r in load) and not any(re.search(r, p) for r in dont_load)
+
+    def fresh_ok(p):
+        return any(re.search(r, p) for r in init_fresh)
+
+    loaded, fresh, problems, no_value = {}, [], [], []
+    for p, leaf in wanted.items():
+        if not selected(p) or p not in stored:
+            if fresh_ok(p):
+                fresh.append(p)
+            elif selected(p):
+                problems.append(f"  {p}: in the model {tuple(leaf.shape)}, not in the "
+                                f"checkpoint")
+            else:
+                no_value.append(p)
+            continue
+        value, shape = stored[p], tuple(leaf.shape)
+        if value.shape != shape and p in VOCAB_ROWS and value.shape[1:] == shape[1:]:
+            value, problem = _fit_vocab_rows(p, value, leaf, vocab_rows)
+            if problem:
+                problems.append(problem)
+                continue
+        if value.shape != shape:
+            problems.append(f"  {p}: checkpoint {value.shape} vs model {shape}")
+            continue
+        loaded[p] = value.astype(leaf.dtype)
+    if no_value:
+        shown = ", ".join(no_value[:5]) + (" ..." if len(no_value) > 5 else "")
+        raise ValueError(f"finetune.dont_load / finetune.load leave {len(no_value)} parameter(s) "
+                         f"with no value: {shown}. Load them, or list them in "
+                         f"finetune.init_fresh to train them from a fresh init.")
+    if problems:
+        shown = "\n".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        raise CheckpointMismatch(f"finetune.init_from: the checkpoint at {step_dir} does not fit "
+                                 f"the model ({len(problems)} parameter(s)):\n{shown}\nCheck "
+                                 f"model.* (preset, sizes) against the pretraining run's "
+                                 f"config.yaml, or leave these out with finetune.dont_load.")
+    unused = sorted(set(stored) - set(loaded))
+    params = jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: _place(loaded[_path(kp)], leaf) if _path(kp) in loaded else leaf,
+        model_params)
+    report = [f"loaded {len(loaded)} tensor(s) from {step_dir} (step {step})",
+              f"fresh init: {len(fresh)} tensor(s)"
+              + (f" ({', '.join(sorted({'/'.join(p.split('/')[:1]) for p in fresh}))})"
+                 if fresh else "")]
+    if unused:
+        groups = sorted({p.split("/")[0] if not p.startswith("transformer/") else p
+                         for p in unused})
+        report.append(f"not used from the checkpoint: {len(unused)} tensor(s) "
+                      f"({', '.join(groups[:6])}{' ...' if len(groups) > 6 else ''})")
+    return params, report
+
+
+def _path(key_path) -> str:
+    return path_str(key_path)
+
+
+def _fit_vocab_rows(path, value, leaf, vocab_rows):
+    """(rows fitted to the model's vocabulary, or a problem line)."""
+    have, want = value.shape[0], leaf.shape[0]
+    if have > want:
+        if vocab_rows is not None and vocab_rows <= want:
+            return value[:want], None
+        return value, (f"  {path}: the checkpoint's vocabulary has {have} rows, the model "
+                       f"{want}; set model.vocab_size={have} (the tokenizer's ids must fit "
+                       f"the model's rows)")
+    fresh = np.asarray(jax.device_get(leaf))
+    return np.concatenate([value, fresh[have:]], axis=0), None
+
+
+def _place(value: np.ndarray, leaf):
+    """`value` with the sharding of the model's leaf (built per shard, multi-host safe)."""
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        return value
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

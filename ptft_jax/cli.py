@@ -1,6 +1,9 @@
 """`ptft`: the command line.
 
     ptft pretrain --config configs/pretrain_tiny_mlm.yaml [key.sub=value ...]
+    ptft finetune --config configs/finetune_fortunes_full.yaml [key.sub=value ...]
+    ptft eval RUN_DIR [--split NAME] [--corpus PATH]
+    ptft predict RUN_DIR [--input FILE] [--output FILE]
     ptft tokenizer train --config FILE [key.sub=value ...] [--out PATH] [--force]
     ptft data prepare --config FILE [key.sub=value ...] [--overwrite]
     ptft bench --set cpu [--cases NAME ...] [--steps N] [--profile]
@@ -20,21 +23,52 @@ def _repo_file(relative: str):
     return Path(__file__).resolve().parents[1] / relative
 
 
-def _pretrain(args) -> int:
+def _train(args) -> int:
     from ptft_jax.checkpoint import CheckpointMismatch
-    from ptft_jax.train import pretrain
+    from ptft_jax.train import finetune, pretrain
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = pretrain(cfg)
+        summary = (pretrain if args.command == "pretrain" else finetune)(cfg)
     except (ConfigError, CheckpointMismatch, ValueError) as e:
-        print(f"ptft pretrain: error: {e}", file=sys.stderr)
+        print(f"ptft {args.command}: error: {e}", file=sys.stderr)
         return 2
     if summary.get("stopped_by_signal"):
         return 130
-    print(f"done: {summary['steps']} steps in {summary['run_dir']} | "
-          f"loss {summary.get('loss', float('nan')):.4f} | "
-          f"step {summary.get('step_time_s', float('nan')) * 1e3:.1f} ms | "
-          f"{summary.get('tokens_per_s', 0):,.0f} tokens/s | MFU {summary.get('mfu', 0):.1%}")
+    line = (f"done: {summary['steps']} steps in {summary['run_dir']} | "
+            f"loss {summary.get('loss', float('nan')):.4f} | "
+            f"step {summary.get('step_time_s', float('nan')) * 1e3:.1f} ms | "
+            f"{summary.get('tokens_per_s', 0):,.0f} tokens/s")
+    if "mfu" in summary:
+        line += f" | MFU {summary['mfu']:.1%}"
+    if summary.get("metric"):
+        line += (f" | eval {summary['metric']} {summary.get('eval/' + summary['metric'], 0):.4f}"
+                 f" (best {summary['best']:.4f} at step {summary['best_step']})")
+    print(line)
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from ptft_jax.predict import evaluate_run
+    result = evaluate_run(args.run_dir, args.split, args.corpus, args.batch_size,
+                          progress=sys.stderr.isatty())
+    confusion = result.pop("confusion", None)
+    print(json.dumps(result, indent=1))
+    if confusion is not None:
+        print("confusion matrix (rows: true, columns: predicted)", file=sys.stderr)
+        for row in confusion:
+            print("  " + " ".join(f"{int(v):5d}" for v in row), file=sys.stderr)
+    return 0
+
+
+def _predict(args) -> int:
+    from ptft_jax.predict import predict_run, read_inputs, write_jsonl
+    texts, pairs = read_inputs(args.input)
+    n = write_jsonl(predict_run(args.run_dir, texts, pairs, args.batch_size,
+                                progress=sys.stderr.isatty()), args.output)
+    print(f"predicted {n} example(s)" + (f" into {args.output}" if args.output else ""),
+          file=sys.stderr)
     return 0
 
 
@@ -154,7 +188,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pretrain a language model (MLM or causal LM)")
     _config_arguments(p)
-    p.set_defaults(func=_pretrain)
+    p.set_defaults(func=_train)
+    f = sub.add_parser("finetune", help="finetune a (pretrained) component on labelled data: "
+                                        "classification, multi-label, regression")
+    _config_arguments(f)
+    f.set_defaults(func=_train)
+    e = sub.add_parser("eval", help="evaluate a finetuned run directory on a split")
+    e.add_argument("run_dir")
+    e.add_argument("--split", help="the split to evaluate (default: data.eval_split)")
+    e.add_argument("--corpus", help="another corpus (e.g. local files) holding the split")
+    e.add_argument("--batch-size", type=int, help="examples per batch (default: eval.batch_size)")
+    e.set_defaults(func=_eval)
+    pr = sub.add_parser("predict", help="predict labels for texts with a finetuned run "
+                                        "directory; JSONL out")
+    pr.add_argument("run_dir")
+    pr.add_argument("--input", "-i", help="a text file (one text per line) or .jsonl with "
+                                          "'text' (and 'text_pair'); default: stdin")
+    pr.add_argument("--output", "-o", help="where to write JSONL (default: stdout)")
+    pr.add_argument("--batch-size", type=int, help="examples per batch (default: "
+                                                   "eval.batch_size)")
+    pr.set_defaults(func=_predict)
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     t_sub = t.add_subparsers(dest="action", required=True)
     tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "
@@ -201,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"ptft {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad input found while reading data or checkpoints
+        print(f"ptft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -88,6 +88,11 @@ class DataConfig:
     num_workers: int = 0  # tokenizing processes for the cache; 0 = every core
     shuffle_seed: int = 0
     prefetch: int = 2  # batches placed on the devices ahead of the step
+    # Finetuning (classification, multi-label, regression): examples are padded, not packed.
+    text_pair_column: str | None = None  # a second text column: text-pair tasks (type ids 0/1)
+    eval_split: str | None = None  # evaluated every eval.every steps and at the end; None: none
+    eval_corpus: str | None = None  # where the eval split lives, if not in data.corpus (local
+    #                                 files have one split each: point this at the eval files)
 
 
 @dataclass
@@ -130,13 +135,50 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = "auto"  # mlm | clm | auto (mlm for encoders, clm for decoders)
+    # mlm | clm | classification | multi_label | regression | auto (mlm for encoders, clm for
+    # decoders). ptft pretrain and ptft finetune run the same loop; the task is what differs.
+    task: str = "auto"
     steps: int = 1000
     global_batch: int = 32
     grad_accum: int = 1  # microbatches per step, accumulated inside the jitted step
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    # Start from a pretrained component: a ptft run directory, its checkpoints/ folder or one
+    # step folder. Rules are regexes on parameter paths ('transformer/layers_0/attn/...'):
+    # a parameter is loaded when it matches a `load` regex and no `dont_load` regex; every
+    # parameter not loaded must match `init_fresh` (else it is an error, not a silent init).
+    init_from: str | None = None
+    load: list = field(default_factory=lambda: [".*"])
+    dont_load: list = field(default_factory=list)
+    init_fresh: list = field(default_factory=lambda: ["^head/", "^lora/"])
+    pooling: str = "auto"  # cls | mean | last | auto (cls for encoders, last for decoders)
+    # Which parameters train. All of these combine.
+    linear_probe: bool = False  # train the head only
+    freeze: list = field(default_factory=list)  # regexes of parameters that never train
+    lr_multipliers: list = field(default_factory=list)  # [[regex, factor], ...] first match wins
+    layer_decay: float = 1.0  # layer-wise LR decay: layer l of L trains at decay^(L - l)
+    unfreeze: str = "none"  # none | gradual (on a step schedule) | adaptive (on eval plateaus)
+    unfreeze_every: int = 100  # gradual: steps per phase
+    unfreeze_patience: int = 1  # adaptive: evaluations without improvement before a phase
+    unfreeze_layers: int = 1  # layers unfrozen per phase, top down
+    lora_rank: int = 0  # > 0: LoRA adapters on `lora_targets`; the base weights freeze
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = r"attn/(query|value)/kernel$"
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N steps (and always at the end); 0: only at the end
+    batch_size: int = 64  # examples per eval batch; the last batch is padded, never dropped
+    metric: str = "auto"  # what early stopping and the best checkpoint follow; auto: macro_f1
+    #                       (classification and multi-label), pearson (regression)
+    early_stopping: int = 0  # stop after N evaluations without improvement; 0: never
 
 
 @dataclass
@@ -164,6 +206,8 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -180,9 +224,15 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+RENAMED = {"train.objective": "train.task"}
+
+
 def _check_keys(cls, data: dict, where: str) -> None:
     valid = list(_field_types(cls))
     for key in data:
+        if f"{where}{key}" in RENAMED:
+            raise ConfigError(f"Config key '{where}{key}' is now '{RENAMED[where + key]}'; "
+                              f"rename it.")
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
             hint = f" Did you mean '{where}{close[0]}'?" if close else ""
@@ -319,10 +369,22 @@ def _one_of(value: str, options, key: str) -> None:
         raise ConfigError(f"'{key}' is '{value}'; it must be one of: {', '.join(options)}.")
 
 
-def objective_for(cfg: Config) -> str:
-    if cfg.train.objective != "auto":
-        return cfg.train.objective
+PRETRAIN_TASKS = ("mlm", "clm")
+FINETUNE_TASKS = ("classification", "multi_label", "regression")
+TASKS = PRETRAIN_TASKS + FINETUNE_TASKS
+
+
+def task_for(cfg: Config) -> str:
+    """train.task, with auto resolved: masked LM for encoders, causal LM for decoders."""
+    if cfg.train.task != "auto":
+        return cfg.train.task
     return "mlm" if cfg.model.kind == "encoder" else "clm"
+
+
+def pooling_for(cfg: Config) -> str:
+    if cfg.finetune.pooling != "auto":
+        return cfg.finetune.pooling
+    return "cls" if cfg.model.kind == "encoder" else "last"
 
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -366,7 +428,7 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError("data.extra_special_tokens must be a list of non-empty strings, e.g. "
                           "['<doc>', '<title>'].")
     _one_of(cfg.mesh.parallelism, ("jit", "pmap"), "mesh.parallelism")
-    _one_of(t.objective, ("auto", "mlm", "clm"), "train.objective")
+    _one_of(t.task, ("auto",) + TASKS, "train.task")
     _one_of(o.schedule, ("cosine", "linear", "constant"), "optim.schedule")
     for key, value in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
                        ("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim),
@@ -385,11 +447,11 @@ def validate(cfg: Config, num_devices: int) -> None:
     if cfg.data.seq_len > m.max_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_len "
                           f"({m.max_len}); lower data.seq_len or raise model.max_len.")
-    if objective_for(cfg) == "mlm" and m.kind != "encoder":
-        raise ConfigError("train.objective 'mlm' needs model.kind 'encoder' (bidirectional); "
+    if task_for(cfg) == "mlm" and m.kind != "encoder":
+        raise ConfigError("train.task 'mlm' needs model.kind 'encoder' (bidirectional); "
                           "use 'clm' for a decoder.")
-    if objective_for(cfg) == "clm" and m.kind != "decoder":
-        raise ConfigError("train.objective 'clm' needs model.kind 'decoder' (causal); "
+    if task_for(cfg) == "clm" and m.kind != "decoder":
+        raise ConfigError("train.task 'clm' needs model.kind 'decoder' (causal); "
                           "use 'mlm' for an encoder.")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout ({m.dropout}) must be in [0, 1).")
@@ -412,6 +474,7 @@ def validate(cfg: Config, num_devices: int) -> None:
     if cfg.checkpoint.every < 0:
         raise ConfigError("checkpoint.every must be >= 0 (0 saves only at the end).")
     _check_rules(o.weight_decay_rules, "optim.weight_decay_rules")
+    _validate_finetune(cfg)
 
     # Batch layout: the global batch is split into grad_accum microbatches, each of which is
     # split across the data-parallel devices (data * fsdp axes, or every device under pmap).
@@ -430,6 +493,62 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError(f"Each microbatch (train.global_batch / train.grad_accum = {micro}) "
                           f"must be divisible by {where}. Try train.global_batch="
                           f"{_round_up(t.global_batch, dp * t.grad_accum)}.")
+
+
+def _validate_finetune(cfg: Config) -> None:
+    f, e, task = cfg.finetune, cfg.eval, task_for(cfg)
+    _one_of(f.pooling, ("auto", "cls", "mean", "last"), "finetune.pooling")
+    _one_of(f.unfreeze, ("none", "gradual", "adaptive"), "finetune.unfreeze")
+    for key in ("load", "dont_load", "init_fresh", "freeze"):
+        _check_regexes(getattr(f, key), f"finetune.{key}")
+    _check_regexes([f.lora_targets], "finetune.lora_targets")
+    if f.lr_multipliers:
+        _check_rules(f.lr_multipliers, "finetune.lr_multipliers")
+        for pattern, factor in f.lr_multipliers:
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+                raise ConfigError(f"finetune.lr_multipliers: the factor for {pattern!r} must be "
+                                  f"a non-negative number, got {factor!r}.")
+    if not 0 < f.layer_decay <= 1:
+        raise ConfigError(f"finetune.layer_decay ({f.layer_decay}) must be in (0, 1]; 1 turns "
+                          f"it off (0.65-0.9 are usual).")
+    for key in ("unfreeze_every", "unfreeze_patience", "unfreeze_layers"):
+        if getattr(f, key) < 1:
+            raise ConfigError(f"'finetune.{key}' is {getattr(f, key)}; it must be at least 1.")
+    if f.lora_rank < 0 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
+        raise ConfigError("finetune.lora_rank must be >= 0 (0: no LoRA), finetune.lora_alpha "
+                          "positive and finetune.lora_dropout in [0, 1).")
+    if e.every < 0 or e.early_stopping < 0 or e.batch_size < 1:
+        raise ConfigError("eval.every and eval.early_stopping must be >= 0 and eval.batch_size "
+                          ">= 1.")
+    if task in PRETRAIN_TASKS:
+        if f.init_from or f.linear_probe or f.lora_rank or f.unfreeze != "none":
+            raise ConfigError(f"train.task is '{task}' (pretraining); the finetune.* strategies "
+                              f"(init_from, linear_probe, lora_rank, unfreeze) need a finetuning "
+                              f"task: one of {', '.join(FINETUNE_TASKS)}.")
+        return
+    if cfg.data.label_column is None:
+        raise ConfigError(f"train.task '{task}' needs labels: set data.label_column to the "
+                          f"column that holds them.")
+    if f.unfreeze == "adaptive" and cfg.data.eval_split is None:
+        raise ConfigError("finetune.unfreeze 'adaptive' unfreezes when the validation metric "
+                          "stops improving: set data.eval_split (and eval.every).")
+    if (e.early_stopping or f.unfreeze == "adaptive") and e.every == 0:
+        raise ConfigError("eval.early_stopping and finetune.unfreeze 'adaptive' act on periodic "
+                          "evaluations: set eval.every to a number of steps.")
+    if f.linear_probe and f.unfreeze != "none":
+        raise ConfigError("finetune.linear_probe trains the head only; it cannot be combined "
+                          "with finetune.unfreeze (which unfreezes backbone layers).")
+
+
+def _check_regexes(patterns, key: str) -> None:
+    import re
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"'{key}' must be a list of regex strings, got {patterns!r}.")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"'{key}': regex {p!r} does not compile: {e}.") from None
 
 
 def _round_up(x: int, multiple: int) -> int:

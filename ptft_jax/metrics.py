@@ -28,7 +28,9 @@ class MetricsWriter:
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
                             dynamic_ncols=True)
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict, shown=None) -> None:
+        """Appends a JSONL row and TensorBoard scalars (every numeric value) and prints a
+        line with the `shown` keys (default: all)."""
         if not self.enabled:
             return
         row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
@@ -38,7 +40,8 @@ class MetricsWriter:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
-        line = "  ".join(_fmt(k, v) for k, v in row.items() if k != "time")
+        keys = ["step", *(k for k in (shown or row) if k in row and k not in ("step", "time"))]
+        line = "  ".join(_fmt(k, row[k]) for k in keys)
         if self.bar is not None:
             self.bar.write(line)
         else:

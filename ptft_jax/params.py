@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +63,94 @@ def match_rules(tree, rules: Sequence[Sequence[Any]], what: str = "rules"):
     for i, (pattern, value) in enumerate(rules):
         log.info("%s: rule %r -> %r matched %d parameter(s)", what, pattern, value, hits[i])
     return out
+
+
+def count(tree) -> int:
+    """Number of scalar parameters in a tree."""
+    return sum(int(getattr(x, "size", 1)) for x in jax.tree.leaves(tree))
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting a tree by path: trainable and frozen parameters apart before jax.grad
+
+
+def split(tree: dict, keep: Callable[[str], bool], prefix: str = "") -> tuple[dict, dict]:
+    """(kept, rest): two nested dicts holding the leaves whose path `keep` accepts, and the
+    others. Empty sub-dicts are dropped. Pure dict work, so it runs inside jit too."""
+    kept, rest = {}, {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            a, b = split(value, keep, path + "/")
+            if a:
+                kept[key] = a
+            if b:
+                rest[key] = b
+        elif keep(path):
+            kept[key] = value
+        else:
+            rest[key] = value
+    return kept, rest
+
+
+def merge(a: dict, b: dict) -> dict:
+    """The union of two nested dicts with disjoint leaves (the inverse of `split`)."""
+    out = dict(a)
+    for key, value in b.items():
+        if key in out:
+            if not (isinstance(out[key], dict) and isinstance(value, dict)):
+                raise ValueError(f"merge: '{key}' is in both trees")
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer layouts: unrolled ('layers_0', 'layers_1', ...) and stacked ('layers', the nn.scan
+# layout with a leading layers axis). Nothing else in these models is called 'layers'.
+
+_LAYER_KEY = re.compile(r"^layers_(\d+)$")
+
+
+def layer_index(path: str) -> int | None:
+    """The layer of an unrolled path ('.../layers_3/...' -> 3); None otherwise, including a
+    stacked path ('.../layers/...'), whose leading axis holds every layer."""
+    m = re.search(r"(^|/)layers_(\d+)(/|$)", path)
+    return int(m.group(2)) if m else None
+
+
+def is_stacked(path: str) -> bool:
+    return re.search(r"(^|/)layers(/|$)", path) is not None
+
+
+def stack_layers(tree):
+    """Unrolled -> stacked, in every dict holding 'layers_0' .. 'layers_{L-1}'."""
+    if not isinstance(tree, dict):
+        return tree
+    tree = {k: stack_layers(v) for k, v in tree.items()}
+    numbered = sorted((int(m.group(1)), k) for k in tree if (m := _LAYER_KEY.match(k)))
+    if not numbered:
+        return tree
+    if [i for i, _ in numbered] != list(range(len(numbered))):
+        raise ValueError(f"layers are not numbered 0..{len(numbered) - 1}: "
+                         f"{[k for _, k in numbered]}")
+    layers = [tree.pop(k) for _, k in numbered]
+    stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(layers)) \
+        else jnp.stack
+    tree["layers"] = jax.tree.map(lambda *xs: stack(xs), *layers)
+    return tree
+
+
+def unstack_layers(tree):
+    """Stacked -> unrolled: a dict key 'layers' becomes 'layers_0' .. 'layers_{L-1}'."""
+    if not isinstance(tree, dict):
+        return tree
+    tree = {k: unstack_layers(v) if k != "layers" else v for k, v in tree.items()}
+    if "layers" not in tree:
+        return tree
+    stacked = tree.pop("layers")
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+        tree[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return tree

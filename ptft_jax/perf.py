@@ -32,16 +32,19 @@ PEAK_FLOPS = {
 }
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """N: weights that take part in a matrix multiply per token (see module docstring)."""
+def matmul_params(cfg: ModelConfig, vocab_projection: bool = True) -> int:
+    """N: weights that take part in a matrix multiply per token (see module docstring).
+    Without `vocab_projection` (a classifier: its head runs once per example, not per
+    token), the component's layers alone."""
     d, f, L, v = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size
     per_layer = 4 * d * d + 2 * d * f  # q, k, v, out projections; MLP in and out
     head = v * d + (d * d if cfg.kind == "encoder" else 0)  # tied projection (+ MLM transform)
-    return L * per_layer + head
+    return L * per_layer + (head if vocab_projection else 0)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return 6 * matmul_params(cfg) + 12 * cfg.num_layers * seq_len * cfg.hidden_size
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, vocab_projection: bool = True) -> float:
+    return 6 * matmul_params(cfg, vocab_projection) + \
+        12 * cfg.num_layers * seq_len * cfg.hidden_size
 
 
 def device_peak_flops(device=None) -> float | None:

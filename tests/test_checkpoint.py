@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 
 from ptft_jax.checkpoint import Checkpointer, CheckpointMismatch
-from ptft_jax.train import build
-from tests.helpers import batches, host_params, run_steps, spec_for, tiny_config
+from tests.helpers import batches, engine_for, host_params, run_steps, tiny_config
 
 
 def _trained(cfg, steps=2):
-    engine = build(cfg, spec_for(cfg))
+    engine = engine_for(cfg)
     state, _ = run_steps(engine, engine.init(jax.random.key(0)), batches(cfg, steps))
     return engine, state
 
@@ -29,7 +28,7 @@ def test_save_on_one_mesh_restore_on_another(tmp_path, target_mesh):
     ckpt.save(2, state, {"note": "hello"})
     ckpt.close()
 
-    dst = build(tiny_config("encoder", *target_mesh), spec_for(src_cfg))
+    dst = engine_for(tiny_config("encoder", *target_mesh))
     ckpt = Checkpointer(tmp_path)
     restored, meta = ckpt.restore(ckpt.latest_step(), dst.restore_target())
     ckpt.close()
@@ -52,7 +51,7 @@ def test_params_only_restore_keeps_fresh_optimizer_state(tmp_path):
     with_opt = Checkpointer(tmp_path)
     with_opt.save(2, state, {})
     with_opt.close()
-    dst = build(cfg, None)
+    dst = engine_for(cfg)
     fresh = dst.init(jax.random.key(5))
     ckpt = Checkpointer(tmp_path)
     restored, _ = ckpt.restore(2, fresh, params_only=True)
@@ -68,7 +67,7 @@ def test_mismatched_shapes_name_the_parameters(tmp_path):
     ckpt = Checkpointer(tmp_path)
     ckpt.save(1, state, {})
     ckpt.close()
-    wider = build(tiny_config("encoder", "model.mlp_dim=256"), spec_for(cfg))
+    wider = engine_for(tiny_config("encoder", "model.mlp_dim=256"))
     ckpt = Checkpointer(tmp_path)
     with pytest.raises(CheckpointMismatch) as err:
         ckpt.restore(1, wider.restore_target())
@@ -85,7 +84,7 @@ def test_scanned_checkpoint_into_unrolled_model_is_refused(tmp_path):
     ckpt = Checkpointer(tmp_path)
     ckpt.save(1, state, {})
     ckpt.close()
-    unrolled = build(tiny_config("decoder"), None)
+    unrolled = engine_for(tiny_config("decoder"))
     ckpt = Checkpointer(tmp_path)
     with pytest.raises(CheckpointMismatch, match="written with model.scan_layers=true"):
         ckpt.restore(1, unrolled.restore_target())

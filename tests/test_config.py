@@ -17,7 +17,8 @@ def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
     validate(cfg, num_devices=8)
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ptft pretrain --config configs/" + path.name), \
+    command = "finetune" if path.name.startswith("finetune") else "pretrain"
+    assert first.startswith(f"# ptft {command} --config configs/" + path.name), \
         "a config's first line is the exact command that runs it"
 
 
@@ -54,7 +55,7 @@ def test_bad_keys_and_values_are_named(overrides, message):
     (["mesh.parallelism=pmap", "train.global_batch=12"], 8, "mesh.parallelism=pmap"),
     (["data.seq_len=256"], 1, "exceeds model.max_len"),
     (["model.num_heads=3"], 1, "divisible by model.num_heads"),
-    (["train.objective=clm"], 1, "needs model.kind 'decoder'"),
+    (["train.task=clm"], 1, "needs model.kind 'decoder'"),
     (["model.remat=everything"], 1, "'model.remat' is 'everything'"),
     (["optim.learning_rate=0"], 1, "must be positive"),
     (["optim.weight_decay_rules=[['(', false]]"], 1, "does not compile"),

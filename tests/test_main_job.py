@@ -8,11 +8,11 @@ import sys
 import pytest
 
 
-def _ptft(*args, timeout=600):
+def _ptft(*args, timeout=600, stdin=None):
     exe = shutil.which("ptft")
     cmd = [exe] if exe else [sys.executable, "-m", "ptft_jax.cli"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          input=stdin, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 @pytest.mark.parametrize("config", ["pretrain_tiny_mlm", "pretrain_tiny_clm"])

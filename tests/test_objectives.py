@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptft_jax.objectives import (ModelFns, MlmSpec, clm_sums, logit_sums, mask_tokens,
-                                 token_sums)
+from ptft_jax.tasks.lm import (CausalLM, ModelFns, MlmSpec, logit_sums, mask_tokens,
+                               token_sums)
 
 SPEC = MlmSpec(mask_id=4, special_ids=(0, 1, 2, 3, 4), random_low=5, random_high=1000)
 
@@ -70,20 +70,28 @@ def test_token_sums_match_numpy_cross_entropy():
     assert float(sums["count"]) == weights.sum()
 
 
-def _perfect_next_token_model(vocab=20):
-    """Features = one-hot of the true next token (scaled); logits = features."""
-    def features(params, inputs, segment_ids, positions, rngs):
-        nxt = jnp.concatenate([inputs[:, 1:], inputs[:, :1]], axis=1)
-        return jax.nn.one_hot(nxt, vocab) * 100.0
-    return ModelFns(features, lambda params, f: f)
+class _PerfectNextToken(CausalLM):
+    """The causal LM task on a stand-in model whose features are the one-hot true next token
+    (scaled) and whose logits are the features: the task's targets and weights are under
+    test, not a model."""
+
+    def __init__(self, chunk, vocab=20):
+        self.loss_chunk, self.vocab = chunk, vocab
+
+    def fns(self, model_state, train, rngs):
+        def features(params, inputs, segment_ids, positions):
+            nxt = jnp.concatenate([inputs[:, 1:], inputs[:, :1]], axis=1)
+            return jax.nn.one_hot(nxt, self.vocab) * 100.0
+        return ModelFns(features, lambda params, f: f)
 
 
 @pytest.mark.parametrize("chunk", [0, 2, 3])
 def test_clm_predicts_the_next_token_within_a_segment(chunk):
     tokens = jnp.asarray([[10, 11, 12, 13, 14, 0]], jnp.int32)
     segments = jnp.asarray([[1, 1, 1, 2, 2, 0]], jnp.int32)
-    sums = clm_sums(_perfect_next_token_model(), None,
-                    {"tokens": tokens, "segment_ids": segments}, None, None, chunk=chunk)
+    sums, _ = _PerfectNextToken(chunk).sums(None, {}, {"tokens": tokens,
+                                                       "segment_ids": segments},
+                                            None, None, train=False)
     # Targets: 11, 12 (segment 1) and 14 (segment 2); not 13 (crosses a boundary), not padding.
     assert float(sums["count"]) == 3.0
     assert float(sums["correct_sum"]) == 3.0

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from ptft_jax.models.transformer import LanguageModel
-from ptft_jax.train import build
-from tests.helpers import batches, host_params, run_steps, spec_for, tiny_config
+from tests.helpers import batches, engine_for, host_params, run_steps, tiny_config
 
 # float32 on CPU; sharded reductions sum in a different order, so compare with a tolerance.
 RTOL, ATOL = 2e-4, 2e-5
@@ -25,7 +24,7 @@ def _assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
 
 
 def _train(cfg, n_steps=3, devices=None, state=None):
-    engine = build(cfg, spec_for(cfg), devices)
+    engine = engine_for(cfg, devices)
     if state is None:
         state = engine.init(jax.random.key(0))
     state, history = run_steps(engine, state, batches(cfg, n_steps))

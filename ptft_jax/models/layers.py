@@ -128,17 +128,17 @@ class Block(nn.Module):
     """One Transformer layer: post-norm (BERT) or pre-norm (GPT-2).
 
     Returns `(x, None)` so that the same module serves `nn.scan` (carry, per-layer output).
+    `train` (a Python bool, static) turns dropout on.
     """
     cfg: ModelConfig
     causal: bool
-    deterministic: bool
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, train: bool = False):
         cfg = self.cfg
         # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
         out_std = INIT_STD / (2 * cfg.num_layers) ** 0.5 if cfg.norm == "pre" else INIT_STD
-        dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        dropout = nn.Dropout(cfg.dropout, deterministic=not train or cfg.dropout == 0)
         attn = Attention(cfg, self.causal, out_std, name="attn")
         mlp = Mlp(cfg, out_std, name="mlp")
         if cfg.norm == "pre":

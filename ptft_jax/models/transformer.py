@@ -30,9 +30,12 @@ def attention_mask(segment_ids):
 
 
 class Transformer(nn.Module):
-    """Embeddings and a stack of blocks; returns hidden states [batch, len, hidden]."""
+    """Embeddings and a stack of blocks; returns hidden states [batch, len, hidden].
+
+    Inputs: token ids; segment ids (0 = padding; packed documents or padded examples never
+    attend across segments); positions (default 0..len-1); type ids (BERT's sentence A / B,
+    default all 0). `train` (static) turns dropout on."""
     cfg: ModelConfig
-    deterministic: bool = True
 
     def setup(self):
         cfg = self.cfg
@@ -50,23 +53,24 @@ class Transformer(nn.Module):
                                        embedding_init=normal(INIT_STD, ("type", "embed")))
         # Post-norm models normalise the embeddings; pre-norm models normalise the output.
         self.norm = layer_norm(cfg, "embed_norm" if cfg.norm == "post" else "final_norm")
-        self.dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        self.dropout = nn.Dropout(cfg.dropout)
 
         block = Block
         if cfg.remat != "none":
+            # `train` (argument 3, counting self) is a Python bool: static for remat.
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
-                             prevent_cse=not cfg.scan_layers)
+                             prevent_cse=not cfg.scan_layers, static_argnums=(3,))
         if cfg.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast,), length=cfg.num_layers,
+                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            self.layers = stack(cfg, self.causal, self.deterministic)
+            self.layers = stack(cfg, self.causal)
         else:
-            self.layers = [block(cfg, self.causal, self.deterministic)
-                           for _ in range(cfg.num_layers)]
+            self.layers = [block(cfg, self.causal) for _ in range(cfg.num_layers)]
 
-    def __call__(self, tokens, segment_ids=None, positions=None):
+    def __call__(self, tokens, segment_ids=None, positions=None, type_ids=None,
+                 train: bool = False):
         cfg = self.cfg
         if positions is None:
             positions = jnp.arange(tokens.shape[1])[None, :]
@@ -75,16 +79,19 @@ class Transformer(nn.Module):
         x = x + self._lookup(self.position_embed, positions, None,
                              (None, "act_len", "act_embed") if positions.shape[0] == 1 else act)
         if cfg.type_vocab_size:
-            x = x + self._lookup(self.type_embed, jnp.zeros_like(tokens), None, act)
+            x = x + self._lookup(self.type_embed,
+                                 jnp.zeros_like(tokens) if type_ids is None else type_ids,
+                                 None, act)
         if cfg.norm == "post":
             x = self.norm(x)
-        x = constrain(self.dropout(x), ("act_batch", "act_len", "act_embed"))
+        x = self.dropout(x, deterministic=not train or cfg.dropout == 0)
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
         mask = None if segment_ids is None else attention_mask(segment_ids)
         if cfg.scan_layers:
-            x, _ = self.layers(x, mask)
+            x, _ = self.layers(x, mask, train)
         else:
             for layer in self.layers:
-                x, _ = layer(x, mask)
+                x, _ = layer(x, mask, train)
         if cfg.norm == "pre":
             x = self.norm(x)
         return x
@@ -127,26 +134,27 @@ class LanguageModel(nn.Module):
     """Transformer + pretraining head -> float32 logits [batch, len, vocab].
 
     `features` and `logits` split the work at the vocabulary projection, so that the loss can
-    compute logits a chunk of positions at a time (see objectives.token_sums)."""
+    compute logits a chunk of positions at a time (see tasks/lm.py, token_sums)."""
     cfg: ModelConfig
-    deterministic: bool = True
 
     def setup(self):
-        self.transformer = Transformer(self.cfg, self.deterministic)
+        self.transformer = Transformer(self.cfg)
         if self.cfg.kind == "encoder":
             self.mlm_head = MlmHead(self.cfg)
             self.output_bias = self.param("output_bias", zeros(("vocab",)),
                                           (self.cfg.vocab_size,), jnp.float32)
 
-    def features(self, tokens, segment_ids=None, positions=None):
+    def features(self, tokens, segment_ids=None, positions=None, type_ids=None,
+                 train: bool = False):
         """What the vocabulary projection reads: the last hidden states, after BERT's MLM
         transform for encoders."""
-        x = self.transformer(tokens, segment_ids, positions)
+        x = self.transformer(tokens, segment_ids, positions, type_ids, train)
         return self.mlm_head(x) if self.cfg.kind == "encoder" else x
 
     def logits(self, features):
         logits = self.transformer.attend(features)
         return logits + self.output_bias if self.cfg.kind == "encoder" else logits
 
-    def __call__(self, tokens, segment_ids=None, positions=None):
-        return self.logits(self.features(tokens, segment_ids, positions))
+    def __call__(self, tokens, segment_ids=None, positions=None, type_ids=None,
+                 train: bool = False):
+        return self.logits(self.features(tokens, segment_ids, positions, type_ids, train))

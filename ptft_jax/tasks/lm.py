@@ -1,7 +1,5 @@
-"""Pretraining objectives: masked LM and causal LM, as token-level loss sums.
+"""Pretraining tasks: masked LM (BERT) and causal LM (GPT), as token-level loss sums.
 
-Losses are returned as sums with a token count rather than means, so that microbatches (and
-devices under pmap) add up exactly to the big-batch loss: mean = sum of sums / sum of counts.
 Randomness is drawn per example from `fold_in(key, example_id)`, so an example is masked the
 same way whether it sits in a microbatch, on another device, or in one big batch.
 """
@@ -12,8 +10,11 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ptft_jax.config import ObjectiveConfig
+from ptft_jax.config import ModelConfig, ObjectiveConfig
+from ptft_jax.models.transformer import LanguageModel
+from ptft_jax.tasks.base import Task, apply_model
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def mask_tokens(key, tokens, spec: MlmSpec, valid=None):
 
 class ModelFns(NamedTuple):
     """The model split at the vocabulary projection (see LanguageModel.features / .logits)."""
-    features: Callable  # (params, tokens, segment_ids, positions, rngs) -> [batch, len, dim]
+    features: Callable  # (params, tokens, segment_ids, positions) -> [batch, len, dim]
     logits: Callable  # (params, features) -> float32 logits [batch, len, vocab]
 
 
@@ -101,36 +102,74 @@ def token_sums(fns: ModelFns, params, features, targets, weights, chunk: int = 0
     return total
 
 
-def mlm_sums(fns: ModelFns, params, batch, example_ids, key, spec: MlmSpec, chunk=0,
-             rngs=None) -> dict:
-    tokens = batch["tokens"]
-    valid = batch["segment_ids"] != 0 if "segment_ids" in batch else None
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
-    if valid is None:
-        inputs, targets, weights = jax.vmap(lambda k, t: mask_tokens(k, t, spec))(keys, tokens)
-    else:
-        inputs, targets, weights = jax.vmap(
-            lambda k, t, v: mask_tokens(k, t, spec, v))(keys, tokens, valid)
-    features = fns.features(params, inputs, batch.get("segment_ids"), batch.get("positions"),
-                            rngs)
-    return token_sums(fns, params, features, targets, weights, chunk)
+class LanguageModelTask(Task):
+    """Shared by masked and causal LM: the model, its batches of packed rows, the metrics."""
+    shown = ("loss", "accuracy")
+
+    def __init__(self, cfg: ModelConfig, loss_chunk: int = 0):
+        self.model = LanguageModel(cfg)
+        self.loss_chunk = loss_chunk
+
+    def example_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+        zeros = np.zeros((batch_size, seq_len), np.int32)
+        return {"tokens": zeros, "segment_ids": zeros + 1, "positions": zeros}
+
+    def fns(self, model_state, train: bool, rngs) -> ModelFns:
+        model = self.model
+
+        def features(params, tokens, segment_ids, positions):
+            out, _ = apply_model(model, params, model_state, tokens, segment_ids, positions,
+                                 train=train, rngs=rngs, method=model.features)
+            return out
+
+        def logits(params, feats):
+            return model.apply({"params": params}, feats, method=model.logits)
+        return ModelFns(features, logits)
+
+    def metrics(self, sums) -> dict:
+        count = max(float(sums["count"]), 1.0)
+        return {"loss": float(sums["loss_sum"]) / count,
+                "accuracy": float(sums["correct_sum"]) / count,
+                "tokens_in_loss": float(sums["count"])}
 
 
-def clm_sums(fns: ModelFns, params, batch, example_ids, key, spec=None, chunk=0,
-             rngs=None) -> dict:
+class MaskedLM(LanguageModelTask):
+    name = "mlm"
+
+    def __init__(self, cfg: ModelConfig, spec: MlmSpec, loss_chunk: int = 0):
+        super().__init__(cfg, loss_chunk)
+        self.spec = spec
+
+    def sums(self, params, model_state, batch, example_ids, key, *, train, rngs=None):
+        tokens = batch["tokens"]
+        valid = batch["segment_ids"] != 0 if "segment_ids" in batch else None
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
+        if valid is None:
+            inputs, targets, weights = jax.vmap(
+                lambda k, t: mask_tokens(k, t, self.spec))(keys, tokens)
+        else:
+            inputs, targets, weights = jax.vmap(
+                lambda k, t, v: mask_tokens(k, t, self.spec, v))(keys, tokens, valid)
+        fns = self.fns(model_state, train, rngs)
+        features = fns.features(params, inputs, batch.get("segment_ids"),
+                                batch.get("positions"))
+        return token_sums(fns, params, features, targets, weights, self.loss_chunk), model_state
+
+
+class CausalLM(LanguageModelTask):
     """Next-token prediction: position t predicts token t+1 (the last position has no target)."""
-    del example_ids, key, spec
-    tokens = batch["tokens"]
-    features = fns.features(params, tokens, batch.get("segment_ids"), batch.get("positions"),
-                            rngs)
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    has_next = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1
-    weights = jnp.broadcast_to(has_next, tokens.shape).astype(jnp.float32)
-    if "segment_ids" in batch:  # no target across a document boundary or into padding
-        seg = batch["segment_ids"]
-        nxt = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
-        weights = weights * ((nxt == seg) & (nxt != 0))
-    return token_sums(fns, params, features, targets, weights, chunk)
+    name = "clm"
 
-
-OBJECTIVES = {"mlm": mlm_sums, "clm": clm_sums}
+    def sums(self, params, model_state, batch, example_ids, key, *, train, rngs=None):
+        tokens = batch["tokens"]
+        fns = self.fns(model_state, train, rngs)
+        features = fns.features(params, tokens, batch.get("segment_ids"),
+                                batch.get("positions"))
+        targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+        has_next = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1
+        weights = jnp.broadcast_to(has_next, tokens.shape).astype(jnp.float32)
+        if "segment_ids" in batch:  # no target across a document boundary or into padding
+            seg = batch["segment_ids"]
+            nxt = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
+            weights = weights * ((nxt == seg) & (nxt != 0))
+        return token_sums(fns, params, features, targets, weights, self.loss_chunk), model_state

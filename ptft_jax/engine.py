@@ -1,0 +1,132 @@
+"""The engine: what a run needs that follows from its config and task. The model, the plan
+of which parameters train, the optimizer, the state's shardings, the compiled steps, and how
+host batches become device arrays.
+
+A finetuning phase that changes which parameters train (gradual or adaptive unfreezing) is a
+new engine (`Engine.for_phase`): a new optimizer and step, compiled once for that phase, with
+the optimizer moments of parameters that keep training carried over.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from ptft_jax.config import Config, resolve_mesh_shape
+from ptft_jax.finetune import Plan, lora_spec, make_plan
+from ptft_jax.mesh import LOGICAL_RULES, global_batch_array, make_mesh, process_rows
+from ptft_jax.optim import make_optimizer
+from ptft_jax.state import (TrainState, abstract_state, carry_opt_state, init_opt_state,
+                            init_state, model_variables, state_shardings,
+                            with_shardings)
+from ptft_jax.step import JitStep, PmapStep, pmap_sharding
+
+
+@dataclasses.dataclass
+class Engine:
+    cfg: Config
+    task: object
+    plan: Plan
+    tx: object
+    schedule: object
+    abstract: TrainState  # shapes only
+    shardings: TrainState
+    step_fn: object  # JitStep or PmapStep: (state, batch, key) -> (state, metrics)
+    rows: slice  # the rows of each global batch this process feeds
+    batch_sharding: object = None  # jit only
+    devices: list | None = None
+
+    @property
+    def pmap(self) -> bool:
+        return self.cfg.mesh.parallelism == "pmap"
+
+    def example_batch(self, size: int | None = None) -> dict:
+        return self.task.example_batch(size or self.cfg.train.global_batch,
+                                       self.cfg.data.seq_len)
+
+    def init(self, key) -> TrainState:
+        batch = self.task.example_batch(1, self.cfg.data.seq_len)
+        state = init_state(self.task, self.tx, key, batch, self.plan.trainable, self.shardings,
+                           self.plan.lora)
+        return self.place(state)
+
+    def restore_target(self) -> TrainState:
+        return with_shardings(self.abstract, self.shardings)
+
+    def place(self, state: TrainState) -> TrainState:
+        """Puts a state built on the mesh (or one device, for pmap) where the step wants it."""
+        if not self.pmap:
+            return state
+        n = jax.local_device_count()
+        return jax.device_put(jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), state),
+                              pmap_sharding())
+
+    def host_state(self, state: TrainState) -> TrainState:
+        """The state as checkpoints hold it (one copy, not one per pmap device)."""
+        return jax.tree.map(lambda x: x[0], state) if self.pmap else state
+
+    def rows_of(self, size: int) -> slice:
+        """The rows of a global batch of `size` that this process feeds."""
+        if self.pmap:
+            per_process = size // jax.process_count()
+            return slice(jax.process_index() * per_process,
+                         (jax.process_index() + 1) * per_process)
+        return process_rows(self.batch_sharding, size)
+
+    def to_device(self, batch: dict[str, np.ndarray], size: int | None = None) -> dict:
+        """This process's rows of a global batch of `size` (default: the training batch)."""
+        if self.pmap:
+            n = jax.local_device_count()
+            return jax.device_put({k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()},
+                                  pmap_sharding())
+        return global_batch_array(batch, self.batch_sharding,
+                                  size or self.cfg.train.global_batch)
+
+    def for_phase(self, phase: int, state: TrainState) -> tuple["Engine", TrainState]:
+        """The engine of another finetuning phase, and `state` with its optimizer state grown
+        to the new trainable set (moments of parameters that were training are kept)."""
+        engine = build(self.cfg, self.task, self.devices, phase)
+        host = self.host_state(state)
+        fresh = init_opt_state(engine.tx, host.params, engine.plan.trainable,
+                               engine.shardings.opt_state)
+        host = host.replace(opt_state=carry_opt_state(host.opt_state, fresh))
+        return engine, engine.place(host) if self.pmap else host
+
+
+def data_parallel_size(cfg: Config, devices=None) -> int:
+    if cfg.mesh.parallelism == "pmap":
+        return jax.device_count()
+    data, fsdp, _ = resolve_mesh_shape(cfg.mesh, len(devices or jax.devices()))
+    return data * fsdp
+
+
+def build(cfg: Config, task, devices=None, phase: int = 0) -> Engine:
+    """Builds the engine for `cfg` and `task` on `devices` (default: all) for a phase."""
+    t = cfg.train
+    lora = lora_spec(cfg)
+    example = task.example_batch(1, cfg.data.seq_len)
+    boxed, _ = jax.eval_shape(lambda rng: model_variables(task, rng, example, lora),
+                              jax.random.key(0))
+    plan = make_plan(cfg, nn.unbox(boxed), phase)
+    tx, schedule = make_optimizer(cfg.optim, t.steps, plan.lr_factors, plan.grad_masks)
+    abstract, logical_specs = abstract_state(task, tx, example, plan.trainable, lora)
+    static = dict(task=task, tx=tx, schedule=schedule, trainable=plan.trainable, lora=lora,
+                  grad_accum=t.grad_accum)
+    if cfg.mesh.parallelism == "pmap":
+        one = SingleDeviceSharding(jax.local_devices()[0])
+        per_process = t.global_batch // jax.process_count()
+        first = jax.process_index() * per_process
+        return Engine(cfg, task, plan, tx, schedule, abstract,
+                      jax.tree.map(lambda _: one, abstract), PmapStep(**static),
+                      slice(first, first + per_process), devices=devices)
+    mesh = make_mesh(cfg.mesh, devices)
+    shardings = state_shardings(abstract, logical_specs, tx, plan.trainable, mesh,
+                                LOGICAL_RULES)
+    step_fn = JitStep(mesh, shardings, LOGICAL_RULES, **static)
+    return Engine(cfg, task, plan, tx, schedule, abstract, shardings, step_fn,
+                  process_rows(step_fn.batch_sharding, t.global_batch),
+                  step_fn.batch_sharding, devices)

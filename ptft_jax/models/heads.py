@@ -1,0 +1,64 @@
+"""Task heads, and the classifier that puts one on a Transformer component.
+
+`Classifier` keeps the component under `transformer/` (the same paths as in `LanguageModel`),
+so a pretrained component restores into it by path, and adds `head/`: pooling, BERT's pooler
+(dense + tanh, for CLS pooling) and an output projection. One head serves single-label and
+multi-label classification and regression; only the number of outputs and the loss differ.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ptft_jax.config import ModelConfig
+from ptft_jax.models.layers import constrain, dense
+from ptft_jax.models.transformer import Transformer
+
+POOLINGS = ("cls", "mean", "last")
+
+
+def pool(hidden, segment_ids, pooling: str):
+    """[batch, len, dim] -> [batch, dim]: the first token (CLS), the mean over real tokens, or
+    the last real token (what a causal decoder has read everything up to)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    valid = (segment_ids != 0) if segment_ids is not None else \
+        jnp.ones(hidden.shape[:2], bool)
+    if pooling == "mean":
+        weights = valid.astype(hidden.dtype)[..., None]
+        return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
+    last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)  # padding is at the end of a row
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+class ClassifierHead(nn.Module):
+    cfg: ModelConfig
+    num_outputs: int
+    pooling: str
+
+    @nn.compact
+    def __call__(self, hidden, segment_ids, train: bool = False):
+        cfg = self.cfg
+        x = pool(hidden, segment_ids, self.pooling)
+        if self.pooling == "cls":  # BERT's pooler, which its pretraining also trained
+            x = jnp.tanh(dense(cfg, cfg.hidden_size, ("embed", None), "pooler")(x))
+        x = nn.Dropout(cfg.dropout)(x, deterministic=not train or cfg.dropout == 0)
+        x = constrain(x, ("act_batch", None))
+        logits = dense(cfg, self.num_outputs, ("embed", None), "out")(x)
+        return logits.astype(jnp.float32)
+
+
+class Classifier(nn.Module):
+    """Transformer component + classification / regression head -> float32 [batch, outputs]."""
+    cfg: ModelConfig
+    num_outputs: int
+    pooling: str = "cls"
+
+    def setup(self):
+        self.transformer = Transformer(self.cfg)
+        self.head = ClassifierHead(self.cfg, self.num_outputs, self.pooling)
+
+    def __call__(self, tokens, segment_ids=None, positions=None, type_ids=None,
+                 train: bool = False):
+        hidden = self.transformer(tokens, segment_ids, positions, type_ids, train)
+        return self.head(hidden, segment_ids, train)

@@ -1,0 +1,150 @@
+"""`ptft eval` and `ptft predict`: a finetuned run directory, loaded for inference.
+
+A run directory holds what inference needs: config.yaml, tokenizer.json, labels.json and
+checkpoints (best/ from evaluation, else the latest of checkpoints/). Parameters are restored
+alone (no optimizer state) onto all local devices; eval and predict are batched and jitted.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from ptft_jax.checkpoint import BestCheckpointer, Checkpointer
+from ptft_jax.config import FINETUNE_TASKS, ConfigError, from_dict, pooling_for, task_for
+from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
+from ptft_jax.data.tokenizer import load_tokenizer
+from ptft_jax.engine import build
+from ptft_jax.tasks.classify import ClassifyTask
+
+
+def load_run(run_dir: str | Path, batch_size: int | None = None):
+    """(engine, state, cfg) of a finetuned run: its best checkpoint if it has one."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a ptft run directory (no config.yaml); give the "
+                          f"run_dir of a ptft finetune run.")
+    cfg = from_dict(yaml.safe_load(config_path.read_text()))
+    if task_for(cfg) not in FINETUNE_TASKS or not (run_dir / "labels.json").is_file():
+        raise ConfigError(f"{run_dir} was trained with train.task={task_for(cfg)}: it has no "
+                          f"finetuned head to predict with. Give the run_dir of a ptft finetune "
+                          f"run (one with labels.json).")
+    if batch_size is not None:
+        cfg.eval.batch_size = batch_size
+    labels = LabelSpace.load(run_dir / "labels.json")
+    task = ClassifyTask(cfg.model, labels, pooling_for(cfg))
+    engine = build(cfg, task)
+    target = engine.restore_target()
+    best_dir = run_dir / "best"
+    source = None
+    if best_dir.is_dir():
+        best = BestCheckpointer(best_dir, "unused", "max")
+        step = best.best_step()
+        if step is not None:
+            state, _ = best.restore(step, target)
+            source = f"{best_dir} (step {step})"
+        best.close()
+    if source is None:
+        ckpt = Checkpointer(run_dir / "checkpoints")
+        step = ckpt.latest_step()
+        if step is None:
+            ckpt.close()
+            raise ConfigError(f"{run_dir} holds no checkpoint yet; finish (or resume) its ptft "
+                              f"finetune run first.")
+        state, _ = ckpt.restore(step, target, params_only=True)
+        ckpt.close()
+        source = f"{run_dir / 'checkpoints'} (step {step})"
+    return engine, engine.place(state), cfg, source
+
+
+def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
+                 batch_size: int | None = None, progress: bool = True) -> dict:
+    from ptft_jax.train import evaluate
+    engine, state, cfg, source = load_run(run_dir, batch_size)
+    split = split or cfg.data.eval_split or "train"
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run_dir) / "data_cache"
+    try:
+        examples, _ = open_examples(cfg.data, split, Path(run_dir) / "tokenizer.json",
+                                    cache_root, engine.task.labels.kind, engine.task.labels,
+                                    cfg.model.kind, progress=progress,
+                                    corpus=corpus or cfg.data.eval_corpus)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    metrics = evaluate(engine, state, examples, cfg.eval.batch_size, progress=progress)
+    return {"run_dir": str(run_dir), "checkpoint": source, "split": split,
+            "examples": len(examples), **metrics}
+
+
+def read_inputs(path: str | None) -> tuple[list[str], list[str] | None]:
+    """Texts to predict: one per line of a text file or stdin ('-' or None), or the `text`
+    (and `text_pair`) fields of a .jsonl file."""
+    import sys
+    if path in (None, "-"):
+        lines = sys.stdin.read().splitlines()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Input file '{path}' does not exist.")
+        lines = p.read_text(encoding="utf-8").splitlines()
+        if p.suffix == ".jsonl":
+            rows = [json.loads(line) for line in lines if line.strip()]
+            if not rows or "text" not in rows[0]:
+                raise ConfigError(f"{path}: each JSON line needs a 'text' field.")
+            pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
+            return [r["text"] for r in rows], pairs
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise ConfigError("No text to predict: give a file with one text per line, or pipe "
+                          "text into ptft predict.")
+    return texts, None
+
+
+def predict_run(run_dir, texts: list[str], pairs: list[str] | None = None,
+                batch_size: int | None = None, progress: bool = True) -> Iterator[dict]:
+    """One dict per text: the label and every label's probability (classification), the labels
+    over 0.5 (multi-label) or the value (regression)."""
+    engine, state, cfg, _ = load_run(run_dir, batch_size)
+    labels: LabelSpace = engine.task.labels
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    examples = predict_examples(texts, tokenizer, cfg.data.seq_len, cfg.model.kind, pairs)
+    size = cfg.eval.batch_size
+    bar = tqdm(total=examples.num_batches(size), unit="batch", desc="predict",
+               disable=not progress, leave=False)
+    for batch in examples.batches(size, engine.rows_of(size)):
+        out = np.asarray(jax.device_get(engine.step_fn.predict(state,
+                                                               engine.to_device(batch, size))))
+        bar.update()
+        for row, weight in zip(out, batch["weight"]):
+            if weight == 0:
+                continue
+            yield _prediction(labels, row)
+    bar.close()
+
+
+def _prediction(labels: LabelSpace, row) -> dict:
+    if labels.kind == "regression":
+        return {"value": float(row)}
+    probs = {name: round(float(p), 6) for name, p in zip(labels.names, row)}
+    if labels.kind == "multi_label":
+        return {"labels": [n for n, p in probs.items() if p > 0.5], "probabilities": probs}
+    return {"label": labels.names[int(np.argmax(row))], "probabilities": probs}
+
+
+def write_jsonl(rows: Iterable[dict], path: str | None) -> int:
+    import sys
+    out = sys.stdout if path in (None, "-") else open(path, "w", encoding="utf-8")
+    n = 0
+    try:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+            n += 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return n

@@ -1,0 +1,77 @@
+"""What a task is: the unit of variation between training jobs; the loop and the step are one.
+
+A task says what its batches hold (`example_batch`, for shapes), builds its model, turns a
+batch into *sums* (loss, loss weight, metric counts) plus the model's new mutable state, and
+turns accumulated sums into metrics. Sums rather than means make microbatches, devices and
+the last partial eval batch add up exactly: mean = sum of sums / sum of counts.
+
+Every task's sums hold `loss_sum` and `count` (the loss is `loss_sum / count`; gradients are
+those of that mean). Masked LM and causal LM (tasks/lm.py) and classification, multi-label
+classification and regression (tasks/classify.py) are tasks.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def apply_model(model: nn.Module, params, model_state: dict, *args, train: bool, rngs=None,
+                method=None):
+    """`model.apply` with the mutable collections in `model_state` (e.g. BatchNorm statistics):
+    updated in training, read-only in evaluation. Returns (output, new model_state)."""
+    variables = {"params": params, **model_state}
+    if train and model_state:
+        out, updates = model.apply(variables, *args, train=train, rngs=rngs, method=method,
+                                   mutable=list(model_state))
+        return out, {**model_state, **updates}
+    return model.apply(variables, *args, train=train, rngs=rngs, method=method), model_state
+
+
+class Task(abc.ABC):
+    name: str
+    model: nn.Module
+    # Metrics shown on the terminal each log step (all of them go to JSONL / TensorBoard).
+    shown: tuple[str, ...] = ("loss", "accuracy")
+
+    @abc.abstractmethod
+    def example_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+        """A batch of the right keys, shapes and dtypes (zeros): what initialisation traces."""
+
+    def init_variables(self, rng, batch: dict) -> dict:
+        """The model's variables (params and any mutable collections), boxed with their
+        logical axis names."""
+        return self.model.init({"params": rng, "dropout": rng}, *self.model_inputs(batch),
+                               train=False)
+
+    def model_inputs(self, batch: dict) -> tuple:
+        return (batch["tokens"], batch.get("segment_ids"), batch.get("positions"),
+                batch.get("type_ids"))
+
+    @abc.abstractmethod
+    def sums(self, params, model_state: dict, batch: dict, example_ids, key, *, train: bool,
+             rngs=None) -> tuple[dict, dict]:
+        """(sums, new model_state) for one batch. `example_ids` are the rows' global indices
+        (randomness keyed per example does not depend on microbatches or devices)."""
+
+    @abc.abstractmethod
+    def metrics(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Metrics from sums accumulated on the host (NumPy, float64)."""
+
+    def zero_sums(self, params, model_state, batch, example_ids, key) -> dict:
+        """Zeros shaped like `sums` (the accumulator of a microbatch scan)."""
+        shapes = jax.eval_shape(lambda p: self.sums(p, model_state, batch, example_ids, key,
+                                                    train=False)[0], params)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def add_sums(total: dict | None, sums: dict) -> dict:
+    """Host-side accumulation in float64 (eval passes and log intervals)."""
+    sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+    if total is None:
+        return sums
+    return {k: total[k] + sums[k] for k in total}

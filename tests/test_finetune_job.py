@@ -1,0 +1,102 @@
+"""Finetuning from a pretraining run, end to end: the component restores alone into a
+classifier, and `ptft finetune`, `ptft eval` and `ptft predict` work on a run directory."""
+import gzip
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ptft_jax import params as ptree
+from ptft_jax.config import load_config
+from ptft_jax.data.corpus import BUNDLED
+from ptft_jax.engine import build
+from ptft_jax.jobs import finetune_job
+from ptft_jax.train import pretrain
+from tests.helpers import host_params
+from tests.test_main_job import _ptft
+
+SHORT = ["data.seq_len=32", "model.max_len=32", "train.progress=false"]
+
+
+def _pretrained(tmp_path, small_corpus):
+    run = tmp_path / "pre"
+    pretrain(load_config("configs/pretrain_tiny_mlm.yaml", [
+        f"run_dir={run}", f"data.corpus={small_corpus}", "data.tokenizer_vocab_size=512",
+        "train.steps=2", "train.global_batch=8", "checkpoint.every=0", *SHORT]))
+    return run
+
+
+def _labelled(tmp_path, n_train=48, n_eval=20):
+    """Verses labelled by whether they speak of the LORD: a task a model can learn a bit of."""
+    with gzip.open(BUNDLED["kjv"], "rt", encoding="utf-8") as f:
+        chapters = [next(f) for _ in range(40)]
+    verses = [v.strip() for c in chapters for v in c.split(". ") if len(v.split()) > 4]
+    rows = [{"text": v, "label": "lord" if "LORD" in v else "other"} for v in verses]
+    paths = []
+    for name, part in (("train", rows[:n_train]), ("eval", rows[n_train:n_train + n_eval])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+        paths.append(path)
+    return paths
+
+
+def test_pretrained_component_restores_alone_into_a_classifier(tmp_path, small_corpus):
+    pre = _pretrained(tmp_path, small_corpus)
+    train, _ = _labelled(tmp_path)
+    cfg = load_config("configs/finetune_fortunes_full.yaml", [
+        f"run_dir={tmp_path / 'ft'}", f"finetune.init_from={pre}", f"data.corpus={train}",
+        "data.eval_split=null", *SHORT])
+    job = finetune_job(cfg)
+    engine = build(job.cfg, job.task)
+    fresh = engine.init(jax.random.key(3))
+    fresh_params = host_params(engine, fresh)
+    state, report = job.init_from(engine, fresh)
+    loaded = ptree.flatten(host_params(engine, state))
+    saved = ptree.flatten(ocp.StandardCheckpointer().restore(pre / "checkpoints" / "2" /
+                                                             "params"))
+    component = [p for p in loaded if p.startswith("transformer/")]
+    assert len(component) > 10
+    for path in component:
+        assert np.array_equal(loaded[path], np.asarray(saved[path])), path
+    for path, value in ptree.flatten(fresh_params).items():
+        if path.startswith("head/"):
+            assert np.array_equal(loaded[path], value), path
+    assert any("mlm_head" in line for line in report)  # the pretraining head is left out
+
+
+def test_finetune_eval_and_predict_end_to_end(tmp_path, small_corpus):
+    pre = _pretrained(tmp_path, small_corpus)
+    train, evaluation = _labelled(tmp_path)
+    run = tmp_path / "ft"
+    result = _ptft("finetune", "--config", "configs/finetune_fortunes_full.yaml",
+                   f"run_dir={run}", f"finetune.init_from={pre}", f"data.corpus={train}",
+                   f"data.eval_corpus={evaluation}", "data.eval_split=train", "train.steps=6",
+                   "train.global_batch=8", "train.log_every=3", "eval.every=3",
+                   "eval.batch_size=16", "checkpoint.every=3", *SHORT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 6 steps" in result.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/macro_f1" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(0 <= r["eval/accuracy"] <= 1 for r in evals)
+    assert json.loads((run / "labels.json").read_text())["names"] == ["lord", "other"]
+    assert (run / "best").is_dir() and (run / "tokenizer.json").is_file()
+
+    result = _ptft("eval", str(run), "--corpus", str(evaluation), "--split", "train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout)
+    assert metrics["examples"] == 20 and 0 <= metrics["macro_f1"] <= 1
+
+    texts = ["And the LORD spake unto Moses, saying", "In the beginning was the word"]
+    result = _ptft("predict", str(run), stdin="\n".join(texts) + "\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(predictions) == 2
+    for p in predictions:
+        assert p["label"] in ("lord", "other")
+        assert abs(sum(p["probabilities"].values()) - 1) < 1e-4
+
+    # A pretraining run has no head to predict with: a clear error, nothing written.
+    result = _ptft("predict", str(pre), stdin="some text\n")
+    assert result.returncode == 2 and "no finetuned head" in result.stderr
