@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ptft_jax.config import FinetuneConfig
 from ptft_jax.params import flatten, is_stacked, path_str, stack_layers, unstack_layers
 from ptft_jax.state import TrainState
 
@@ -186,6 +187,7 @@ def _json_safe(metrics: dict) -> dict:
 # A pretrained component, restored into any model that holds it (finetune.init_from)
 
 VOCAB_ROWS = ("transformer/token_embed/embedding", "output_bias")
+DEFAULT_INIT_FRESH = FinetuneConfig().init_fresh
 
 
 def pretrained_source(path: str | Path) -> tuple[Path, int]:
@@ -206,7 +208,7 @@ def pretrained_source(path: str | Path) -> tuple[Path, int]:
 
 def read_params(step_dir: Path) -> dict:
     """A checkpoint's params item as host NumPy arrays, whatever mesh wrote it."""
-    item = step_dir / "params"
+    item = Path(step_dir).absolute() / "params"
     tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
@@ -231,8 +233,11 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
     values. Every problem is collected and raised together, before anything is placed."""
     wanted = flatten(model_params)
     paths = list(wanted)
+    # The default init_fresh rules ('^head/', '^lora/') may match nothing (no LoRA, say);
+    # a regex the user wrote may not.
+    user_fresh = [r for r in init_fresh if r not in DEFAULT_INIT_FRESH]
     for key, patterns in (("finetune.load", load), ("finetune.dont_load", dont_load),
-                          ("finetune.init_fresh", init_fresh)):
+                          ("finetune.init_fresh", user_fresh)):
         _check_rules_hit(paths, patterns, key)
     step_dir, step = pretrained_source(path)
     stored_tree = read_params(step_dir)

@@ -44,7 +44,8 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
     best_dir = run_dir / "best"
     source = None
     if best_dir.is_dir():
-        best = BestCheckpointer(best_dir, "unused", "max")
+        from ptft_jax.train import eval_metric
+        best = BestCheckpointer(best_dir, *eval_metric(cfg, task))
         step = best.best_step()
         if step is not None:
             state, _ = best.restore(step, target)

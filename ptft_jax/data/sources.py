@@ -35,7 +35,11 @@ from ptft_jax.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-BUNDLED = {"kjv": Path(__file__).with_name("corpora") / "kjv.txt.gz"}
+_CORPORA = Path(__file__).with_name("corpora")
+BUNDLED = {"kjv": _CORPORA / "kjv.txt.gz"}  # text, one split
+# Labelled sets (JSON lines with 'text' and 'label'), one file per split.
+BUNDLED_LABELLED = {"fortunes": {split: _CORPORA / f"fortunes-{split}.jsonl.gz"
+                                 for split in ("train", "validation")}}
 
 # data.format -> the file extensions it reads (what data.format=auto recognises).
 EXTENSIONS = {
@@ -95,6 +99,8 @@ def open_documents(cfg: DataConfig, split: str | None = None) -> Documents:
     if cfg.format != "auto" and cfg.format not in EXTENSIONS:
         raise ValueError(f"data.format '{cfg.format}' is unknown; use auto (from the file "
                          f"extension) or one of: {', '.join(EXTENSIONS)}.")
+    if corpus.startswith("bundled:") and corpus[len("bundled:"):] in BUNDLED_LABELLED:
+        return _open_bundled_labelled(corpus, split, cfg.text_column, cfg.label_column)
     if corpus.startswith("bundled:"):
         paths, fmt = [_bundled(corpus)], "text"
     else:
@@ -482,9 +488,21 @@ class InMemory(_RowDocuments):
 def _bundled(corpus: str) -> Path:
     name = corpus.split(":", 1)[1]
     if name not in BUNDLED:
+        known = [*BUNDLED, *BUNDLED_LABELLED]
         raise ValueError(f"data.corpus '{corpus}': no bundled corpus '{name}'. "
-                         f"Bundled: {', '.join('bundled:' + n for n in BUNDLED)}.")
+                         f"Bundled: {', '.join('bundled:' + n for n in known)}.")
     return BUNDLED[name]
+
+
+def _open_bundled_labelled(corpus: str, split: str, text_column: str,
+                           label_column: str | None) -> Documents:
+    """A bundled labelled set: gzipped JSON lines with 'text' and 'label', a file per split."""
+    files = BUNDLED_LABELLED[corpus.split(":", 1)[1]]
+    if split not in files:
+        raise ValueError(f"data.corpus '{corpus}' has the splits {', '.join(files)}; "
+                         f"asked for '{split}'.")
+    _require_columns(["text", "label"], corpus, text_column, label_column)
+    return ColumnFiles([files[split]], "jsonl", f"{corpus}[{split}]", text_column, label_column)
 
 
 def _format_of(path: Path) -> str | None:
