@@ -3,6 +3,7 @@ import jax
 import numpy as np
 
 from ptft_jax.config import load_config
+from ptft_jax.data.packing import Packer
 from ptft_jax.engine import build
 from ptft_jax.jobs import lm_task
 from ptft_jax.tasks.lm import MlmSpec
@@ -30,11 +31,17 @@ def engine_for(cfg, devices=None, task=None):
     return build(cfg, task or lm_task(cfg, spec_for(cfg), devices), devices)
 
 
-def batches(cfg, n, seed=0):
-    """n global batches of random token ids [global_batch, seq_len]."""
+def batches(cfg, n, seed=0, mode="pack"):
+    """n global batches as training feeds them: random documents of random lengths, packed
+    (several documents per row, segment ids and restarting positions) or padded."""
     rng = np.random.default_rng(seed)
-    shape = (cfg.train.global_batch, cfg.data.seq_len)
-    return [{"tokens": rng.integers(5, VOCAB, shape, dtype=np.int32)} for _ in range(n)]
+    lengths = rng.integers(2, cfg.data.seq_len + 8, 400)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = rng.integers(5, VOCAB, int(offsets[-1]), dtype=np.int32)
+    packer = Packer(tokens, offsets, cfg.data.seq_len, 2 if cfg.model.kind == "encoder" else None,
+                    3, mode)
+    B = cfg.train.global_batch
+    return [packer.rows(np.arange(i * B, (i + 1) * B) % len(packer)) for i in range(n)]
 
 
 def run_steps(engine, state, host_batches, key=None):
@@ -54,3 +61,28 @@ def run_steps(engine, state, host_batches, key=None):
 
 def host_params(engine, state):
     return jax.tree.map(np.asarray, jax.device_get(engine.host_state(state).params))
+
+
+def mean_gradients(engine, state, host_batch, key=None):
+    """(gradient of the step's mean loss, the task's sums) for one batch, computed by the
+    step's own `accumulate` on the engine's mesh (jit engines only)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from ptft_jax import params as ptree
+    from ptft_jax.mesh import LOGICAL_RULES
+    from ptft_jax.step import accumulate
+    key = jax.random.key(1) if key is None else key
+    cfg = engine.cfg
+
+    def grads(state, batch):
+        train, frozen = ptree.split(state.params, engine.plan.trainable.__contains__)
+        ids = jnp.arange(cfg.train.global_batch)
+        with nn.logical_axis_rules(LOGICAL_RULES):
+            g, sums, _ = accumulate(train, frozen, state.model_state, batch, ids,
+                                    jax.random.fold_in(key, state.step), task=engine.task,
+                                    lora=None, grad_accum=cfg.train.grad_accum)
+        return jax.tree.map(lambda x: x / sums["count"], g), sums
+    with jax.set_mesh(engine.step_fn.mesh):
+        out = jax.jit(grads)(state, engine.to_device(host_batch))
+    return jax.tree.map(np.asarray, jax.device_get(out))
