@@ -66,10 +66,12 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, meta: dict) -> None:
         """Starts an (async) save of `state` as step `step`; `meta` must be JSON-serialisable.
-        An empty model state (no mutable collections) is not written."""
+        An empty model state (no mutable collections) is not written, nor a None optimizer
+        state (a params-only checkpoint, restored with `params_only`)."""
         items = dict(params=ocp.args.StandardSave(state.params),
-                     opt_state=ocp.args.StandardSave(state.opt_state),
                      meta=ocp.args.JsonSave({**meta, "step": step}))
+        if state.opt_state is not None:  # None: a params-only checkpoint (an export)
+            items["opt_state"] = ocp.args.StandardSave(state.opt_state)
         if _has_leaves(state.model_state):
             items["model_state"] = ocp.args.StandardSave(state.model_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)

@@ -4,6 +4,7 @@
     ptft finetune --config configs/finetune_fortunes_full.yaml [key.sub=value ...]
     ptft eval RUN_DIR [--split NAME] [--corpus PATH]
     ptft predict RUN_DIR [--input FILE] [--output FILE]
+    ptft export RUN_DIR OUT_DIR   (LoRA adapters merged into the weights)
     ptft tokenizer train --config FILE [key.sub=value ...] [--out PATH] [--force]
     ptft data prepare --config FILE [key.sub=value ...] [--overwrite]
     ptft bench --set cpu [--cases NAME ...] [--steps N] [--profile]
@@ -59,6 +60,14 @@ def _eval(args) -> int:
         print("confusion matrix (rows: true, columns: predicted)", file=sys.stderr)
         for row in confusion:
             print("  " + " ".join(f"{int(v):5d}" for v in row), file=sys.stderr)
+    return 0
+
+
+def _export(args) -> int:
+    from ptft_jax.predict import export_run
+    result = export_run(args.run_dir, args.out_dir)
+    print(f"exported {result['source']} to {result['out_dir']}: {result['parameters']:,} "
+          f"parameters" + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
     return 0
 
 
@@ -208,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--batch-size", type=int, help="examples per batch (default: "
                                                    "eval.batch_size)")
     pr.set_defaults(func=_predict)
+    ex = sub.add_parser("export", help="a finetuned run as a params-only run directory, LoRA "
+                                       "adapters merged into the weights")
+    ex.add_argument("run_dir")
+    ex.add_argument("out_dir")
+    ex.set_defaults(func=_export)
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     t_sub = t.add_subparsers(dest="action", required=True)
     tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "

@@ -82,6 +82,45 @@ def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
             "examples": len(examples), **metrics}
 
 
+def export_run(run_dir, out_dir) -> dict:
+    """A finetuned run as a new run directory holding one params-only checkpoint (the best, or
+    the latest), with LoRA adapters merged into the weights they adapt: what `ptft eval`,
+    `ptft predict` and `finetune.init_from` read. Refuses to write into a non-empty folder."""
+    import dataclasses
+    import shutil
+
+    import jax.numpy as jnp
+
+    from ptft_jax.checkpoint import Checkpointer
+    from ptft_jax.finetune import lora_spec
+    from ptft_jax.lora import LORA_KEY, merge
+    from ptft_jax.params import count
+    from ptft_jax.state import TrainState
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} exists and is not empty; export into a new folder.")
+    engine, state, cfg, source = load_run(run_dir)
+    host = engine.host_state(state)
+    params, spec = host.params, lora_spec(cfg)
+    merged = spec is not None and LORA_KEY in params
+    if merged:
+        params = merge(params, spec)
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0,
+                                                                init_from=None))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "labels.json"):
+        shutil.copyfile(run_dir / name, out_dir / name)
+    step = int(source.rsplit("step ", 1)[1].rstrip(")"))
+    ckpt = Checkpointer(out_dir / "checkpoints", async_save=False)
+    ckpt.save(step, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
+                               model_state=host.model_state),
+              {"config": cfg.to_dict(), "exported_from": source, "lora_merged": merged})
+    ckpt.close()
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return {"out_dir": str(out_dir), "source": source, "lora_merged": merged,
+            "parameters": count(params)}
+
+
 def read_inputs(path: str | None) -> tuple[list[str], list[str] | None]:
     """Texts to predict: one per line of a text file or stdin ('-' or None), or the `text`
     (and `text_pair`) fields of a .jsonl file."""

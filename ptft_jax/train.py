@@ -188,10 +188,13 @@ def run(job: Job) -> dict:
                                                  vocab_projection=not finetuning) \
         if all_train else None
 
+    paused = [0.0]  # seconds of the current log interval spent evaluating or compiling
+
     def compile_step(engine, state, batch):
         t0 = time.perf_counter()
         compiled = engine.step_fn.lower(state, batch, train_key).compile()
         seconds = time.perf_counter() - t0
+        paused[0] += seconds
         writer.info(f"compile {seconds:.1f}s (phase {engine.plan.phase + 1} of "
                     f"{engine.plan.num_phases})" if engine.plan.num_phases > 1 else
                     f"compile {seconds:.1f}s | MFU against {peak / 1e12:.2f} TFLOP/s "
@@ -200,6 +203,7 @@ def run(job: Job) -> dict:
 
     first = next(batches, None)
     compiled, compile_seconds = compile_step(engine, state, first)
+    paused[0] = 0.0
 
     def save(step):
         meta = {"config": cfg.to_dict(), "data": loader.position(step), "task": task.name,
@@ -240,7 +244,7 @@ def run(job: Job) -> dict:
             at_log = step % t.log_every == 0 or step == t.steps
             if at_log:
                 values = [engine.host_state(v) for v in jax.device_get(pending)]  # waits
-                elapsed = time.perf_counter() - interval_start
+                elapsed = time.perf_counter() - interval_start - paused[0]
                 sums = None
                 for v in values:
                     sums = add_sums(sums, v["sums"])
@@ -260,7 +264,9 @@ def run(job: Job) -> dict:
             at_eval = evaluating and (step == t.steps or (cfg.eval.every and
                                                           step % cfg.eval.every == 0))
             if at_eval:
+                t_eval = time.perf_counter()
                 last_eval = run_eval(step)
+                paused[0] += time.perf_counter() - t_eval  # not part of any step's time
                 phases_left = progress.phase < engine.plan.num_phases - 1
                 if cfg.finetune.unfreeze == "adaptive" and phases_left and \
                         progress.since_best >= cfg.finetune.unfreeze_patience:
@@ -277,8 +283,9 @@ def run(job: Job) -> dict:
                     stop_reason = (f"early stopping: {metric} has not improved for "
                                    f"{cfg.eval.early_stopping} evaluations (best "
                                    f"{progress.best:.4g} at step {progress.best_step})")
-            if at_log or at_eval:
+            if at_log:
                 interval_start = time.perf_counter()
+                paused[0] = 0.0
             stopping = stop.agreed(check_all_processes=at_log)
             if ckpt.should_save(step) or step == t.steps or stopping or stop_reason:
                 save(step)

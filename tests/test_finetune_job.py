@@ -100,3 +100,27 @@ def test_finetune_eval_and_predict_end_to_end(tmp_path, small_corpus):
     # A pretraining run has no head to predict with: a clear error, nothing written.
     result = _ptft("predict", str(pre), stdin="some text\n")
     assert result.returncode == 2 and "no finetuned head" in result.stderr
+
+
+def test_lora_run_exports_merged_weights_that_predict_the_same(tmp_path, small_corpus):
+    from ptft_jax.predict import export_run, predict_run
+    from ptft_jax.train import finetune
+    pre = _pretrained(tmp_path, small_corpus)
+    train, _ = _labelled(tmp_path)
+    run = tmp_path / "lora"
+    finetune(load_config("configs/finetune_fortunes_lora.yaml", [
+        f"run_dir={run}", f"finetune.init_from={pre}", f"data.corpus={train}",
+        "data.eval_split=null", "train.steps=3", "train.global_batch=8",
+        "optim.warmup_steps=0", *SHORT]))
+    texts = ["And the LORD said", "a wall of stones", "unto the children"]
+    before = list(predict_run(run, texts, progress=False))
+    result = export_run(run, tmp_path / "exported")
+    assert result["lora_merged"]
+    after = list(predict_run(tmp_path / "exported", texts, progress=False))
+    for a, b in zip(before, after):
+        assert a["label"] == b["label"]
+        np.testing.assert_allclose(list(a["probabilities"].values()),
+                                   list(b["probabilities"].values()), atol=1e-5)
+    saved = ptree.flatten(ocp.StandardCheckpointer().restore(
+        tmp_path / "exported" / "checkpoints" / "3" / "params"))
+    assert not any(p.startswith("lora/") for p in saved)
