@@ -96,3 +96,59 @@ def time_case(cfg, compiled: bool, steps: int, warmup: int) -> dict:
     return {"step_ms_median": median * 1e3, "step_ms_min": min(times) * 1e3,
             "step_ms_max": max(times) * 1e3, "tokens_per_s": tokens / median,
             "first_step_s": first_step_s, "device": device, "bf16": bf16}
+
+
+def time_classifier(cfg, num_labels: int, compiled: bool, steps: int, warmup: int) -> dict:
+    """A BertForSequenceClassification step (AdamW, clipping), same shapes as ptft's
+    classifier: padded rows with an attention mask, one label per row."""
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device == "cuda")
+    mcfg = cfg.model
+    hf = BertConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size,
+                    num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads,
+                    intermediate_size=mcfg.mlp_dim, max_position_embeddings=mcfg.max_len,
+                    hidden_act="gelu", hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0, num_labels=num_labels,
+                    type_vocab_size=max(1, mcfg.type_vocab_size))
+    model = BertForSequenceClassification(hf).to(device).train()
+    model.config._attn_implementation = "sdpa"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.optim.weight_decay)
+    forward = torch.compile(model) if compiled else model
+    B, T = cfg.train.global_batch, cfg.data.seq_len
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(SPECIAL_IDS, mcfg.vocab_size, (B, T), generator=g) * mask
+        labels = torch.randint(0, num_labels, (B,), generator=g)
+        batches.append((ids.to(device), mask.to(device), labels.to(device)))
+
+    def step(batch):
+        ids, mask, labels = batch
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = forward(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm or 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step(batches[0])
+    for i in range(warmup):
+        step(batches[i % 2])
+    sync()
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step(batches[i % 2])
+        sync()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"step_ms_median": median * 1e3, "tokens_per_s": B * T / median, "device": device}

@@ -177,6 +177,11 @@ def _bench(args) -> int:
     if args.pipeline:
         benchmark.run_pipeline(args.cases or [], Path(args.cases_file), Path(args.out))
         return 0
+    if args.finetune:
+        from ptft_jax import bench_finetune
+        bench_finetune.run(args.cases or [], Path(args.cases_file), Path(args.out), args.steps,
+                           args.warmup, with_torch=not args.no_torch)
+        return 0
     benchmark.run(args.cases or [], args.set or [], args.steps, args.warmup, args.profile,
                   Path(args.cases_file), Path(args.out), torch_steps=args.torch_steps,
                   with_torch=not args.no_torch)
@@ -254,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--profile", action="store_true", help="write a jax.profiler trace per case")
     b.add_argument("--pipeline", action="store_true",
                    help="benchmark the input pipeline alone (the cases file's pipeline list)")
+    b.add_argument("--finetune", action="store_true",
+                   help="benchmark finetuning strategies (the cases file's finetune list)")
     b.add_argument("--fake-cpu-devices", type=int, default=0,
                    help="on a CPU, fake this many devices (for the memory set: 8)")
     b.add_argument("--cases-file", default=str(_repo_file("benchmarks/cases.yaml")))

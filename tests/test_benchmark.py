@@ -58,3 +58,21 @@ def test_pipeline_case_moves_batches_to_the_device(tmp_path):
                                        "packing": "pack"}, tmp_path, num_tokens=100_000,
                                       batches=3)
     assert row["host_tokens_per_s"] > 0 and row["to_device_tokens_per_s"] > 0
+
+
+def test_finetune_cases_run_and_lora_trains_a_sliver(tmp_path):
+    from ptft_jax import bench_finetune
+    names = ["bert-mini-full", "bert-mini-linear_probe", "bert-mini-gradual_phase1",
+             "bert-mini-lora8", "bert-base-full", "bert-base-lora8"]
+    rows = bench_finetune.run(names, benchmark.DEFAULT_CASES, tmp_path, steps=2, warmup=0,
+                              with_torch=False, echo=lambda *a: None,
+                              overrides=TINY + ("model.mlp_dim=256",))
+    by = {r["case"]: r for r in rows}
+    full, lora, probe = by["bert-mini-full"], by["bert-mini-lora8"], by["bert-mini-linear_probe"]
+    assert full["trainable_fraction"] == 1.0 and full["step_ms_median"] > 0
+    assert probe["trainable_params"] < lora["trainable_params"] < full["trainable_params"]
+    assert lora["opt_state_bytes"] < 0.5 * full["opt_state_bytes"]
+    assert 0 < by["bert-mini-gradual_phase1"]["trainable_fraction"] < 1
+    assert "step_ms_median" not in by["bert-base-lora8"]  # compile only
+    table = next(tmp_path.iterdir()).joinpath("finetune-latest.md").read_text()
+    assert "bert-base-lora8: gradients + optimizer state" in table
