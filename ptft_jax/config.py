@@ -488,6 +488,9 @@ def validate(cfg: Config, num_devices: int) -> None:
     if t.global_batch % t.grad_accum:
         raise ConfigError(f"train.global_batch ({t.global_batch}) is not divisible by "
                           f"train.grad_accum ({t.grad_accum}).")
+    if task_for(cfg) in FINETUNE_TASKS and cfg.eval.batch_size % dp:
+        raise ConfigError(f"eval.batch_size ({cfg.eval.batch_size}) must be divisible by {where}. "
+                          f"Try eval.batch_size={_round_up(cfg.eval.batch_size, dp)}.")
     micro = t.global_batch // t.grad_accum
     if micro % dp:
         raise ConfigError(f"Each microbatch (train.global_batch / train.grad_accum = {micro}) "

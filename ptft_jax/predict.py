@@ -16,7 +16,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from ptft_jax.checkpoint import BestCheckpointer, Checkpointer
-from ptft_jax.config import FINETUNE_TASKS, ConfigError, from_dict, pooling_for, task_for
+from ptft_jax.config import (FINETUNE_TASKS, ConfigError, from_dict, pooling_for, task_for,
+                             validate)
 from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.engine import build
@@ -37,6 +38,7 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
                           f"run (one with labels.json).")
     if batch_size is not None:
         cfg.eval.batch_size = batch_size
+    validate(cfg, jax.device_count())
     labels = LabelSpace.load(run_dir / "labels.json")
     task = ClassifyTask(cfg.model, labels, pooling_for(cfg))
     engine = build(cfg, task)

@@ -143,19 +143,13 @@ def run(job: Job) -> dict:
     finetuning = task_for(cfg) in FINETUNE_TASKS
     evaluating = job.eval_examples is not None
     metric, mode = eval_metric(cfg, task) if evaluating else (None, None)
-    if evaluating and cfg.eval.batch_size % (jax.device_count() if engine.pmap else 1):
-        raise ConfigError(f"eval.batch_size ({cfg.eval.batch_size}) must be divisible by the "
-                          f"{jax.device_count()} devices under pmap.")
 
     # Resume from the run directory, else initialise (and restore a pretrained component).
-    job.save_files()
-    loader = BatchLoader(job.train_rows, B, cfg.data.shuffle_seed, engine.rows)
+    # Nothing is written to the run directory until every check here has passed.
     init_key, train_key = jax.random.split(jax.random.key(t.seed))
     init_report: list = []
     if start_step:
         state, meta = ckpt.restore(start_step, engine.restore_target())
-        check_data_position(meta, loader)
-        state = engine.place(state)
     else:
         state = engine.init(init_key)
         if job.init_from is not None:
@@ -164,6 +158,11 @@ def run(job: Job) -> dict:
             except ValueError as e:
                 ckpt.close()
                 raise ConfigError(str(e)) from None
+    job.save_files()
+    loader = BatchLoader(job.train_rows, B, cfg.data.shuffle_seed, engine.rows)
+    if start_step:
+        check_data_position(meta, loader)
+        state = engine.place(state)
     if is_main:  # every check has passed: the config this run trains with
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     best = BestCheckpointer(run_dir / "best", metric, mode) if evaluating else None
