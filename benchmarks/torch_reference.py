@@ -74,12 +74,19 @@ def time_case(cfg, compiled: bool, steps: int, warmup: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    tokens = cfg.train.global_batch * cfg.data.seq_len
+    return {**_timed(step, batches, steps, warmup, device, tokens), "bf16": bf16}
+
+
+def _timed(step, batches, steps: int, warmup: int, device: str, tokens: int) -> dict:
+    """Runs the first step (torch.compile compiles there), `warmup` untimed steps, then
+    `steps` synchronised timed ones; the median, min and max step times."""
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
     t0 = time.perf_counter()
-    step(batches[0])  # with torch.compile, this first step compiles
+    step(batches[0])
     sync()
     first_step_s = time.perf_counter() - t0
     for i in range(warmup):
@@ -92,10 +99,9 @@ def time_case(cfg, compiled: bool, steps: int, warmup: int) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    tokens = cfg.train.global_batch * cfg.data.seq_len
     return {"step_ms_median": median * 1e3, "step_ms_min": min(times) * 1e3,
             "step_ms_max": max(times) * 1e3, "tokens_per_s": tokens / median,
-            "first_step_s": first_step_s, "device": device, "bf16": bf16}
+            "first_step_s": first_step_s, "device": device}
 
 
 def time_classifier(cfg, num_labels: int, compiled: bool, steps: int, warmup: int) -> dict:
@@ -136,19 +142,4 @@ def time_classifier(cfg, num_labels: int, compiled: bool, steps: int, warmup: in
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    step(batches[0])
-    for i in range(warmup):
-        step(batches[i % 2])
-    sync()
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        step(batches[i % 2])
-        sync()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"step_ms_median": median * 1e3, "tokens_per_s": B * T / median, "device": device}
+    return _timed(step, batches, steps, warmup, device, B * T)
