@@ -21,7 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ptft_jax.config import FinetuneConfig
-from ptft_jax.params import flatten, is_stacked, path_str, stack_layers, unstack_layers
+from ptft_jax.params import (flatten, is_stacked, path_str, stack_layers, unflatten,
+                             unstack_layers)
 from ptft_jax.state import TrainState
 
 ITEMS = ("params", "opt_state", "model_state", "meta")
@@ -208,12 +209,55 @@ def pretrained_source(path: str | Path) -> tuple[Path, int]:
     return folder / str(steps[-1]), steps[-1]
 
 
+def inference_checkpoint(run_dir: Path) -> Path:
+    """The step folder inference reads: a run's best checkpoint if it has one, else its
+    latest."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir / "best", run_dir / "checkpoints"):
+        try:
+            return pretrained_source(folder)[0]
+        except ValueError:
+            continue
+    raise ValueError(f"{run_dir} holds no checkpoint; give the run_dir of a ptft run that has "
+                     f"saved one.")
+
+
 def read_params(step_dir: Path) -> dict:
     """A checkpoint's params item as host NumPy arrays, whatever mesh wrote it."""
     item = Path(step_dir).absolute() / "params"
     tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def read_source(path, label_names=None) -> tuple[dict, str, list[str]]:
+    """(params tree as host arrays, a description, report lines) of what finetune.init_from
+    names: a ptft checkpoint, or a Hugging Face model ('hf:...', converted to ptft's paths).
+    An HF classifier's output layer is kept only for the same label names (reordered to
+    `label_names`); other labels leave it out, to be initialised fresh."""
+    from ptft_jax.convert import hf
+    if hf.is_hf(str(path)):
+        source = hf.open_model(str(path))
+        flat, report = source.flat_params()
+        if "head/out/kernel" in flat:
+            report.append(_match_hf_labels(flat, source.config, label_names))
+        return unflatten(flat), f"{source.directory} ({source.architecture})", report
+    step_dir, step = pretrained_source(path)
+    return read_params(step_dir), f"{step_dir} (step {step})", []
+
+
+def _match_hf_labels(flat: dict, config: dict, label_names) -> str:
+    names = [str(n) for _, n in sorted((int(i), n) for i, n in
+                                       (config.get("id2label") or {}).items())]
+    if label_names is not None and sorted(names) == sorted(label_names) and \
+            len(names) == flat["head/out/kernel"].shape[1]:
+        order = [names.index(n) for n in label_names]
+        flat["head/out/kernel"] = flat["head/out/kernel"][:, order]
+        flat["head/out/bias"] = flat["head/out/bias"][order]
+        return f"classifier output layer kept: same labels {list(label_names)}"
+    del flat["head/out/kernel"], flat["head/out/bias"]
+    return (f"classifier output layer left out: its labels {names} are not the data's "
+            f"{list(label_names or [])}")
 
 
 def _check_rules_hit(paths, patterns, key):
@@ -224,7 +268,8 @@ def _check_rules_hit(paths, patterns, key):
 
 
 def load_pretrained(path, model_params, load, dont_load, init_fresh,
-                    vocab_rows: int | None = None) -> tuple[dict, list[str]]:
+                    vocab_rows: int | None = None,
+                    label_names=None) -> tuple[dict, list[str]]:
     """`model_params` (freshly initialised, placed) with the parameters the rules select taken
     from the checkpoint at `path`; returns (params, report lines).
 
@@ -241,8 +286,7 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
     for key, patterns in (("finetune.load", load), ("finetune.dont_load", dont_load),
                           ("finetune.init_fresh", user_fresh)):
         _check_rules_hit(paths, patterns, key)
-    step_dir, step = pretrained_source(path)
-    stored_tree = read_params(step_dir)
+    stored_tree, source, source_report = read_source(path, label_names)
     model_stacked = any(is_stacked(p) for p in paths)
     stored_stacked = any(is_stacked(p) for p in flatten(stored_tree))
     if model_stacked and not stored_stacked:
@@ -285,7 +329,7 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
                          f"finetune.init_fresh to train them from a fresh init.")
     if problems:
         shown = "\n".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        raise CheckpointMismatch(f"finetune.init_from: the checkpoint at {step_dir} does not fit "
+        raise CheckpointMismatch(f"finetune.init_from: the checkpoint at {source} does not fit "
                                  f"the model ({len(problems)} parameter(s)):\n{shown}\nCheck "
                                  f"model.* (preset, sizes) against the pretraining run's "
                                  f"config.yaml, or leave these out with finetune.dont_load.")
@@ -293,7 +337,7 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
     params = jax.tree_util.tree_map_with_path(
         lambda kp, leaf: _place(loaded[_path(kp)], leaf) if _path(kp) in loaded else leaf,
         model_params)
-    report = [f"loaded {len(loaded)} tensor(s) from {step_dir} (step {step})",
+    report = source_report + [f"loaded {len(loaded)} tensor(s) from {source}",
               f"fresh init: {len(fresh)} tensor(s)"
               + (f" ({', '.join(sorted({'/'.join(p.split('/')[:1]) for p in fresh}))})"
                  if fresh else "")]

@@ -4,7 +4,8 @@
     ptft finetune --config configs/finetune_fortunes_full.yaml [key.sub=value ...]
     ptft eval RUN_DIR [--split NAME] [--corpus PATH]
     ptft predict RUN_DIR [--input FILE] [--output FILE]
-    ptft export RUN_DIR OUT_DIR   (LoRA adapters merged into the weights)
+    ptft export RUN_DIR OUT_DIR [--format ptft|hf]   (LoRA adapters merged into the weights)
+    ptft embed SOURCE [--input FILE] [--output FILE.npy|.jsonl] [--pooling mean|cls]
     ptft tokenizer train --config FILE [key.sub=value ...] [--out PATH] [--force]
     ptft data prepare --config FILE [key.sub=value ...] [--overwrite]
     ptft bench --set cpu [--cases NAME ...] [--steps N] [--profile]
@@ -64,10 +65,38 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
+    if args.format == "hf":
+        from ptft_jax.convert.hf_export import export_hf
+        result = export_hf(args.run_dir, args.out_dir)
+        print(f"exported {result['source']} to {result['out_dir']} as {result['architecture']}: "
+              f"{result['tensors']} tensors, {result['parameters']:,} parameters"
+              + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
+        return 0
     from ptft_jax.predict import export_run
     result = export_run(args.run_dir, args.out_dir)
     print(f"exported {result['source']} to {result['out_dir']}: {result['parameters']:,} "
           f"parameters" + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
+    return 0
+
+
+def _embed(args) -> int:
+    from pathlib import Path
+
+    from ptft_jax.embed import embed, load_encoder, write
+    from ptft_jax.predict import read_inputs
+    if args.output and args.output != "-" and not Path(args.output).parent.is_dir():
+        return _error("embed", f"--output {args.output}: folder {Path(args.output).parent} "
+                               f"does not exist.")
+    if args.seq_len < 3 or args.batch_size < 1:
+        return _error("embed", "--seq-len must be at least 3 and --batch-size at least 1.")
+    texts, _ = read_inputs(args.input)
+    encoder = load_encoder(args.source)
+    vectors = embed(encoder, texts, args.pooling, args.seq_len, args.batch_size,
+                    progress=sys.stderr.isatty())
+    write(vectors, texts, args.output)
+    print(f"embedded {len(texts)} text(s) with {encoder.description}: {vectors.shape[1]} dims, "
+          f"{args.pooling or encoder.pooling} pooling"
+          + (f", into {args.output}" if args.output else ""), file=sys.stderr)
     return 0
 
 
@@ -222,10 +251,29 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--batch-size", type=int, help="examples per batch (default: "
                                                    "eval.batch_size)")
     pr.set_defaults(func=_predict)
-    ex = sub.add_parser("export", help="a finetuned run as a params-only run directory, LoRA "
+    em = sub.add_parser("embed", help="L2-normalised sentence embeddings of texts, from a "
+                                      "ptft run or a Hugging Face model directory")
+    em.add_argument("source", help="a ptft run directory, a Hugging Face model directory, or "
+                                   "hf:OWNER/NAME")
+    em.add_argument("--input", "-i", help="a text file (one text per line) or .jsonl with "
+                                          "'text'; default: stdin")
+    em.add_argument("--output", "-o", help="FILE.npy (an array, one row per text) or a JSONL "
+                                           "file; default: JSONL on stdout")
+    em.add_argument("--pooling", choices=("mean", "cls", "last"),
+                    help="default: the model's own (sentence-transformers' 1_Pooling), else "
+                         "mean for encoders and last for decoders")
+    em.add_argument("--seq-len", type=int, default=256, help="tokens per text, at most the "
+                                                             "model's max_len (default 256)")
+    em.add_argument("--batch-size", type=int, default=64, help="texts per batch (default 64)")
+    em.set_defaults(func=_embed)
+    ex = sub.add_parser("export", help="a run as a params-only run directory (--format ptft) "
+                                       "or a Hugging Face model directory (--format hf), LoRA "
                                        "adapters merged into the weights")
     ex.add_argument("run_dir")
     ex.add_argument("out_dir")
+    ex.add_argument("--format", choices=("ptft", "hf"), default="ptft",
+                    help="ptft: a finetuned run for ptft eval / predict / init_from; hf: "
+                         "config.json + model.safetensors + tokenizer files for transformers")
     ex.set_defaults(func=_export)
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     t_sub = t.add_subparsers(dest="action", required=True)

@@ -58,7 +58,9 @@ class ModelConfig:
     type_vocab_size: int = 2  # BERT's segment (token type) embeddings; 0 for none
     dropout: float = 0.0
     norm: str = "post"  # post (BERT) | pre (GPT-2, with a final norm)
-    activation: str = "gelu"  # gelu (exact) | gelu_tanh
+    activation: str = "gelu"  # gelu (exact) | gelu_tanh | relu
+    norm_eps: float | None = None  # LayerNorm epsilon; None: 1e-12 for post-norm (BERT),
+    #                                1e-5 for pre-norm (GPT-2)
     dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
     scan_layers: bool = False
@@ -149,13 +151,16 @@ class TrainConfig:
 @dataclass
 class FinetuneConfig:
     # Start from a pretrained component: a ptft run directory, its checkpoints/ folder or one
-    # step folder. Rules are regexes on parameter paths ('transformer/layers_0/attn/...'):
+    # step folder; or a Hugging Face model, "hf:DIR" (config.json, model.safetensors and a
+    # tokenizer) or "hf:OWNER/NAME" (from the hub), whose config.json then sets model.*
+    # (BERT-family encoders and GPT-2; pretraining can continue from one too). Rules are regexes on parameter paths ('transformer/layers_0/attn/...'):
     # a parameter is loaded when it matches a `load` regex and no `dont_load` regex; every
     # parameter not loaded must match `init_fresh` (else it is an error, not a silent init).
     init_from: str | None = None
     load: list = field(default_factory=lambda: [".*"])
     dont_load: list = field(default_factory=list)
-    init_fresh: list = field(default_factory=lambda: ["^head/", "^lora/"])
+    init_fresh: list = field(default_factory=lambda: ["^head/", "^lora/", "^mlm_head/",
+                                                       "^output_bias$"])
     pooling: str = "auto"  # cls | mean | last | auto (cls for encoders, last for decoders)
     # Which parameters train. All of these combine.
     linear_probe: bool = False  # train the head only
@@ -343,7 +348,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
     data = _merge(data, parse_overrides(overrides or []))
-    return from_dict(data)
+    return from_dict(_with_hf_model(data))
+
+
+def _with_hf_model(data: dict) -> dict:
+    """With `finetune.init_from: hf:...`, the model's shape comes from its config.json and
+    its tokenizer is the default data.tokenizer. A model key set to another value is an
+    error (the weights could not load), not a silent override."""
+    from ptft_jax.convert import hf
+    spec = (data.get("finetune") or {}).get("init_from")
+    if not isinstance(spec, str) or not hf.is_hf(spec):
+        return data
+    model = dict(data.get("model") or {})
+    if model.get("preset") is not None:
+        raise ConfigError(f"model.preset and finetune.init_from={spec} both set the model's "
+                          f"shape; drop model.preset (config.json sets it).")
+    try:
+        source = hf.open_model(spec)
+        keys = source.model_keys()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model = {k: v for k, v in model.items() if not (v is None and k in keys)}  # null: take it
+    for key in hf.SHAPE_KEYS:
+        if key in model and model[key] != keys[key]:
+            raise ConfigError(f"model.{key}={model[key]!r} conflicts with {source.directory}/"
+                              f"config.json ({keys[key]!r}); remove model.{key}: "
+                              f"finetune.init_from=hf:... sets the model's shape.")
+    data = {**data, "model": {**keys, **model}}
+    tokenizer = source.tokenizer_path
+    if (data.get("data") or {}).get("tokenizer") is None:
+        if tokenizer is None:
+            raise ConfigError(f"{source.directory} has neither tokenizer.json nor vocab.txt; "
+                              f"set data.tokenizer=PATH to the tokenizer the model was trained "
+                              f"with.")
+        data = _merge(data, {"data": {"tokenizer": str(tokenizer)}})
+    return data
 
 
 def from_dict(data: dict) -> Config:
@@ -441,6 +480,9 @@ def validate(cfg: Config, num_devices: int) -> None:
     if m.vocab_size is not None and m.vocab_size < 8:
         raise ConfigError(f"'model.vocab_size' is {m.vocab_size}; use null to take the "
                           f"tokenizer's size, or a size of at least the tokenizer's vocabulary.")
+    if m.norm_eps is not None and not 0 < m.norm_eps < 1:
+        raise ConfigError(f"model.norm_eps ({m.norm_eps}) must be in (0, 1); null takes the "
+                          f"norm's usual value.")
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by "
                           f"model.num_heads ({m.num_heads}).")
@@ -524,10 +566,11 @@ def _validate_finetune(cfg: Config) -> None:
         raise ConfigError("eval.every and eval.early_stopping must be >= 0 and eval.batch_size "
                           ">= 1.")
     if task in PRETRAIN_TASKS:
-        if f.init_from or f.linear_probe or f.lora_rank or f.unfreeze != "none":
+        if f.linear_probe or f.lora_rank or f.unfreeze != "none" or f.freeze:
             raise ConfigError(f"train.task is '{task}' (pretraining); the finetune.* strategies "
-                              f"(init_from, linear_probe, lora_rank, unfreeze) need a finetuning "
-                              f"task: one of {', '.join(FINETUNE_TASKS)}.")
+                              f"(linear_probe, lora_rank, unfreeze, freeze) need a finetuning "
+                              f"task: one of {', '.join(FINETUNE_TASKS)}. (finetune.init_from "
+                              f"works for both: pretraining continues from it.)")
         return
     if cfg.data.label_column is None:
         raise ConfigError(f"train.task '{task}' needs labels: set data.label_column to the "

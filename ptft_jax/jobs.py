@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +16,7 @@ from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
 from ptft_jax.config import Config, ConfigError, pooling_for, task_for
+from ptft_jax.convert.hf import is_hf
 from ptft_jax.data.cache import TokenCache, prepare_cache
 from ptft_jax.data.labelled import LabelSpace, open_examples
 from ptft_jax.data.packing import Packer
@@ -80,10 +80,18 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, documents):
 
 def resolve_vocab(cfg: Config, token_ids: TokenIds) -> Config:
     """model.vocab_size must fit the tokenizer: equal to its size, or that size rounded up to a
-    multiple of 128 (padding rows make the vocabulary matmuls faster). null picks the latter."""
+    multiple of 128 (padding rows make the vocabulary matmuls faster). null picks the latter.
+    A Hugging Face model keeps its own table, which must hold every token id."""
     size = token_ids.vocab_size
     padded = -(-size // 128) * 128
     vocab = cfg.model.vocab_size
+    if is_hf(cfg.finetune.init_from):
+        if size > vocab:
+            raise ConfigError(f"The tokenizer {cfg.data.tokenizer} has {size} tokens but the "
+                              f"model {cfg.finetune.init_from} embeds {vocab} (config.json "
+                              f"vocab_size): ids past {vocab - 1} would have no row. Use the "
+                              f"tokenizer that came with the model.")
+        return cfg
     if vocab is None:
         vocab = padded
     elif vocab not in (size, padded):
@@ -97,6 +105,25 @@ def _save_tokenizer(tokenizer, run_dir: Path) -> None:
     if jax.process_index() == 0 and not (run_dir / "tokenizer.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(run_dir / "tokenizer.json"))
+
+
+def _init_from(cfg: Config, token_ids: TokenIds, label_names=None):
+    """(engine, state) -> (state with the pretrained parameters, report), or None: what
+    finetune.init_from names, restored through the load / dont_load / init_fresh rules."""
+    from ptft_jax.checkpoint import load_pretrained  # noqa: local to keep imports light
+    f = cfg.finetune
+    if not f.init_from:
+        return None
+
+    def init_from(engine, state):
+        host = engine.host_state(state)
+        params, report = load_pretrained(f.init_from, host.params, f.load, f.dont_load,
+                                         f.init_fresh, vocab_rows=token_ids.vocab_size,
+                                         label_names=label_names)
+        for line in report:
+            log.info("init_from: %s", line)
+        return engine.place(host.replace(params=params)), report
+    return init_from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +214,7 @@ def pretrain_job(cfg: Config) -> Job:
         return (f"{len(p)} rows of {cfg.data.seq_len} tokens ({cfg.data.packing}; "
                 f"{p.dropped_tokens} tail tokens dropped)")
     return Job(cfg, task, rows, describe, {"tokenizer_vocab_size": token_ids.vocab_size},
-               save_files, tokens_per_row=cfg.data.seq_len)
+               save_files, init_from=_init_from(cfg, token_ids), tokens_per_row=cfg.data.seq_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +241,6 @@ def finetune_tokenizer_path(cfg: Config, run_dir: Path) -> Path:
 
 
 def finetune_job(cfg: Config) -> Job:
-    from ptft_jax.checkpoint import load_pretrained  # noqa: local to keep imports light
-
     run_dir = Path(cfg.run_dir)
     tokenizer_path = finetune_tokenizer_path(cfg, run_dir)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -247,23 +272,12 @@ def finetune_job(cfg: Config) -> Job:
     def save_files():
         if jax.process_index() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "tokenizer.json").exists():
-                shutil.copyfile(tokenizer_path, run_dir / "tokenizer.json")
+            if not (run_dir / "tokenizer.json").exists():  # a vocab.txt is saved as JSON too
+                tokenizer.save(str(run_dir / "tokenizer.json"))
             if not labels_path.exists():
                 labels.save(labels_path)
 
-    init_from = None
-    if cfg.finetune.init_from:
-        f = cfg.finetune
-
-        def init_from(engine, state):
-            host = engine.host_state(state)
-            params, report = load_pretrained(f.init_from, host.params, f.load, f.dont_load,
-                                             f.init_fresh, vocab_rows=token_ids.vocab_size)
-            for line in report:
-                log.info("init_from: %s", line)
-            return engine.place(host.replace(params=params)), report
-
+    init_from = _init_from(cfg, token_ids, labels.names)
     truncated = train.truncated + (evaluation.truncated if evaluation is not None else 0)
     describe = (f"{len(train):,} training examples"
                 + (f", {len(evaluation):,} eval examples" if evaluation is not None else "")

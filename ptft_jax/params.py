@@ -36,6 +36,18 @@ def flatten(tree) -> dict[str, Any]:
     return {path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def unflatten(flat: dict[str, Any]) -> dict:
+    """{'a/b/c': leaf} -> nested dicts (the inverse of `flatten` for dict trees)."""
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
+
+
 def match_rules(tree, rules: Sequence[Sequence[Any]], what: str = "rules"):
     """A pytree like `tree` holding, for each leaf, the value of the first matching rule.
 

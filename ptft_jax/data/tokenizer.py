@@ -68,10 +68,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # Told apart by content, not name: a tokenizer.json is a JSON object, a vocab.txt is not.
     if text is not None and text.lstrip().startswith("{"):
         try:
-            return Tokenizer.from_str(text)
+            tok = Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises bare Exceptions on malformed files
             raise ValueError(f"Tokenizer file '{path}' could not be read as a tokenizer.json: "
                              f"{e}") from None
+        # A published tokenizer.json may pad and truncate (all-MiniLM-L6-v2 pads to 128);
+        # ptft pads and truncates its batches itself, to data.seq_len.
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
     # Read as HF reads a vocab.txt (line number = id, trailing spaces trimmed, a repeated line
     # takes its last number), so ids match other BERT tooling.
     vocab = models.WordPiece.read_file(str(path)) if text else {}

@@ -42,7 +42,9 @@ def zeros(axes: tuple[str, ...]):
 def layer_norm(cfg: ModelConfig, name: str, axis_name: str = "embed") -> nn.LayerNorm:
     dtype, param_dtype = dtypes(cfg)
     return nn.LayerNorm(
-        epsilon=1e-12 if cfg.norm == "post" else 1e-5,  # BERT's and GPT-2's published values
+        # BERT's and GPT-2's published values unless the config says otherwise (HF imports).
+        epsilon=cfg.norm_eps if cfg.norm_eps is not None else
+        (1e-12 if cfg.norm == "post" else 1e-5),
         dtype=dtype, param_dtype=param_dtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
         bias_init=zeros((axis_name,)))
