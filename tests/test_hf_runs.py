@@ -56,6 +56,14 @@ def test_classifier_from_hf_finetunes_and_exports_back(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "classifier output layer kept" in log  # same label names: the HF head is reused
 
+    # ptft embed reads a run directory too (LoRA merged), from stdin, JSONL to stdout.
+    result = _ptft("embed", str(run), "--pooling", "cls", stdin="\n".join(TEXTS) + "\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["text"] for r in rows] == TEXTS
+    assert all(abs(np.linalg.norm(r["embedding"]) - 1) < 1e-5 for r in rows)
+    assert len(rows[0]["embedding"]) == 24
+
     result = _ptft("export", str(run), str(out), "--format", "hf")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LoRA adapters merged" in result.stdout

