@@ -299,11 +299,11 @@ def _build(cls, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge_dicts(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
@@ -347,42 +347,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
-    data = _merge(data, parse_overrides(overrides or []))
-    return from_dict(_with_hf_model(data))
-
-
-def _with_hf_model(data: dict) -> dict:
-    """With `finetune.init_from: hf:...`, the model's shape comes from its config.json and
-    its tokenizer is the default data.tokenizer. A model key set to another value is an
-    error (the weights could not load), not a silent override."""
-    from ptft_jax.convert import hf
-    spec = (data.get("finetune") or {}).get("init_from")
-    if not isinstance(spec, str) or not hf.is_hf(spec):
-        return data
-    model = dict(data.get("model") or {})
-    if model.get("preset") is not None:
-        raise ConfigError(f"model.preset and finetune.init_from={spec} both set the model's "
-                          f"shape; drop model.preset (config.json sets it).")
-    try:
-        source = hf.open_model(spec)
-        keys = source.model_keys()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    model = {k: v for k, v in model.items() if not (v is None and k in keys)}  # null: take it
-    for key in hf.SHAPE_KEYS:
-        if key in model and model[key] != keys[key]:
-            raise ConfigError(f"model.{key}={model[key]!r} conflicts with {source.directory}/"
-                              f"config.json ({keys[key]!r}); remove model.{key}: "
-                              f"finetune.init_from=hf:... sets the model's shape.")
-    data = {**data, "model": {**keys, **model}}
-    tokenizer = source.tokenizer_path
-    if (data.get("data") or {}).get("tokenizer") is None:
-        if tokenizer is None:
-            raise ConfigError(f"{source.directory} has neither tokenizer.json nor vocab.txt; "
-                              f"set data.tokenizer=PATH to the tokenizer the model was trained "
-                              f"with.")
-        data = _merge(data, {"data": {"tokenizer": str(tokenizer)}})
-    return data
+    data = merge_dicts(data, parse_overrides(overrides or []))
+    from ptft_jax.convert.hf import with_hf_model  # the model keys of an hf: init_from
+    return from_dict(with_hf_model(data))
 
 
 def from_dict(data: dict) -> Config:

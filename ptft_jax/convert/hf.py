@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ptft_jax.config import ConfigError, merge_dicts
+
 PREFIX = "hf:"
 PACKAGE = "pkg:"  # hf:pkg:PACKAGE/SUBDIR, a model inside an installed Python package
 # Architectures whose tensor names hf_weights.py knows, by family.
@@ -245,3 +247,40 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
     # (bfloat16 arrives as ml_dtypes' type, registered by JAX) are widened.
     return {k: v.astype(np.float32) if v.dtype.name in ("bfloat16", "float16") else v
             for k, v in tensors.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The config: an hf: init_from sets the model keys (called by config.load_config)
+
+
+def with_hf_model(data: dict) -> dict:
+    """With `finetune.init_from: hf:...`, the model's shape comes from its config.json and
+    its tokenizer is the default data.tokenizer. A model key set to another value is an
+    error (the weights could not load), not a silent override."""
+    spec = (data.get("finetune") or {}).get("init_from")
+    if not isinstance(spec, str) or not is_hf(spec):
+        return data
+    model = dict(data.get("model") or {})
+    if model.get("preset") is not None:
+        raise ConfigError(f"model.preset and finetune.init_from={spec} both set the model's "
+                          f"shape; drop model.preset (config.json sets it).")
+    try:
+        source = open_model(spec)
+        keys = source.model_keys()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model = {k: v for k, v in model.items() if not (v is None and k in keys)}  # null: take it
+    for key in SHAPE_KEYS:
+        if key in model and model[key] != keys[key]:
+            raise ConfigError(f"model.{key}={model[key]!r} conflicts with {source.directory}/"
+                              f"config.json ({keys[key]!r}); remove model.{key}: "
+                              f"finetune.init_from=hf:... sets the model's shape.")
+    data = {**data, "model": {**keys, **model}}
+    tokenizer = source.tokenizer_path
+    if (data.get("data") or {}).get("tokenizer") is None:
+        if tokenizer is None:
+            raise ConfigError(f"{source.directory} has neither tokenizer.json nor vocab.txt; "
+                              f"set data.tokenizer=PATH to the tokenizer the model was trained "
+                              f"with.")
+        data = merge_dicts(data, {"data": {"tokenizer": str(tokenizer)}})
+    return data
