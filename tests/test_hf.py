@@ -360,3 +360,20 @@ def test_hub_id_resolves_through_the_hub_cache(tmp_path, monkeypatch):
     model = hf.open_model("hf:someone/tiny-bert")
     assert model.directory == repo / "snapshots" / revision
     assert model.architecture == "BertModel" and model.tokenizer_path.name == "vocab.txt"
+
+
+def test_old_export_buffers_and_layernorm_names_are_understood(tmp_path):
+    """Older exports carry GPT-2's causal-mask buffers and BERT's LayerNorm gamma / beta."""
+    d = _copy("gpt2_model", tmp_path)
+    _resave(d, lambda t: t.update({"h.0.attn.bias": np.ones((1, 1, 48, 48), np.float32),
+                                   "h.0.attn.masked_bias": np.zeros((), np.float32)}))
+    flat, report = hf.open_model(f"hf:{d}").flat_params()
+    assert "h.0.attn.bias" in report[0] and "transformer/layers_0/attn/query/kernel" in flat
+    d = _copy("bert_model", tmp_path)
+
+    def rename(t):
+        for name in [k for k in t if k.endswith("LayerNorm.weight")]:
+            t[name.replace(".weight", ".gamma")] = t.pop(name)
+    _resave(d, rename)
+    flat, _ = hf.open_model(f"hf:{d}").flat_params()
+    assert "transformer/embed_norm/scale" in flat

@@ -89,7 +89,9 @@ def _gpt2_pairs(num_layers: int) -> list[tuple[str, str, str]]:
     return pairs
 
 
-GPT2_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
+def _gpt2_ignored(prefix: str) -> re.Pattern:
+    """Read but not used: the causal-mask buffers of old exports, the tied LM head."""
+    return re.compile(rf"^{re.escape(prefix)}h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
 
 # ---------------------------------------------------------------------------------------------
 # Layouts, both ways
@@ -171,7 +173,7 @@ def import_tensors(tensors: dict[str, np.ndarray], family: str, num_layers: int,
         prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
         backbone = [(prefix + hf, pt, lay) for hf, pt, lay in _gpt2_pairs(num_layers)]
         heads = []
-        ignored = re.compile(GPT2_IGNORED.pattern.replace("^h", f"^{re.escape(prefix)}h"))
+        ignored = _gpt2_ignored(prefix)
         tied = [("lm_head.weight", prefix + "wte.weight")]
         type_embed = None
     missing = [hf for hf, _, _ in backbone if hf not in tensors and hf != type_embed]
