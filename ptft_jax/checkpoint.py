@@ -224,10 +224,19 @@ def inference_checkpoint(run_dir: Path) -> Path:
 
 def read_params(step_dir: Path) -> dict:
     """A checkpoint's params item as host NumPy arrays, whatever mesh wrote it."""
+    from absl import logging as absl_logging
     item = Path(step_dir).absolute() / "params"
-    tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
+    # Reading one item of a step folder, Orbax warns that the item has no step metadata
+    # (that sits one level up): expected here, so kept off the user's terminal.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ocp.PyTreeCheckpointer().restore(item,
+                                                args=ocp.args.PyTreeRestore(restore_args=args))
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def read_source(path, label_names=None) -> tuple[dict, str, list[str]]:

@@ -148,6 +148,9 @@ def export_hf(run_dir, out_dir) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it 0600
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     _tokenizer_files(tokenizer, family, cfg.model.max_len, tmp)
     if out_dir.exists():
