@@ -36,6 +36,12 @@ def _train(args) -> int:
         return 2
     if summary.get("stopped_by_signal"):
         return 130
+    if summary.get("diverged"):
+        kept = summary["last_saved_step"]
+        print(f"ptft {args.command}: error: {summary['stop_reason']}; "
+              + (f"the last checkpoint, step {kept}, is intact." if kept else
+                 "no checkpoint was saved."), file=sys.stderr)
+        return 3
     line = (f"done: {summary['steps']} steps in {summary['run_dir']} | "
             f"loss {summary.get('loss', float('nan')):.4f} | "
             f"step {summary.get('step_time_s', float('nan')) * 1e3:.1f} ms | "

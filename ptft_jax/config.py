@@ -146,6 +146,13 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+    # Divergence guard: a step with a non-finite loss, gradient or update is skipped on device.
+    # The run stops (exit code 3, nothing saved from then on) after this many skipped steps in
+    # a row, or when a step's loss exceeds loss_spike_factor x the mean of the previous
+    # loss_spike_window steps (0: no spike check).
+    max_skipped_steps: int = 10
+    loss_spike_factor: float = 0.0
+    loss_spike_window: int = 50
 
 
 @dataclass
@@ -441,6 +448,8 @@ def validate(cfg: Config, num_devices: int) -> None:
                        ("model.max_len", m.max_len), ("data.seq_len", cfg.data.seq_len),
                        ("train.steps", t.steps), ("train.global_batch", t.global_batch),
                        ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
+                       ("train.max_skipped_steps", t.max_skipped_steps),
+                       ("train.loss_spike_window", t.loss_spike_window),
                        ("checkpoint.keep", cfg.checkpoint.keep)]:
         if value < 1:
             raise ConfigError(f"'{key}' is {value}; it must be at least 1.")
@@ -475,6 +484,10 @@ def validate(cfg: Config, num_devices: int) -> None:
                                       (ob.loss_chunk and cfg.data.seq_len % ob.loss_chunk)):
         raise ConfigError(f"objective.loss_chunk ({ob.loss_chunk}) must divide data.seq_len "
                           f"({cfg.data.seq_len}); 0 turns chunking off, null picks a size.")
+    if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
+        raise ConfigError(f"train.loss_spike_factor ({t.loss_spike_factor}) must be above 1 "
+                          f"(e.g. 5: stop when a step's loss is 5x the recent mean), or 0 "
+                          f"to turn the check off.")
     if o.learning_rate <= 0:
         raise ConfigError(f"optim.learning_rate ({o.learning_rate}) must be positive.")
     if o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -34,11 +35,18 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": step, "time": time.time(), **{k: _plain(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(row) + "\n")
+        # JSON has no NaN / Infinity: such values are written as null, and named in
+        # "nonfinite" so that a reader can tell them from missing ones.
+        nonfinite = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        record = {k: (None if k in nonfinite else v) for k, v in row.items()}
+        if nonfinite:
+            record["nonfinite"] = nonfinite
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)):
+                if k not in ("step", "time") and isinstance(v, (int, float)) and \
+                        k not in nonfinite:
                     self.tb.add_scalar(k, v, step)
         keys = ["step", *(k for k in (shown or row) if k in row and k not in ("step", "time"))]
         line = "  ".join(_fmt(k, row[k]) for k in keys)

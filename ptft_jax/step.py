@@ -100,8 +100,17 @@ def train_step(state: TrainState, batch: dict, key, *, task, tx, schedule, train
     grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean loss
     updates, opt_state = tx.update(grads, state.opt_state, train_params)
     params = ptree.merge(optax.apply_updates(train_params, updates), frozen)
-    metrics = {"sums": sums, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state.step)}
+    # Divergence guard: a non-finite loss, gradient or update never reaches the state; the
+    # step is skipped on device (no host sync) and reported, and the loop decides when to stop.
+    loss = sums["loss_sum"] / count
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & \
+        jnp.isfinite(optax.tree.norm(updates))
+    params, opt_state, model_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
+        (state.params, state.opt_state, state.model_state))
+    metrics = {"sums": sums, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "loss": loss, "skipped": 1 - finite.astype(jnp.int32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       model_state=model_state), metrics
 

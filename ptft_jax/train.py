@@ -221,6 +221,7 @@ def run(job: Job) -> dict:
         return values
 
     pending: list = []
+    guard = DivergenceGuard(cfg)
     last: dict = {}
     last_eval: dict = {}
     stop_reason = None
@@ -239,18 +240,29 @@ def run(job: Job) -> dict:
             state, metrics = compiled(state, batch, train_key)
             step += 1
             pending.append(metrics)
+            guard.add(step, metrics)
             writer.advance()
             at_log = step % t.log_every == 0 or step == t.steps
+            will_save = ckpt.should_save(step) or step == t.steps
+            if at_log or will_save:
+                diverged = guard.check()
+                if diverged:
+                    stop_reason = diverged
+                    break
             if at_log:
                 values = [engine.host_state(v) for v in jax.device_get(pending)]  # waits
                 elapsed = time.perf_counter() - interval_start - paused[0]
                 sums = None
-                for v in values:
+                good = [v for v in values if not np.max(v["skipped"])]
+                for v in good:  # skipped steps' sums are not finite: left out, counted
                     sums = add_sums(sums, v["sums"])
-                last = task.metrics(sums)
+                last = task.metrics(sums) if sums is not None else {}
                 last = {k: v for k, v in last.items() if np.isscalar(v)}
+                if len(good) < len(values):
+                    last["skipped_steps"] = len(values) - len(good)
                 tokens_per_s = len(values) * B * job.tokens_per_row / elapsed
-                last.update(grad_norm=float(np.mean([v["grad_norm"] for v in values])),
+                last.update(grad_norm=float(np.mean([v["grad_norm"] for v in good]))
+                            if good else float("nan"),
                             learning_rate=float(values[-1]["learning_rate"]),
                             step_time_s=elapsed / len(values), tokens_per_s=tokens_per_s,
                             examples_per_s=len(values) * B / elapsed,
@@ -258,7 +270,7 @@ def run(job: Job) -> dict:
                 if flops_per_token is not None:
                     last["mfu"] = perf.mfu(tokens_per_s, flops_per_token, peak)
                 writer.write(step, last, shown=[*task.shown, "learning_rate", "step_time_s",
-                                                "tokens_per_s", "mfu"])
+                                                "tokens_per_s", "mfu", "skipped_steps"])
                 pending = []
             at_eval = evaluating and (step == t.steps or (cfg.eval.every and
                                                           step % cfg.eval.every == 0))
@@ -286,8 +298,8 @@ def run(job: Job) -> dict:
                 interval_start = time.perf_counter()
                 paused[0] = 0.0
             stopping = stop.agreed(check_all_processes=at_log)
-            if ckpt.should_save(step) or step == t.steps or stopping or stop_reason:
-                save(step)
+            if (will_save or stopping or stop_reason) and not guard.suspect:
+                save(step)  # never a state the guard is still unsure of
             if stopping:
                 writer.info(f"Stopped by {stop.signal_name}: saved step {step}. Run the same "
                             f"command to resume.")
@@ -299,6 +311,15 @@ def run(job: Job) -> dict:
                 batch = next(batches)
                 if compiled is None:
                     compiled, _ = compile_step(engine, state, batch)
+    if stop_reason and stop_reason.startswith("diverged"):
+        kept = ckpt.latest_step()
+        writer.info(f"{stop_reason}. " + (f"The last checkpoint (step {kept}) is intact: lower "
+                                          f"optim.learning_rate (or raise optim.warmup_steps) "
+                                          f"and run the same command to resume from it."
+                                          if kept else "No checkpoint had been saved yet: "
+                                          "lower optim.learning_rate (or raise "
+                                          "optim.warmup_steps) and start again."))
+    last_saved = ckpt.latest_step()
     ckpt.close()
     if best is not None:
         best.close()
@@ -308,7 +329,52 @@ def run(job: Job) -> dict:
             "compile_seconds": compile_seconds, "peak_flops": peak,
             "flops_per_token": flops_per_token, "phase": progress.phase,
             "best": progress.best, "best_step": progress.best_step, "metric": metric,
+            "diverged": bool(stop_reason and stop_reason.startswith("diverged")),
+            "last_saved_step": last_saved,
             **last, **{f"eval/{k}": v for k, v in last_eval.items()}}
+
+
+class DivergenceGuard:
+    """Watches the per-step `skipped` flags and losses the step returns, read only at log and
+    save steps (no host sync per step). `check()` says why to stop, or None."""
+
+    def __init__(self, cfg):
+        self.max_skipped = cfg.train.max_skipped_steps
+        self.spike_factor = cfg.train.loss_spike_factor
+        self.window: list[float] = []
+        self.window_size = cfg.train.loss_spike_window
+        self.in_a_row = 0  # consecutive skipped steps, up to the last one checked
+        self.queue: list = []  # (step, skipped, loss) device scalars not read yet
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.queue.append((step, metrics["skipped"], metrics["loss"]))
+
+    def check(self) -> str | None:
+        flags = jax.device_get([(s, k, l) for s, k, l in self.queue])
+        self.queue = []
+        for step, skipped, loss in flags:
+            skipped, loss = int(np.max(skipped)), float(np.mean(loss))
+            if skipped:
+                self.in_a_row += 1
+                if self.in_a_row >= self.max_skipped:
+                    return (f"diverged: {self.in_a_row} steps in a row with a non-finite loss "
+                            f"or gradient (last at step {step}); they were skipped, and "
+                            f"nothing was saved after the last good step")
+                continue
+            self.in_a_row = 0
+            if self.spike_factor and len(self.window) == self.window_size:
+                mean = sum(self.window) / len(self.window)
+                if loss > self.spike_factor * mean:
+                    return (f"diverged: the loss at step {step} ({loss:.4g}) is over "
+                            f"train.loss_spike_factor={self.spike_factor:g} x the mean of the "
+                            f"previous {self.window_size} steps ({mean:.4g})")
+            self.window = (self.window + [loss])[-self.window_size:]
+        return None
+
+    @property
+    def suspect(self) -> bool:
+        """The last step checked was skipped: the state may be one that diverges."""
+        return self.in_a_row > 0
 
 
 class StopOnSignal:
