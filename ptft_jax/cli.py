@@ -202,6 +202,10 @@ def _data_prepare(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.steps < 1 or args.warmup < 0 or (args.torch_steps is not None and
+                                             args.torch_steps < 1):
+        return _error("bench", "--steps and --torch-steps must be at least 1, --warmup at "
+                               "least 0.")
     if args.fake_cpu_devices:  # must happen before JAX initialises
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count="

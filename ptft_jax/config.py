@@ -459,6 +459,21 @@ def validate(cfg: Config, num_devices: int) -> None:
     if m.norm_eps is not None and not 0 < m.norm_eps < 1:
         raise ConfigError(f"model.norm_eps ({m.norm_eps}) must be in (0, 1); null takes the "
                           f"norm's usual value.")
+    d = cfg.data
+    if d.shuffle_seed < 0:
+        raise ConfigError(f"data.shuffle_seed ({d.shuffle_seed}) must be a non-negative "
+                          f"integer.")
+    if d.prefetch < 1:
+        raise ConfigError(f"data.prefetch ({d.prefetch}) must be at least 1: the number of "
+                          f"batches placed on the devices ahead of the step (2 is usual).")
+    smallest = 128 if m.kind == "encoder" else 257  # a byte-level BPE starts from 256 bytes
+    if d.tokenizer is None and d.tokenizer_vocab_size < smallest:
+        raise ConfigError(f"data.tokenizer_vocab_size ({d.tokenizer_vocab_size}) is too small "
+                          f"to train a {'WordPiece' if m.kind == 'encoder' else 'byte-level BPE'}"
+                          f" tokenizer; use at least {smallest} (8192 or more is usual).")
+    if m.attention == "cudnn" and _backend() not in ("gpu", "cuda"):
+        raise ConfigError(f"model.attention 'cudnn' needs an NVIDIA GPU; this machine's JAX "
+                          f"backend is '{_backend()}'. Use model.attention=auto.")
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by "
                           f"model.num_heads ({m.num_heads}).")
@@ -495,7 +510,7 @@ def validate(cfg: Config, num_devices: int) -> None:
                           "non-negative.")
     if cfg.checkpoint.every < 0:
         raise ConfigError("checkpoint.every must be >= 0 (0 saves only at the end).")
-    _check_rules(o.weight_decay_rules, "optim.weight_decay_rules")
+    _check_rules(o.weight_decay_rules, "optim.weight_decay_rules", bool)
     _validate_finetune(cfg)
 
     # Batch layout: the global batch is split into grad_accum microbatches, each of which is
@@ -581,7 +596,12 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _check_rules(rules, key: str) -> None:
+def _backend() -> str:
+    import jax
+    return jax.default_backend()
+
+
+def _check_rules(rules, key: str, value_type=None) -> None:
     import re
     if not isinstance(rules, list) or not rules:
         raise ConfigError(f"'{key}' must be a non-empty list of [regex, value] pairs.")
@@ -592,3 +612,6 @@ def _check_rules(rules, key: str) -> None:
             re.compile(rule[0])
         except re.error as e:
             raise ConfigError(f"'{key}': rule regex {rule[0]!r} does not compile: {e}.") from None
+        if value_type is bool and not isinstance(rule[1], bool):
+            raise ConfigError(f"'{key}': the value for {rule[0]!r} must be true or false, got "
+                              f"{rule[1]!r} (a string such as \"no\" would count as true).")

@@ -39,3 +39,30 @@ def test_injected_nan_keeps_the_last_good_checkpoint_and_exits_non_zero(tmp_path
     assert any(r.get("skipped_steps") for r in rows)
     for r in rows:  # valid JSON (json.loads would take NaN; check no float is non-finite)
         assert all(v is None or not isinstance(v, float) or np.isfinite(v) for v in r.values())
+
+
+BAD_INPUTS = [
+    (["data.shuffle_seed=-1"], "data.shuffle_seed"),
+    (["data.prefetch=0"], "data.prefetch"),
+    (["data.prefetch=-1"], "data.prefetch"),
+    (["data.tokenizer_vocab_size=10"], "data.tokenizer_vocab_size"),
+    (["data.tokenizer_vocab_size=0"], "data.tokenizer_vocab_size"),
+    (["optim.weight_decay_rules=[['bias$', 'no'], ['.*', true]]"], "optim.weight_decay_rules"),
+    (["model.attention=cudnn"], "model.attention"),
+    (["train.loss_spike_factor=0.5"], "train.loss_spike_factor"),
+    (["train.max_skipped_steps=0"], "train.max_skipped_steps"),
+]
+
+
+def test_bad_inputs_get_a_one_line_error_naming_the_key_and_write_nothing(tmp_path, capsys):
+    from ptft_jax.cli import main
+    for i, (overrides, key) in enumerate(BAD_INPUTS):
+        run = tmp_path / f"run{i}"
+        code = main(["pretrain", "--config", "configs/pretrain_tiny_mlm.yaml", f"run_dir={run}",
+                     *overrides])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (overrides, err)
+        assert len(err.splitlines()) == 1 and key in err, (overrides, err)
+        assert not run.exists(), overrides
+    assert main(["bench", "--steps", "0", "--out", str(tmp_path / "bench")]) == 2
+    assert "--steps" in capsys.readouterr().err and not (tmp_path / "bench").exists()
