@@ -36,9 +36,58 @@ from ptft_jax.tasks.classify import DEFAULT_METRIC
 log = logging.getLogger(__name__)
 
 
+def check_paths(cfg: Config) -> None:
+    """run_dir (and data.cache_dir) must be folders this process can write, or creatable ones:
+    a clear error now rather than a traceback after the tokenizer or cache was built."""
+    import os
+    for key, value in (("run_dir", cfg.run_dir), ("data.cache_dir", cfg.data.cache_dir)):
+        if not value:
+            continue
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key} '{value}' is a file; give a folder path.")
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{key} '{value}' lies under '{existing}', which is a file; give "
+                              f"a folder path.")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key} '{value}' cannot be written ('{existing}' is read-only "
+                              f"for this user); choose a writable folder.")
+
+
+# Settings a resumed run must share with the run it resumes, or it would not continue the
+# same run (other masks and dropout, another task). The data stream has its own check
+# (check_data_position), and the model's shapes theirs (Checkpointer.check_shapes).
+RESUME_KEYS = ("train.seed", "train.task")
+
+
+def check_resume_config(saved: dict, cfg: Config) -> None:
+    now = cfg.to_dict()
+
+    def get(tree, dotted):
+        for part in dotted.split("."):
+            tree = (tree or {}).get(part)
+        return tree
+    for key in RESUME_KEYS:
+        before, after = get(saved, key), get(now, key)
+        if before is not None and before != after:
+            raise ConfigError(f"{key} was {before!r} in this run directory and is {after!r} "
+                              f"now: a resume must keep it (exact resume). Set {key}={before!r}, "
+                              f"or use a new run_dir.")
+    before, after = get(saved, "optim.clip_norm"), cfg.optim.clip_norm
+    if before is not None and (before == 0) != (after == 0):
+        raise ConfigError(f"optim.clip_norm was {before} in this run directory and is {after} "
+                          f"now: turning clipping on or off changes the optimizer state's "
+                          f"structure. Keep it {'0' if before == 0 else 'non-zero'}, or use a "
+                          f"new run_dir.")
+
+
 def pretrain(cfg: Config) -> dict:
     initialize_distributed(cfg.distributed)
     validate(cfg, jax.device_count())
+    check_paths(cfg)
     if task_for(cfg) in FINETUNE_TASKS:
         raise ConfigError(f"train.task '{task_for(cfg)}' is a finetuning task: run ptft "
                           f"finetune.")
@@ -48,6 +97,7 @@ def pretrain(cfg: Config) -> dict:
 def finetune(cfg: Config) -> dict:
     initialize_distributed(cfg.distributed)
     validate(cfg, jax.device_count())
+    check_paths(cfg)
     if task_for(cfg) not in FINETUNE_TASKS:
         raise ConfigError(f"ptft finetune needs train.task to be one of "
                           f"{', '.join(FINETUNE_TASKS)} (got '{task_for(cfg)}').")
@@ -131,8 +181,13 @@ def run(job: Job) -> dict:
         raise ConfigError(f"{run_dir} already holds a checkpoint at step {start_step}, at or "
                           f"past train.steps={t.steps}: nothing to do. Raise train.steps to "
                           f"continue training, or use a new run_dir.")
-    progress = Progress(**ckpt.read_meta(start_step).get("progress", {})) if start_step \
-        else Progress()
+    saved_meta = ckpt.read_meta(start_step) if start_step else {}
+    try:
+        check_resume_config(saved_meta.get("config", {}), cfg)
+    except ConfigError:
+        ckpt.close()
+        raise
+    progress = Progress(**saved_meta.get("progress", {}))
     try:
         engine = build(cfg, task, phase=progress.phase)
     except ValueError as e:

@@ -66,3 +66,34 @@ def test_bad_inputs_get_a_one_line_error_naming_the_key_and_write_nothing(tmp_pa
         assert not run.exists(), overrides
     assert main(["bench", "--steps", "0", "--out", str(tmp_path / "bench")]) == 2
     assert "--steps" in capsys.readouterr().err and not (tmp_path / "bench").exists()
+
+
+def test_run_dir_and_cache_dir_that_are_files_are_refused(tmp_path, capsys):
+    from ptft_jax.cli import main
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for overrides, key in ([f"run_dir={a_file}"], "run_dir"), \
+            ([f"run_dir={a_file / 'run'}"], "run_dir"), \
+            ([f"run_dir={tmp_path / 'run'}", f"data.cache_dir={a_file}"], "data.cache_dir"):
+        code = main(["pretrain", "--config", "configs/pretrain_tiny_mlm.yaml", *overrides])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and key in err, (overrides, err)
+    assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def test_resume_with_settings_that_break_exact_resume_is_refused(tmp_path, small_corpus, capsys):
+    from ptft_jax.cli import main
+    run = tmp_path / "run"
+    common = ["pretrain", "--config", "configs/pretrain_tiny_mlm.yaml", f"run_dir={run}",
+              f"data.corpus={small_corpus}", "data.tokenizer_vocab_size=512",
+              "checkpoint.async_save=false", *TINY]
+    assert main([*common, "train.steps=2"]) == 0
+    config = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    for override, key in (("train.seed=1", "train.seed"), ("optim.clip_norm=0", "optim.clip_norm"),
+                          ("data.shuffle_seed=5", "data.shuffle_seed")):
+        assert main([*common, "train.steps=4", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and key in err and "new run_dir" in err, err
+    assert (run / "config.yaml").read_text() == config
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
