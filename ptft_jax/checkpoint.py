@@ -50,7 +50,9 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every if every > 0 else 1,
-            enable_async_checkpointing=async_save, create=True)
+            # The folder is made at the first save, so that a run refused by a later check
+            # leaves nothing behind.
+            enable_async_checkpointing=async_save, create=False)
         self.every = every
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
@@ -69,6 +71,7 @@ class Checkpointer:
         """Starts an (async) save of `state` as step `step`; `meta` must be JSON-serialisable.
         An empty model state (no mutable collections) is not written, nor a None optimizer
         state (a params-only checkpoint, restored with `params_only`)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         items = dict(params=ocp.args.StandardSave(state.params),
                      meta=ocp.args.JsonSave({**meta, "step": step}))
         if state.opt_state is not None:  # None: a params-only checkpoint (an export)
@@ -146,13 +149,14 @@ class BestCheckpointer:
         self.metric = metric
         options = ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode=mode,
-            keep_checkpoints_without_metrics=False, create=True,
+            keep_checkpoints_without_metrics=False, create=False,
             enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=_handlers("params", "model_state",
                                                                      "meta"))
 
     def save(self, step: int, state: TrainState, meta: dict, metrics: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         items = dict(params=ocp.args.StandardSave(state.params),
                      meta=ocp.args.JsonSave({**meta, "step": step,
                                              "metrics": _json_safe(metrics)}))

@@ -132,6 +132,13 @@ def _tokenizer_train(args) -> int:
     if out.exists() and not args.force:
         return _error("tokenizer train", f"{out} already exists; pass --force to replace it, "
                                          f"or --out to write elsewhere.")
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if out.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return _error("tokenizer train", f"--out {out}: cannot write there ('{existing}' is "
+                                         f"{'a folder' if out.is_dir() else 'not a writable folder'}"
+                                         f"); give a writable file path.")
     if cfg.model.kind not in ("encoder", "decoder"):
         raise ConfigError(f"'model.kind' is '{cfg.model.kind}'; it must be encoder (WordPiece "
                           f"tokenizer) or decoder (byte-level BPE).")

@@ -20,6 +20,7 @@ from ptft_jax.config import Config, resolve_mesh_shape
 from ptft_jax.finetune import Plan, lora_spec, make_plan
 from ptft_jax.mesh import LOGICAL_RULES, global_batch_array, make_mesh, process_rows
 from ptft_jax.optim import make_optimizer
+from ptft_jax.params import flatten
 from ptft_jax.state import (TrainState, abstract_state, carry_opt_state, init_opt_state,
                             init_state, model_variables, state_shardings,
                             with_shardings)
@@ -104,6 +105,19 @@ def data_parallel_size(cfg: Config, devices=None) -> int:
     return data * fsdp
 
 
+def check_rules_match(params, rules, key: str) -> None:
+    """Every rule but a final catch-all must match some parameter of the model: a misspelt
+    regex ('bais$') would otherwise silently give its parameters the next rule's value."""
+    import re
+    paths = list(flatten(params))
+    for i, (pattern, _) in enumerate(rules):
+        last_catch_all = i == len(rules) - 1 and pattern in (".*", "", "^.*$", ".")
+        if not last_catch_all and not any(re.search(pattern, p) for p in paths):
+            raise ValueError(f"{key}: rule {pattern!r} matches no parameter of the model "
+                             f"(paths look like: {', '.join(paths[:3])}). Fix the regex or "
+                             f"drop the rule.")
+
+
 def build(cfg: Config, task, devices=None, phase: int = 0) -> Engine:
     """Builds the engine for `cfg` and `task` on `devices` (default: all) for a phase."""
     t = cfg.train
@@ -112,6 +126,7 @@ def build(cfg: Config, task, devices=None, phase: int = 0) -> Engine:
     boxed, _ = jax.eval_shape(lambda rng: model_variables(task, rng, example, lora),
                               jax.random.key(0))
     plan = make_plan(cfg, nn.unbox(boxed), phase)
+    check_rules_match(nn.unbox(boxed), cfg.optim.weight_decay_rules, "optim.weight_decay_rules")
     tx, schedule = make_optimizer(cfg.optim, t.steps, plan.lr_factors, plan.grad_masks)
     abstract, logical_specs = abstract_state(task, tx, example, plan.trainable, lora)
     static = dict(task=task, tx=tx, schedule=schedule, trainable=plan.trainable, lora=lora,

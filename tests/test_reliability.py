@@ -97,3 +97,17 @@ def test_resume_with_settings_that_break_exact_resume_is_refused(tmp_path, small
         assert len(err.splitlines()) == 1 and key in err and "new run_dir" in err, err
     assert (run / "config.yaml").read_text() == config
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_a_rule_that_matches_nothing_is_an_error_unless_it_is_the_last_catch_all(tmp_path,
+                                                                                  capsys):
+    from ptft_jax.cli import main
+    run = tmp_path / "run"
+    code = main(["pretrain", "--config", "configs/pretrain_tiny_mlm.yaml", f"run_dir={run}",
+                 "optim.weight_decay_rules=[['bais$', false], ['.*', true]]", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'bais$' matches no parameter" in err and len(err.splitlines()) == 1
+    assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+    code = main(["tokenizer", "train", "--config", "configs/pretrain_tiny_mlm.yaml",
+                 "--out", str(tmp_path)])
+    assert code == 2 and "--out" in capsys.readouterr().err
