@@ -25,7 +25,8 @@ import yaml
 
 from ptft_jax.benchmark import (device_slug, environment, load_torch_reference,
                                 state_bytes_on_first_device, timed_steps)
-from ptft_jax.config import ConfigError, load_config, validate
+from ptft_jax.config import ConfigError, load_config
+from ptft_jax.validation import validate
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.engine import build
 from ptft_jax.params import split

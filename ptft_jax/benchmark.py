@@ -25,7 +25,8 @@ import numpy as np
 import yaml
 
 from ptft_jax import perf
-from ptft_jax.config import ConfigError, load_config, validate
+from ptft_jax.config import ConfigError, load_config
+from ptft_jax.validation import validate
 from ptft_jax.models.layers import dtypes
 from ptft_jax.engine import build
 from ptft_jax.jobs import lm_task

@@ -226,6 +226,18 @@ def inference_checkpoint(run_dir: Path) -> Path:
                      f"saved one.")
 
 
+def inference_params(run_dir: Path, cfg) -> tuple[dict, Path, bool]:
+    """(params as host arrays, the step folder read, whether LoRA was merged) of a run: its
+    best checkpoint, else its latest, with LoRA adapters folded into the weights."""
+    from ptft_jax.finetune import lora_spec
+    from ptft_jax.lora import LORA_KEY, merge
+    step_dir = inference_checkpoint(run_dir)
+    params = read_params(step_dir)
+    spec = lora_spec(cfg)
+    merged = spec is not None and LORA_KEY in params
+    return (merge(params, spec) if merged else params), step_dir, merged
+
+
 def read_params(step_dir: Path) -> dict:
     """A checkpoint's params item as host NumPy arrays, whatever mesh wrote it."""
     from absl import logging as absl_logging

@@ -66,15 +66,9 @@ def _from_hf(spec: str) -> Encoder:
 
 
 def _from_run(run_dir: Path) -> Encoder:
-    from ptft_jax.checkpoint import inference_checkpoint, read_params
-    from ptft_jax.finetune import lora_spec
-    from ptft_jax.lora import LORA_KEY, merge
+    from ptft_jax.checkpoint import inference_params
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    step_dir = inference_checkpoint(run_dir)
-    params = read_params(step_dir)
-    spec = lora_spec(cfg)
-    if spec is not None and LORA_KEY in params:
-        params = merge(params, spec)
+    params, step_dir, _ = inference_params(run_dir, cfg)
     cfg.model.dropout = 0.0
     default = "mean" if cfg.model.kind == "encoder" else "last"
     return Encoder(cfg.model, params["transformer"],

@@ -16,12 +16,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from ptft_jax.checkpoint import BestCheckpointer, Checkpointer
-from ptft_jax.config import (FINETUNE_TASKS, ConfigError, from_dict, pooling_for, task_for,
-                             validate)
+from ptft_jax.config import FINETUNE_TASKS, ConfigError, from_dict, pooling_for, task_for
 from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.engine import build
 from ptft_jax.tasks.classify import ClassifyTask
+from ptft_jax.validation import validate
 
 
 def load_run(run_dir: str | Path, batch_size: int | None = None):

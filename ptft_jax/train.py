@@ -22,7 +22,8 @@ from jax.experimental import multihost_utils
 
 from ptft_jax import perf
 from ptft_jax.checkpoint import BestCheckpointer, Checkpointer
-from ptft_jax.config import Config, ConfigError, FINETUNE_TASKS, task_for, validate
+from ptft_jax.config import Config, ConfigError, FINETUNE_TASKS, task_for
+from ptft_jax.validation import validate
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.engine import Engine, build
 from ptft_jax.evaluation import metric_mode

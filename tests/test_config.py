@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from ptft_jax.config import ConfigError, load_config, resolve_mesh_shape, validate
+from ptft_jax.config import ConfigError, load_config, resolve_mesh_shape
+from ptft_jax.validation import validate
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ptft_jax.checkpoint import inference_checkpoint, read_params
+from ptft_jax.checkpoint import inference_params
 from ptft_jax.config import FINETUNE_TASKS, ConfigError, from_dict, pooling_for, task_for
 from ptft_jax.convert.hf_weights import export_tensors
 from ptft_jax.data.tokenizer import BPE_SPECIALS, WORDPIECE_SPECIALS, load_tokenizer
@@ -118,8 +118,6 @@ def export_hf(run_dir, out_dir) -> dict:
     interrupted export leaves nothing half-written at `out_dir`."""
     from safetensors.numpy import save_file
 
-    from ptft_jax.finetune import lora_spec
-    from ptft_jax.lora import LORA_KEY, merge
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -131,12 +129,7 @@ def export_hf(run_dir, out_dir) -> dict:
     finetuned = task_for(cfg) in FINETUNE_TASKS
     labels = json.loads((run_dir / "labels.json").read_text()) if finetuned else None
     family, architecture = check_exportable(cfg, labels)
-    step_dir = inference_checkpoint(run_dir)
-    params = read_params(step_dir)
-    spec = lora_spec(cfg)
-    merged = spec is not None and LORA_KEY in params
-    if merged:
-        params = merge(params, spec)
+    params, step_dir, merged = inference_params(run_dir, cfg)
     flat = {p: np.asarray(v) for p, v in flatten(unstack_layers(params)).items()}
     tensors = export_tensors(flat, family, cfg.model.num_layers,
                              with_type_embed=cfg.model.type_vocab_size > 0)

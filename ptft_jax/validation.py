@@ -1,0 +1,206 @@
+"""Validation: everything about a config that can be known before compiling.
+
+`validate(cfg, num_devices)` raises ConfigError naming the key at fault and how to fix it;
+the training commands call it before building anything expensive or writing anything.
+"""
+from __future__ import annotations
+
+import re
+
+from ptft_jax.config import (FINETUNE_TASKS, PRETRAIN_TASKS, REMAT_POLICIES, TASKS, Config,
+                             ConfigError, resolve_mesh_shape, task_for)
+
+
+def _one_of(value: str, options, key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"'{key}' is '{value}'; it must be one of: {', '.join(options)}.")
+
+
+def validate(cfg: Config, num_devices: int) -> None:
+    """Raises ConfigError naming the key at fault. Call before building anything expensive."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    _one_of(m.kind, ("encoder", "decoder"), "model.kind")
+    _one_of(m.norm, ("pre", "post"), "model.norm")
+    _one_of(m.activation, ("gelu", "gelu_tanh", "relu"), "model.activation")
+    _one_of(m.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
+    _one_of(m.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
+    _one_of(m.remat, REMAT_POLICIES, "model.remat")
+    _one_of(m.attention, ("auto", "xla", "cudnn"), "model.attention")
+    _one_of(cfg.data.format, ("auto", "text", "jsonl", "csv", "parquet"), "data.format")
+    _one_of(cfg.data.packing, ("pack", "pad"), "data.packing")
+    if not all(isinstance(t, str) and t for t in cfg.data.extra_special_tokens):
+        raise ConfigError("data.extra_special_tokens must be a list of non-empty strings, e.g. "
+                          "['<doc>', '<title>'].")
+    _one_of(cfg.mesh.parallelism, ("jit", "pmap"), "mesh.parallelism")
+    _one_of(t.task, ("auto",) + TASKS, "train.task")
+    _one_of(o.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    for key, value in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
+                       ("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim),
+                       ("model.max_len", m.max_len), ("data.seq_len", cfg.data.seq_len),
+                       ("train.steps", t.steps), ("train.global_batch", t.global_batch),
+                       ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
+                       ("train.max_skipped_steps", t.max_skipped_steps),
+                       ("train.loss_spike_window", t.loss_spike_window),
+                       ("checkpoint.keep", cfg.checkpoint.keep)]:
+        if value < 1:
+            raise ConfigError(f"'{key}' is {value}; it must be at least 1.")
+    if m.vocab_size is not None and m.vocab_size < 8:
+        raise ConfigError(f"'model.vocab_size' is {m.vocab_size}; use null to take the "
+                          f"tokenizer's size, or a size of at least the tokenizer's vocabulary.")
+    if m.norm_eps is not None and not 0 < m.norm_eps < 1:
+        raise ConfigError(f"model.norm_eps ({m.norm_eps}) must be in (0, 1); null takes the "
+                          f"norm's usual value.")
+    d = cfg.data
+    if d.shuffle_seed < 0:
+        raise ConfigError(f"data.shuffle_seed ({d.shuffle_seed}) must be a non-negative "
+                          f"integer.")
+    if d.prefetch < 1:
+        raise ConfigError(f"data.prefetch ({d.prefetch}) must be at least 1: the number of "
+                          f"batches placed on the devices ahead of the step (2 is usual).")
+    smallest = 128 if m.kind == "encoder" else 257  # a byte-level BPE starts from 256 bytes
+    if d.tokenizer is None and d.tokenizer_vocab_size < smallest:
+        raise ConfigError(f"data.tokenizer_vocab_size ({d.tokenizer_vocab_size}) is too small "
+                          f"to train a {'WordPiece' if m.kind == 'encoder' else 'byte-level BPE'}"
+                          f" tokenizer; use at least {smallest} (8192 or more is usual).")
+    if m.attention == "cudnn" and _backend() not in ("gpu", "cuda"):
+        raise ConfigError(f"model.attention 'cudnn' needs an NVIDIA GPU; this machine's JAX "
+                          f"backend is '{_backend()}'. Use model.attention=auto.")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by "
+                          f"model.num_heads ({m.num_heads}).")
+    if cfg.data.seq_len > m.max_len:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_len "
+                          f"({m.max_len}); lower data.seq_len or raise model.max_len.")
+    if task_for(cfg) == "mlm" and m.kind != "encoder":
+        raise ConfigError("train.task 'mlm' needs model.kind 'encoder' (bidirectional); "
+                          "use 'clm' for a decoder.")
+    if task_for(cfg) == "clm" and m.kind != "decoder":
+        raise ConfigError("train.task 'clm' needs model.kind 'decoder' (causal); "
+                          "use 'mlm' for an encoder.")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout ({m.dropout}) must be in [0, 1).")
+    ob = cfg.objective
+    if not 0 < ob.mask_rate < 1:
+        raise ConfigError(f"objective.mask_rate ({ob.mask_rate}) must be in (0, 1).")
+    if ob.mask_token_rate < 0 or ob.random_token_rate < 0 or \
+            ob.mask_token_rate + ob.random_token_rate > 1:
+        raise ConfigError("objective.mask_token_rate and objective.random_token_rate must be "
+                          "non-negative and sum to at most 1.")
+    if ob.loss_chunk is not None and (ob.loss_chunk < 0 or
+                                      (ob.loss_chunk and cfg.data.seq_len % ob.loss_chunk)):
+        raise ConfigError(f"objective.loss_chunk ({ob.loss_chunk}) must divide data.seq_len "
+                          f"({cfg.data.seq_len}); 0 turns chunking off, null picks a size.")
+    if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
+        raise ConfigError(f"train.loss_spike_factor ({t.loss_spike_factor}) must be above 1 "
+                          f"(e.g. 5: stop when a step's loss is 5x the recent mean), or 0 "
+                          f"to turn the check off.")
+    if o.learning_rate <= 0:
+        raise ConfigError(f"optim.learning_rate ({o.learning_rate}) must be positive.")
+    if o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be "
+                          "non-negative.")
+    if cfg.checkpoint.every < 0:
+        raise ConfigError("checkpoint.every must be >= 0 (0 saves only at the end).")
+    _check_rules(o.weight_decay_rules, "optim.weight_decay_rules", bool)
+    _validate_finetune(cfg)
+
+    # Batch layout: the global batch is split into grad_accum microbatches, each of which is
+    # split across the data-parallel devices (data * fsdp axes, or every device under pmap).
+    if cfg.mesh.parallelism == "pmap":
+        dp = num_devices
+        where = f"the {num_devices} devices (mesh.parallelism=pmap)"
+    else:
+        data, fsdp, _ = resolve_mesh_shape(cfg.mesh, num_devices)
+        dp = data * fsdp
+        where = f"the data-parallel size mesh.data*mesh.fsdp = {data}*{fsdp} = {dp}"
+    if t.global_batch % t.grad_accum:
+        raise ConfigError(f"train.global_batch ({t.global_batch}) is not divisible by "
+                          f"train.grad_accum ({t.grad_accum}).")
+    if task_for(cfg) in FINETUNE_TASKS and cfg.eval.batch_size % dp:
+        raise ConfigError(f"eval.batch_size ({cfg.eval.batch_size}) must be divisible by {where}. "
+                          f"Try eval.batch_size={_round_up(cfg.eval.batch_size, dp)}.")
+    micro = t.global_batch // t.grad_accum
+    if micro % dp:
+        raise ConfigError(f"Each microbatch (train.global_batch / train.grad_accum = {micro}) "
+                          f"must be divisible by {where}. Try train.global_batch="
+                          f"{_round_up(t.global_batch, dp * t.grad_accum)}.")
+
+
+def _validate_finetune(cfg: Config) -> None:
+    f, e, task = cfg.finetune, cfg.eval, task_for(cfg)
+    _one_of(f.pooling, ("auto", "cls", "mean", "last"), "finetune.pooling")
+    _one_of(f.unfreeze, ("none", "gradual", "adaptive"), "finetune.unfreeze")
+    for key in ("load", "dont_load", "init_fresh", "freeze"):
+        _check_regexes(getattr(f, key), f"finetune.{key}")
+    _check_regexes([f.lora_targets], "finetune.lora_targets")
+    if f.lr_multipliers:
+        _check_rules(f.lr_multipliers, "finetune.lr_multipliers")
+        for pattern, factor in f.lr_multipliers:
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+                raise ConfigError(f"finetune.lr_multipliers: the factor for {pattern!r} must be "
+                                  f"a non-negative number, got {factor!r}.")
+    if not 0 < f.layer_decay <= 1:
+        raise ConfigError(f"finetune.layer_decay ({f.layer_decay}) must be in (0, 1]; 1 turns "
+                          f"it off (0.65-0.9 are usual).")
+    for key in ("unfreeze_every", "unfreeze_patience", "unfreeze_layers"):
+        if getattr(f, key) < 1:
+            raise ConfigError(f"'finetune.{key}' is {getattr(f, key)}; it must be at least 1.")
+    if f.lora_rank < 0 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
+        raise ConfigError("finetune.lora_rank must be >= 0 (0: no LoRA), finetune.lora_alpha "
+                          "positive and finetune.lora_dropout in [0, 1).")
+    if e.every < 0 or e.early_stopping < 0 or e.batch_size < 1:
+        raise ConfigError("eval.every and eval.early_stopping must be >= 0 and eval.batch_size "
+                          ">= 1.")
+    if task in PRETRAIN_TASKS:
+        if f.linear_probe or f.lora_rank or f.unfreeze != "none" or f.freeze:
+            raise ConfigError(f"train.task is '{task}' (pretraining); the finetune.* strategies "
+                              f"(linear_probe, lora_rank, unfreeze, freeze) need a finetuning "
+                              f"task: one of {', '.join(FINETUNE_TASKS)}. (finetune.init_from "
+                              f"works for both: pretraining continues from it.)")
+        return
+    if cfg.data.label_column is None:
+        raise ConfigError(f"train.task '{task}' needs labels: set data.label_column to the "
+                          f"column that holds them.")
+    if f.unfreeze == "adaptive" and cfg.data.eval_split is None:
+        raise ConfigError("finetune.unfreeze 'adaptive' unfreezes when the validation metric "
+                          "stops improving: set data.eval_split (and eval.every).")
+    if (e.early_stopping or f.unfreeze == "adaptive") and e.every == 0:
+        raise ConfigError("eval.early_stopping and finetune.unfreeze 'adaptive' act on periodic "
+                          "evaluations: set eval.every to a number of steps.")
+    if f.linear_probe and f.unfreeze != "none":
+        raise ConfigError("finetune.linear_probe trains the head only; it cannot be combined "
+                          "with finetune.unfreeze (which unfreezes backbone layers).")
+
+
+def _check_regexes(patterns, key: str) -> None:
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"'{key}' must be a list of regex strings, got {patterns!r}.")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"'{key}': regex {p!r} does not compile: {e}.") from None
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _backend() -> str:
+    import jax
+    return jax.default_backend()
+
+
+def _check_rules(rules, key: str, value_type=None) -> None:
+    if not isinstance(rules, list) or not rules:
+        raise ConfigError(f"'{key}' must be a non-empty list of [regex, value] pairs.")
+    for rule in rules:
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ConfigError(f"'{key}': each rule must be [regex, value], got {rule!r}.")
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ConfigError(f"'{key}': rule regex {rule[0]!r} does not compile: {e}.") from None
+        if value_type is bool and not isinstance(rule[1], bool):
+            raise ConfigError(f"'{key}': the value for {rule[0]!r} must be true or false, got "
+                              f"{rule[1]!r} (a string such as \"no\" would count as true).")
