@@ -8,6 +8,7 @@
     ptft embed SOURCE [--input FILE] [--output FILE.npy|.jsonl] [--pooling mean|cls]
     ptft tokenizer train --config FILE [key.sub=value ...] [--out PATH] [--force]
     ptft data prepare --config FILE [key.sub=value ...] [--overwrite]
+    ptft checkpoints verify RUN_DIR   (every step's checksums; exit 1 if one is damaged)
     ptft bench --set cpu [--cases NAME ...] [--steps N] [--profile]
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _repo_file(relative: str):
 
 
 def _train(args) -> int:
-    from ptft_jax.checkpoint import CheckpointMismatch
+    from ptft_jax.checkpoint import CheckpointMismatch, CheckpointSaveFailed
     from ptft_jax.train import finetune, pretrain
     cfg = load_config(args.config, args.overrides)
     try:
@@ -34,6 +35,9 @@ def _train(args) -> int:
     except (ConfigError, CheckpointMismatch, ValueError) as e:
         print(f"ptft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointSaveFailed as e:
+        print(f"ptft {args.command}: error: {e}", file=sys.stderr)
+        return 4
     if summary.get("stopped_by_signal"):
         return 130
     if summary.get("diverged"):
@@ -114,6 +118,30 @@ def _predict(args) -> int:
     print(f"predicted {n} example(s)" + (f" into {args.output}" if args.output else ""),
           file=sys.stderr)
     return 0
+
+
+def _checkpoints_verify(args) -> int:
+    from pathlib import Path
+
+    from ptft_jax.integrity import verify_run
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        return _error("checkpoints", f"{run_dir} is not a folder; give a ptft run directory.")
+    rows = verify_run(run_dir)
+    if not rows:
+        return _error("checkpoints", f"{run_dir} holds no checkpoint (no checkpoints/ or best/ "
+                                     f"step folders).")
+    print(f"{'folder':<20} {'step':>8} {'arrays':>7} {'MB':>9}  status")
+    for r in rows:
+        print(f"{r['folder']:<20} {r['step']:>8} {r['arrays']:>7} {r['bytes'] / 1e6:>9.2f}  "
+              f"{r['status']}")
+    count = {kind: sum(r["status"].startswith(kind) for r in rows)
+             for kind in ("ok", "DAMAGED", "moved aside")}
+    print(f"{count['ok']} step(s) intact, {count['DAMAGED']} damaged, {count['moved aside']} "
+          f"moved aside earlier"
+          + (". A resume moves damaged steps to checkpoints_damaged/ and falls back to the "
+             "newest intact one." if count["DAMAGED"] else "."))
+    return 1 if count["DAMAGED"] else 0
 
 
 def _error(command: str, message) -> int:
@@ -312,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--shard-docs", type=int, default=10_000,
                     help="documents per resumable shard (default 10000)")
     dp.set_defaults(func=_data_prepare)
+    c = sub.add_parser("checkpoints", help="checkpoint tools")
+    c_sub = c.add_subparsers(dest="action", required=True)
+    cv = c_sub.add_parser("verify", help="read every checkpoint step of a run directory and "
+                                         "check each array's checksum; prints a table")
+    cv.add_argument("run_dir")
+    cv.set_defaults(func=_checkpoints_verify)
     b = sub.add_parser("bench", help="benchmark step time, throughput, MFU, compile time and "
                                      "memory, beside a PyTorch reference")
     b.add_argument("--set", action="append", help="a set of cases in the cases file "

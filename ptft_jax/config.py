@@ -196,6 +196,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 500  # save every N steps (and always at the end); 0 = only at the end
+    every_minutes: float = 0.0  # also save when this much wall time passed (0 = off)
     keep: int = 3
     async_save: bool = True
 

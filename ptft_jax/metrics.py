@@ -19,6 +19,7 @@ class MetricsWriter:
         self.tb = None
         if not enabled:
             return
+        supersede_rows_after(run_dir / "metrics.jsonl", initial_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
@@ -71,6 +72,30 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
         self.jsonl.close()
+
+
+def supersede_rows_after(path: Path, step: int) -> int:
+    """A resumed run trains the steps after its checkpoint again: their old rows move from
+    `path` to metrics.superseded.jsonl (kept, not lost), so every step appears once. The file
+    is rewritten through a temporary file and a rename, never left half-written. Returns how
+    many rows moved."""
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):  # a line cut by a kill: not a row
+            moved.append(line)
+            continue
+        (moved if row_step > step else keep).append(line)
+    if moved:
+        with open(path.with_name("metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in moved))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        tmp.replace(path)
+    return len(moved)
 
 
 def _plain(v):

@@ -8,10 +8,10 @@ anything is written.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import signal
-import threading
+import sys
 import time
 from pathlib import Path
 
@@ -21,8 +21,10 @@ import yaml
 from jax.experimental import multihost_utils
 
 from ptft_jax import perf
-from ptft_jax.checkpoint import BestCheckpointer, Checkpointer
+from ptft_jax.checkpoint import BestCheckpointer, Checkpointer, CheckpointSaveFailed
 from ptft_jax.config import Config, ConfigError, FINETUNE_TASKS, task_for
+from ptft_jax.integrity import DAMAGED_DIR, CheckpointDamaged
+from ptft_jax.safety import DivergenceGuard, SaveClock, StopOnSignal
 from ptft_jax.validation import validate
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.engine import Engine, build
@@ -167,53 +169,95 @@ class Progress:
         return False
 
 
+def restore_newest_intact(ckpt: Checkpointer, cfg: Config, task):
+    """(step, meta, progress, engine, state) of the run directory's newest intact checkpoint,
+    or None for a fresh run. A damaged step (missing items, unreadable, failed checksums) is
+    moved aside with a warning that names it and the fault, and the next older one is tried;
+    a checkpoint that does not fit the config is the user's to fix, and raises."""
+    while (step := ckpt.latest_step()) is not None:
+        fault = None
+        try:
+            meta = ckpt.read_meta(step)
+            check_resume_config(meta.get("config", {}), cfg)
+            progress = Progress(**meta.get("progress", {}))
+            try:
+                engine = build(cfg, task, phase=progress.phase)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            state, meta = ckpt.restore(step, engine.restore_target())
+        except CheckpointDamaged as e:
+            fault = e.fault
+        if jax.process_count() > 1:  # damage one process saw is damage for all
+            faults = multihost_utils.process_allgather(np.int32(fault is not None))
+            if faults.any() and fault is None:
+                fault = "damaged as read by another process"
+        if fault is None:
+            return step, meta, progress, engine, state
+        where = ckpt.move_aside(step, fault)
+        if jax.process_index() == 0:
+            print(f"warning: checkpoint step {step} is damaged ({fault}); moved it to {where} "
+                  f"and falling back to the previous step.", file=sys.stderr, flush=True)
+    damaged = ckpt.directory.parent / DAMAGED_DIR
+    if damaged.is_dir() and any(damaged.iterdir()):
+        raise ConfigError(f"{ckpt.directory.parent} holds no intact checkpoint: every step is "
+                          f"damaged and was moved to {damaged}. Nothing was started. Check them "
+                          f"with `ptft checkpoints verify {ckpt.directory.parent}`; use a new "
+                          f"run_dir, or move {damaged} away to start this one afresh.")
+    return None
+
+
+@contextlib.contextmanager
+def abandon_on_save_failure(ckpt, best, writer):
+    """A save that fails stops the run: what was saved before stays as it is, the other
+    writers are closed, and the error goes up to the command (one line, exit code 4)."""
+    try:
+        yield
+    except CheckpointSaveFailed as e:
+        writer.info(f"error: {e}")
+        for closer in (ckpt.close, *([best.close] if best is not None else []), writer.close):
+            try:
+                closer()
+            except Exception:  # the failure is already being reported
+                pass
+        raise
+
+
 def run(job: Job) -> dict:
     cfg, task = job.cfg, job.task
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
     t, B = cfg.train, cfg.train.global_batch
 
-    # The run directory's latest checkpoint must fit the model before anything is written.
+    # Resume from the run directory's newest intact checkpoint, else initialise (and restore
+    # a pretrained component). Nothing is written to the run directory until every check here
+    # has passed (moving a damaged step aside is the one exception: it is never deleted).
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
                         cfg.checkpoint.async_save)
-    start_step = ckpt.latest_step() or 0
-    if start_step >= t.steps:
-        ckpt.close()
-        raise ConfigError(f"{run_dir} already holds a checkpoint at step {start_step}, at or "
-                          f"past train.steps={t.steps}: nothing to do. Raise train.steps to "
-                          f"continue training, or use a new run_dir.")
-    saved_meta = ckpt.read_meta(start_step) if start_step else {}
-    try:
-        check_resume_config(saved_meta.get("config", {}), cfg)
-    except ConfigError:
-        ckpt.close()
-        raise
-    progress = Progress(**saved_meta.get("progress", {}))
-    try:
-        engine = build(cfg, task, phase=progress.phase)
-    except ValueError as e:
-        ckpt.close()
-        raise ConfigError(str(e)) from None
-    if start_step:
-        ckpt.check_shapes(start_step, engine.abstract.params)
-    finetuning = task_for(cfg) in FINETUNE_TASKS
-    evaluating = job.eval_examples is not None
-    metric, mode = eval_metric(cfg, task) if evaluating else (None, None)
-
-    # Resume from the run directory, else initialise (and restore a pretrained component).
-    # Nothing is written to the run directory until every check here has passed.
     init_key, train_key = jax.random.split(jax.random.key(t.seed))
     init_report: list = []
-    if start_step:
-        state, meta = ckpt.restore(start_step, engine.restore_target())
-    else:
-        state = engine.init(init_key)
-        if job.init_from is not None:
+    try:
+        resumed = restore_newest_intact(ckpt, cfg, task)
+        if resumed:
+            start_step, meta, progress, engine, state = resumed
+            if start_step >= t.steps:
+                raise ConfigError(f"{run_dir} already holds a checkpoint at step {start_step}, "
+                                  f"at or past train.steps={t.steps}: nothing to do. Raise "
+                                  f"train.steps to continue training, or use a new run_dir.")
+        else:
+            start_step, meta, progress = 0, {}, Progress()
             try:
-                state, init_report = job.init_from(engine, state)
+                engine = build(cfg, task, phase=progress.phase)
+                state = engine.init(init_key)
+                if job.init_from is not None:
+                    state, init_report = job.init_from(engine, state)
             except ValueError as e:
-                ckpt.close()
                 raise ConfigError(str(e)) from None
+        finetuning = task_for(cfg) in FINETUNE_TASKS
+        evaluating = job.eval_examples is not None
+        metric, mode = eval_metric(cfg, task) if evaluating else (None, None)
+    except BaseException:
+        ckpt.close()
+        raise
     job.save_files()
     loader = BatchLoader(job.train_rows, B, cfg.data.shuffle_seed, engine.rows)
     if start_step:
@@ -261,9 +305,11 @@ def run(job: Job) -> dict:
     paused[0] = 0.0
 
     def save(step):
+        t_save = time.perf_counter()
         meta = {"config": cfg.to_dict(), "data": loader.position(step), "task": task.name,
                 "progress": dataclasses.asdict(progress), **job.meta}
         ckpt.save(step, engine.host_state(state), meta)
+        paused[0] += time.perf_counter() - t_save  # checksums and the save's start: not a step
 
     def run_eval(step) -> dict:
         values = evaluate(engine, state, job.eval_examples, cfg.eval.batch_size,
@@ -278,13 +324,14 @@ def run(job: Job) -> dict:
 
     pending: list = []
     guard = DivergenceGuard(cfg)
+    clock = SaveClock(cfg.checkpoint.every_minutes)
     last: dict = {}
     last_eval: dict = {}
     stop_reason = None
     step = start_step
     interval_start = time.perf_counter()
     batch = first
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, abandon_on_save_failure(ckpt, best, writer):
         while step < t.steps:
             # Gradual unfreezing: a new phase is a new trainable set, compiled once.
             if cfg.finetune.unfreeze == "gradual" and phase_at_step(cfg, step) != progress.phase:
@@ -299,8 +346,9 @@ def run(job: Job) -> dict:
             guard.add(step, metrics)
             writer.advance()
             at_log = step % t.log_every == 0 or step == t.steps
-            will_save = ckpt.should_save(step) or step == t.steps
-            if at_log or will_save:
+            will_save = ckpt.should_save(step) or step == t.steps or clock.due(at_log)
+            stopping = stop.agreed(check_all_processes=at_log)
+            if at_log or will_save or stopping:
                 diverged = guard.check()
                 if diverged:
                     stop_reason = diverged
@@ -353,9 +401,14 @@ def run(job: Job) -> dict:
             if at_log:
                 interval_start = time.perf_counter()
                 paused[0] = 0.0
-            stopping = stop.agreed(check_all_processes=at_log)
-            if (will_save or stopping or stop_reason) and not guard.suspect:
-                save(step)  # never a state the guard is still unsure of
+            if will_save or stopping or stop_reason:
+                diverged = guard.check()  # steps since the last check (early stopping)
+                if diverged:
+                    stop_reason = diverged
+                    break
+                if not guard.suspect:  # never a state the guard is still unsure of
+                    save(step)
+                    clock.saved()
             if stopping:
                 writer.info(f"Stopped by {stop.signal_name}: saved step {step}. Run the same "
                             f"command to resume.")
@@ -375,8 +428,9 @@ def run(job: Job) -> dict:
                                           if kept else "No checkpoint had been saved yet: "
                                           "lower optim.learning_rate (or raise "
                                           "optim.warmup_steps) and start again."))
+    with abandon_on_save_failure(ckpt, best, writer):
+        ckpt.close()  # waits for the last save: a failure surfaces here
     last_saved = ckpt.latest_step()
-    ckpt.close()
     if best is not None:
         best.close()
     writer.close()
@@ -388,84 +442,3 @@ def run(job: Job) -> dict:
             "diverged": bool(stop_reason and stop_reason.startswith("diverged")),
             "last_saved_step": last_saved,
             **last, **{f"eval/{k}": v for k, v in last_eval.items()}}
-
-
-class DivergenceGuard:
-    """Watches the per-step `skipped` flags and losses the step returns, read only at log and
-    save steps (no host sync per step). `check()` says why to stop, or None."""
-
-    def __init__(self, cfg):
-        self.max_skipped = cfg.train.max_skipped_steps
-        self.spike_factor = cfg.train.loss_spike_factor
-        self.window: list[float] = []
-        self.window_size = cfg.train.loss_spike_window
-        self.in_a_row = 0  # consecutive skipped steps, up to the last one checked
-        self.queue: list = []  # (step, skipped, loss) device scalars not read yet
-
-    def add(self, step: int, metrics: dict) -> None:
-        self.queue.append((step, metrics["skipped"], metrics["loss"]))
-
-    def check(self) -> str | None:
-        flags = jax.device_get([(s, k, l) for s, k, l in self.queue])
-        self.queue = []
-        for step, skipped, loss in flags:
-            skipped, loss = int(np.max(skipped)), float(np.mean(loss))
-            if skipped:
-                self.in_a_row += 1
-                if self.in_a_row >= self.max_skipped:
-                    return (f"diverged: {self.in_a_row} steps in a row with a non-finite loss "
-                            f"or gradient (last at step {step}); they were skipped, and "
-                            f"nothing was saved after the last good step")
-                continue
-            self.in_a_row = 0
-            if self.spike_factor and len(self.window) == self.window_size:
-                mean = sum(self.window) / len(self.window)
-                if loss > self.spike_factor * mean:
-                    return (f"diverged: the loss at step {step} ({loss:.4g}) is over "
-                            f"train.loss_spike_factor={self.spike_factor:g} x the mean of the "
-                            f"previous {self.window_size} steps ({mean:.4g})")
-            self.window = (self.window + [loss])[-self.window_size:]
-        return None
-
-    @property
-    def suspect(self) -> bool:
-        """The last step checked was skipped: the state may be one that diverges."""
-        return self.in_a_row > 0
-
-
-class StopOnSignal:
-    """Turns SIGINT / SIGTERM (Ctrl-C, preemption) into a request to stop between steps, so
-    the loop saves a checkpoint instead of dying inside a step whose inputs were donated.
-    A second signal interrupts at once. On multi-host, processes agree at log steps."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None:  # the second time: stop now
-            signal.default_int_handler(signum, frame)
-        self.signal_name = signal.Signals(signum).name
-
-    def agreed(self, check_all_processes: bool) -> bool:
-        """Whether to stop now. Single-process: at once. Multi-host: only when every process
-        asks together (at log steps), so that none waits alone in a collective."""
-        if jax.process_count() == 1:
-            return self.signal_name is not None
-        if not check_all_processes:
-            return False
-        flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
-        if flags.any() and self.signal_name is None:
-            self.signal_name = "another process"
-        return bool(flags.any())
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False

@@ -101,6 +101,9 @@ def validate(cfg: Config, num_devices: int) -> None:
                           "non-negative.")
     if cfg.checkpoint.every < 0:
         raise ConfigError("checkpoint.every must be >= 0 (0 saves only at the end).")
+    if not cfg.checkpoint.every_minutes >= 0:  # also refuses NaN
+        raise ConfigError(f"checkpoint.every_minutes ({cfg.checkpoint.every_minutes}) must be "
+                          f">= 0 (0: no time-based saves; e.g. 30 saves every half hour).")
     _check_rules(o.weight_decay_rules, "optim.weight_decay_rules", bool)
     _validate_finetune(cfg)
 
