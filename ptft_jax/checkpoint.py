@@ -16,7 +16,9 @@
 """
 from __future__ import annotations
 
+import logging
 import re
+import sys
 from pathlib import Path
 
 import jax
@@ -71,9 +73,44 @@ def committed_steps(directory: Path) -> list[int]:
                   if p.name.isdigit()) if directory.is_dir() else []
 
 
+class _RepeatedSaveErrors(logging.Filter):
+    """Orbax logs a failed write with a traceback from each thread it passes through before
+    raising it; ptft reports the raised error itself, in one line."""
+    MARKS = ("raised an exception", "Save Finalize thread", "Checkpointer failed",
+             "Failed to run", "exception was never retrieved")
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if record.name == "asyncio" and "orbax" not in message and \
+                "OCDBT" not in message:
+            return True  # asyncio's own records about code that is not Orbax's
+        return not (record.levelno >= logging.ERROR and
+                    any(mark in message for mark in self.MARKS))
+
+
+def _quiet_failed_saves() -> None:
+    """Installed once: the filter above, and an unraisable-exception hook that drops the
+    'Event loop is closed' errors TensorStore's callbacks raise after a failed write (every
+    other unraisable exception still goes to the previous hook)."""
+    if getattr(_quiet_failed_saves, "done", False):
+        return
+    _quiet_failed_saves.done = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_RepeatedSaveErrors())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and \
+                "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, every: int = 0, keep: int = 3,
                  async_save: bool = True):
+        _quiet_failed_saves()
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every if every > 0 else 1,
@@ -123,7 +160,7 @@ class Checkpointer:
             arrays["opt_state"] = state.opt_state
         if _has_leaves(state.model_state):
             arrays["model_state"] = state.model_state
-        sums = {item: integrity.checksums(tree) for item, tree in arrays.items()}
+        sums = integrity.item_checksums(arrays)
         items = {item: ocp.args.StandardSave(tree) for item, tree in arrays.items()}
         items["meta"] = ocp.args.JsonSave({**meta, "step": step, "checksums": sums})
         self.wait()  # the previous save's failure is reported as that step's
@@ -256,7 +293,7 @@ class BestCheckpointer:
         items = {item: ocp.args.StandardSave(tree) for item, tree in arrays.items()}
         items["meta"] = ocp.args.JsonSave({
             **meta, "step": step, "metrics": _json_safe(metrics),
-            "checksums": {item: integrity.checksums(tree) for item, tree in arrays.items()}})
+            "checksums": integrity.item_checksums(arrays)})
         try:
             self.manager.save(step, args=ocp.args.Composite(**items),
                               metrics={self.metric: float(metrics[self.metric])}, force=True)
@@ -290,9 +327,13 @@ def _restore_verified(manager, step: int, step_dir: Path, meta: dict, args: dict
     try:
         with integrity.quiet_orbax():
             restored = manager.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:  # shapes and structure were checked: a failed read is damage
-        raise CheckpointDamaged(step_dir, f"its arrays cannot be read "
-                                          f"({integrity.short_error(e)})") from None
+    except Exception as e:  # shapes and leaf paths were checked: a failed read is damage ...
+        cause = integrity.short_error(e)
+        if "structure" in cause:  # ... unless Orbax says the trees differ: the config's fault
+            raise CheckpointMismatch(f"The checkpoint at {step_dir} has another tree structure "
+                                     f"than this config's state ({cause}). Restore the settings "
+                                     f"it was written with, or use a new run_dir.") from None
+        raise CheckpointDamaged(step_dir, f"its arrays cannot be read ({cause})") from None
     for item, expected in (meta.get("checksums") or {}).items():
         if item in args:
             fault = integrity.compare(expected, restored[item], item)

@@ -21,7 +21,8 @@ import yaml
 from jax.experimental import multihost_utils
 
 from ptft_jax import perf
-from ptft_jax.checkpoint import BestCheckpointer, Checkpointer, CheckpointSaveFailed
+from ptft_jax.checkpoint import (BestCheckpointer, Checkpointer, CheckpointSaveFailed,
+                                 committed_steps)
 from ptft_jax.config import Config, ConfigError, FINETUNE_TASKS, task_for
 from ptft_jax.integrity import DAMAGED_DIR, CheckpointDamaged
 from ptft_jax.safety import DivergenceGuard, SaveClock, StopOnSignal
@@ -410,8 +411,11 @@ def run(job: Job) -> dict:
                     save(step)
                     clock.saved()
             if stopping:
-                writer.info(f"Stopped by {stop.signal_name}: saved step {step}. Run the same "
-                            f"command to resume.")
+                writer.info(f"Stopped by {stop.signal_name}: " + (
+                    f"saved step {step}" if not guard.suspect else
+                    f"step {step} not saved, its last steps were skipped as non-finite "
+                    f"(the newest checkpoint is the last good state)")
+                    + ". Run the same command to resume.")
                 break
             if stop_reason:
                 writer.info(stop_reason)
@@ -430,7 +434,7 @@ def run(job: Job) -> dict:
                                           "optim.warmup_steps) and start again."))
     with abandon_on_save_failure(ckpt, best, writer):
         ckpt.close()  # waits for the last save: a failure surfaces here
-    last_saved = ckpt.latest_step()
+    last_saved = (committed_steps(ckpt.directory) or [None])[-1]
     if best is not None:
         best.close()
     writer.close()

@@ -153,3 +153,57 @@ def test_two_processes_read_every_row_of_an_epoch_exactly_once(tmp_path):
         steps = range(epoch * 5, epoch * 5 + 5)
         seen = [r for s in steps for r in first["seen"][s] + second["seen"][s]]
         assert sorted(seen) == list(range(40))
+
+
+def test_two_processes_stop_together_when_one_sees_a_non_finite_loss(tmp_path):
+    """A regression label of 1e30 (a finite float32) squares to inf: the process whose rows
+    hold it computes a non-finite loss, the globally reduced flag skips the step on both, and
+    with train.max_skipped_steps=1 both stop with exit code 3, every saved step finite."""
+    import gzip
+
+    from ptft_jax.data.corpus import BUNDLED
+    with gzip.open(BUNDLED["kjv"], "rt", encoding="utf-8") as f:
+        verses = [v.strip() for _ in range(20) for v in next(f).split(". ")
+                  if len(v.split()) > 4][:64]
+    rows = [{"text": v, "label": float(len(v.split()))} for v in verses]
+    rows[37]["label"] = 1e30
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from ptft_jax.data.tokenizer import train_tokenizer
+    tokenizer = tmp_path / "tokenizer.json"
+    train_tokenizer("encoder", verses, 512).save(str(tokenizer))
+    run = tmp_path / "run"
+    port = _free_port()
+    common = [f"data.corpus={data}", f"data.tokenizer={tokenizer}",
+              "data.eval_split=null", "data.seq_len=32", "model.max_len=32",
+              "train.task=regression", "train.steps=24", "train.global_batch=8",
+              "train.log_every=1", "train.progress=false", "train.max_skipped_steps=1",
+              "checkpoint.every=1", "mesh.data=2", "mesh.fsdp=2", f"run_dir={run}",
+              "distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
+              "distributed.num_processes=2"]
+    procs = {}
+    for i in range(2):
+        out, err = (open(tmp_path / f"nan{i}.{s}", "w") for s in ("out", "err"))
+        procs[i] = subprocess.Popen(
+            [sys.executable, "-m", "ptft_jax.cli", "finetune", "--config",
+             str(REPO / "configs" / "finetune_fortunes_scratch.yaml"), *common,
+             f"distributed.process_id={i}"], cwd=REPO, env=_env(2), stdout=out, stderr=err)
+        out.close()
+        err.close()
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
+        time.sleep(0.2)
+    for p in procs.values():  # one that did not stop is a failure: it would wait forever
+        if p.poll() is None:
+            p.kill()
+    codes = {i: p.wait() for i, p in procs.items()}
+    errs = {i: (tmp_path / f"nan{i}.err").read_text() for i in procs}
+    assert codes == {0: 3, 1: 3}, (codes, {i: e[-2000:] for i, e in errs.items()})
+    assert all("diverged: 1 steps in a row" in e for e in errs.values())
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    losses = _losses(run)
+    assert all(np.isfinite(losses[s]) for s in saved)
+    assert len(saved) < 24  # it stopped early, at the epoch's step that holds the bad row
+    from ptft_jax.integrity import check_step
+    for step in saved:
+        check_step(run / "checkpoints" / str(step))

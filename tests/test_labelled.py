@@ -51,6 +51,9 @@ def test_label_spaces_and_unseen_labels():
     assert multi.encode(["a,c"], "x").tolist() == [[1, 0, 1]]
     reg = LabelSpace.from_labels("regression", [0.5, 2])
     assert reg.num_outputs == 1 and reg.encode(["1.5"], "x").tolist() == [1.5]
+    for bad in ("nan", float("inf"), "1e39"):  # would make every batch holding it skipped
+        with pytest.raises(ValueError, match=r"example\(s\) \[1\] are not finite float32"):
+            reg.encode(["1.5", bad], "split 'validation'")
     with pytest.raises(ValueError, match="at least 2"):
         LabelSpace.from_labels("classification", ["x", "x"])
 

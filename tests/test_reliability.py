@@ -6,7 +6,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ptft_jax import params as ptree
-from tests.test_main_job import _ptft
 
 TINY = ["data.seq_len=64", "model.max_len=64", "train.global_batch=8", "train.progress=false",
         "train.log_every=2", "optim.warmup_steps=0"]
@@ -16,19 +15,22 @@ def _params(step_dir):
     return ptree.flatten(ocp.StandardCheckpointer().restore(step_dir / "params"))
 
 
-def test_injected_nan_keeps_the_last_good_checkpoint_and_exits_non_zero(tmp_path, small_corpus):
+def test_injected_nan_keeps_the_last_good_checkpoint_and_exits_non_zero(tmp_path, small_corpus,
+                                                                        capsys):
+    from ptft_jax.cli import main
     run = tmp_path / "run"
     common = ["--config", "configs/pretrain_tiny_mlm.yaml", f"run_dir={run}",
               f"data.corpus={small_corpus}", "data.tokenizer_vocab_size=512",
               "checkpoint.every=1", "checkpoint.keep=1", "checkpoint.async_save=false", *TINY]
-    result = _ptft("pretrain", *common, "train.steps=4")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["pretrain", *common, "train.steps=4"]) == 0
     good = _params(run / "checkpoints" / "4")
+    capsys.readouterr()
     # Resumed with a learning rate that sends the loss to inf / NaN within a few steps.
-    result = _ptft("pretrain", *common, "train.steps=40", "optim.learning_rate=1e12",
-                   "train.max_skipped_steps=3")
-    assert result.returncode == 3, (result.returncode, result.stderr[-3000:])
-    assert "diverged: 3 steps in a row" in result.stderr
+    code = main(["pretrain", *common, "train.steps=40", "optim.learning_rate=1e12",
+                 "train.max_skipped_steps=3"])
+    err = capsys.readouterr().err
+    assert code == 3, err[-3000:]
+    assert "diverged: 3 steps in a row" in err
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert len(steps) == 1  # keep=1, and still a checkpoint: the newest one saved
     kept = _params(run / "checkpoints" / str(steps[0]))
@@ -51,6 +53,7 @@ BAD_INPUTS = [
     (["model.attention=cudnn"], "model.attention"),
     (["train.loss_spike_factor=0.5"], "train.loss_spike_factor"),
     (["train.max_skipped_steps=0"], "train.max_skipped_steps"),
+    (["checkpoint.every_minutes=-1"], "checkpoint.every_minutes"),
 ]
 
 

@@ -1,7 +1,5 @@
-"""A run stopped after step k and started again ends bit-identical to an uninterrupted run."""
-import json
-import shutil
-
+"""Resuming a run directory: what may and may not change. (The bit-identical resume after a
+kill -9, mid-save included, is tested in test_faults.py.)"""
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -39,39 +37,6 @@ def _flat(tree, prefix):
             yield from _flat(v, f"{prefix}/{i}")
     elif tree is not None:
         yield prefix, tree
-
-
-def _losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
-@pytest.mark.parametrize("objective", ["mlm", "clm"])
-def test_stopped_and_resumed_run_is_bit_identical(tmp_path, small_corpus, objective):
-    # Masked LM with dropout on: the resumed run must draw the same dropout masks too.
-    extra = ("model.dropout=0.1",) if objective == "mlm" else (
-        "model.preset=gpt-tiny", "model.vocab_size=null", "model.max_len=32",
-        "model.type_vocab_size=0")
-    whole = tmp_path / "whole"
-    pretrain(_cfg(whole, small_corpus, *extra))
-    extra = (*extra, f"data.tokenizer={whole / 'tokenizer.json'}")
-
-    # A second run, killed after its step-3 checkpoint: same command, then started again.
-    stopped = tmp_path / "stopped"
-    pretrain(_cfg(stopped, small_corpus, *extra))
-    shutil.rmtree(stopped / "checkpoints" / "6")  # as if the process died before step 6
-    (stopped / "metrics.jsonl").unlink()
-    summary = pretrain(_cfg(stopped, small_corpus, *extra))
-    assert summary["start_step"] == 3 and summary["steps"] == 6
-
-    a, b = _arrays(whole, 6), _arrays(stopped, 6)
-    assert a.keys() == b.keys() and len(a) > 10
-    for path in a:
-        assert np.array_equal(a[path], b[path]), path
-    resumed_losses = _losses(stopped)
-    assert sorted(resumed_losses) == [4, 5, 6]
-    for step, loss in resumed_losses.items():
-        assert loss == _losses(whole)[step]
 
 
 def test_finished_run_directory_is_not_overwritten(tmp_path, small_corpus):

@@ -111,10 +111,17 @@ def _check_present(raw: list, where: str) -> None:
 
 def _as_floats(raw: list, where: str) -> np.ndarray:
     try:
-        return np.asarray([float(v) for v in raw], np.float32)
+        values = np.asarray([float(v) for v in raw], np.float64)
     except (TypeError, ValueError):
         bad = next(v for v in raw if not _is_number(v))
         raise ValueError(f"{where}: regression labels must be numbers, got {bad!r}.") from None
+    # NaN / inf (or a value past float32's range) would make every batch that holds it a
+    # skipped step: refused here, naming the examples.
+    bad = np.flatnonzero(~np.isfinite(values) | (np.abs(values) > np.finfo(np.float32).max))
+    if bad.size:
+        raise ValueError(f"{where}: regression label(s) of example(s) {bad[:5].tolist()} are not "
+                         f"finite float32 numbers ({values[bad[0]]!r}); fix or drop them.")
+    return values.astype(np.float32)
 
 
 def _is_number(v) -> bool:
