@@ -2,8 +2,8 @@
 steps moved aside (never deleted), and the whole-run check behind `ptft checkpoints verify`.
 
 A checksum is two uint32 sums over an array's bits, computed on device in one jitted pass:
-the plain sum (any single flipped bit changes it) and a sum weighted by odd position factors
-(swapped or shifted values change it). Integer sums wrap exactly, so the result does not
+the plain sum (any single flipped bit changes it) and the sums of its rows weighted by odd
+factors of their position (rows swapped or shifted change it). Integer sums wrap exactly, so the result does not
 depend on how the array is sharded or on which mesh restores it. They sit in the step's
 metadata item, which Orbax commits atomically with the arrays.
 """
@@ -43,16 +43,18 @@ def _leaf_checksum(x):
     else:
         uint = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
         bits = jax.lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
-    # The flat position of every element, built from iotas so that no reshape (which could
-    # move a sharded array between devices) is needed.
-    position = jnp.zeros(bits.shape, jnp.uint32)
+    # One pass over the data: the sums of each row (last axis), then the rows weighted by odd
+    # factors of their flat position. The positions come from iotas over the (small) row
+    # shape, so no reshape (which could move a sharded array between devices) is needed.
+    rows = jnp.sum(bits, axis=-1, dtype=jnp.uint32) if bits.ndim >= 2 else bits
+    position = jnp.zeros(rows.shape, jnp.uint32)
     stride = 1
-    for axis in reversed(range(bits.ndim)):
-        position = position + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * \
+    for axis in reversed(range(rows.ndim)):
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, rows.shape, axis) * \
             np.uint32(stride % 2 ** 32)
-        stride *= bits.shape[axis]
-    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
-                      jnp.sum(bits * (position * np.uint32(2) + np.uint32(1)),
+        stride *= rows.shape[axis]
+    return jnp.stack([jnp.sum(rows, dtype=jnp.uint32),
+                      jnp.sum(rows * (position * np.uint32(2) + np.uint32(1)),
                               dtype=jnp.uint32)])
 
 
