@@ -251,9 +251,9 @@ def test_kill_9_mid_save_and_at_a_random_moment_then_a_bit_identical_resume(
     assert all(r["loss"] == whole_losses[r["step"]] for r in rows)
 
 
-def _can_mount_tmpfs(path: Path) -> bool:
+def _can_mount_tmpfs(path: Path, size: str = "9m") -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(path)],
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                             capture_output=True)
     return result.returncode == 0
 
@@ -292,3 +292,28 @@ def test_a_save_that_fails_stops_the_run_and_keeps_every_earlier_step(
     finally:
         if limit == "full disk":
             subprocess.run(["umount", str(tmp_path / "small_fs")], capture_output=True)
+
+
+def test_a_read_only_run_dir_is_refused_before_anything_is_written(base_run, tmp_path,
+                                                                    small_corpus, capsys):
+    """A read-only filesystem binds root too (permission bits do not), so this runs here."""
+    from ptft_jax.cli import main
+    mount = tmp_path / "ro_fs"
+    if not _can_mount_tmpfs(mount, "64m"):
+        pytest.skip("this machine does not let the tests mount a tmpfs")
+    try:
+        shutil.copytree(base_run, mount / "resume")
+        (mount / "out").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        for run in (mount / "resume", mount / "fresh"):  # a resume, and a run to be created
+            code = main(["pretrain", "--config", "configs/pretrain_tiny_mlm.yaml",
+                         *_overrides(run, small_corpus, "train.steps=8")])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and len(err.splitlines()) == 1, err
+            assert "run_dir" in err and "read-only" in err, err
+        code = main(["tokenizer", "train", "--config", "configs/pretrain_tiny_mlm.yaml",
+                     f"data.corpus={small_corpus}", "--out", str(mount / "out" / "tok.json")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "--out" in err and len(err.splitlines()) == 1, err
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
