@@ -153,7 +153,7 @@ def _tokenizer_train(args) -> int:
     import time
     from pathlib import Path
 
-    from ptft_jax.data.sources import open_documents
+    from ptft_jax.data.opening import open_documents
     from ptft_jax.data.tokenizer import iter_texts, train_tokenizer
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "tokenizer.json"
@@ -198,7 +198,7 @@ def _data_prepare(args) -> int:
     from pathlib import Path
 
     from ptft_jax.data.cache import prepare_cache
-    from ptft_jax.data.sources import open_documents
+    from ptft_jax.data.opening import open_documents
     from ptft_jax.data.tokenizer import run_tokenizer_path
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.run_dir)

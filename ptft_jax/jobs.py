@@ -20,7 +20,7 @@ from ptft_jax.convert.hf import is_hf
 from ptft_jax.data.cache import TokenCache, prepare_cache
 from ptft_jax.data.labelled import LabelSpace, open_examples
 from ptft_jax.data.packing import Packer
-from ptft_jax.data.sources import open_documents
+from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
                                      train_tokenizer)
 from ptft_jax.engine import data_parallel_size

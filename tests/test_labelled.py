@@ -7,7 +7,7 @@ import pytest
 
 from ptft_jax.config import DataConfig
 from ptft_jax.data.labelled import Examples, LabelSpace, open_examples, predict_examples
-from ptft_jax.data.sources import open_documents
+from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import load_tokenizer, train_tokenizer
 
 

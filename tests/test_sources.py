@@ -18,7 +18,8 @@ import pytest
 from ptft_jax.config import DataConfig
 from ptft_jax.data import sources
 from ptft_jax.data.corpus import read_documents
-from ptft_jax.data.sources import from_arrays, open_documents
+from ptft_jax.data.opening import open_documents
+from ptft_jax.data.sources import from_arrays
 
 DOCS = ["the first document", "", "second one, with café", "   ", "third"]
 LABELS = [1, 0, 0, 1, 2]

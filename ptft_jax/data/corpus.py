@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ptft_jax.config import DataConfig
-from ptft_jax.data.sources import BUNDLED, open_documents
+from ptft_jax.data.opening import open_documents
+from ptft_jax.data.sources import BUNDLED
 
 __all__ = ["BUNDLED", "read_documents"]
 

@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from ptft_jax.data.cache import prepare_cache
-from ptft_jax.data.sources import open_documents
+from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer
 
 log = logging.getLogger(__name__)
