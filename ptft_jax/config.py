@@ -31,6 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-base": dict(kind="encoder", num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
     "gpt-tiny": dict(kind="decoder", num_layers=2, hidden_size=128, num_heads=2, mlp_dim=512,
                      max_len=256, vocab_size=50257),
+    "gpt-mini": dict(kind="decoder", num_layers=4, hidden_size=256, num_heads=4, mlp_dim=1024),
     "gpt2-small": dict(kind="decoder", num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
     "gpt2-medium": dict(kind="decoder", num_layers=24, hidden_size=1024, num_heads=16,
                         mlp_dim=4096),
@@ -102,8 +103,9 @@ class ObjectiveConfig:
     mask_rate: float = 0.15  # MLM: fraction of eligible tokens selected
     mask_token_rate: float = 0.8  # of the selected: replaced by [MASK]
     random_token_rate: float = 0.1  # of the selected: replaced by a random token (rest: kept)
-    # Positions per sequence whose logits are computed together in the loss (recomputed in the
-    # backward pass); 0 = all at once; null = auto (cache-sized chunks on CPU, off elsewhere).
+    # Tokens per device whose vocabulary logits the loss computes at once, with the gradient
+    # fused in (the full [tokens, vocab] logits never exist: a memory saving on accelerators);
+    # 0 = all at once; null = the measured default (tasks/vocab_loss.py: all at once).
     loss_chunk: int | None = None
 
 

@@ -26,6 +26,7 @@ from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_t
 from ptft_jax.engine import data_parallel_size
 from ptft_jax.tasks.classify import ClassifyTask
 from ptft_jax.tasks.lm import CausalLM, MaskedLM, MlmSpec
+from ptft_jax.tasks.vocab_loss import LOSS_CHUNK_AUTO_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -152,26 +153,22 @@ def mlm_spec(cfg: Config, ids: TokenIds) -> MlmSpec:
                                random_low=first_regular, random_high=ids.vocab_size)
 
 
-def resolve_loss_chunk(cfg: Config, data_parallel: int) -> int:
-    """objective.loss_chunk, or for null: on CPU, the longest chunk whose float32 logits fit
-    in about 8 MB (last-level cache) per device; elsewhere 0 (no chunking)."""
+def resolve_loss_chunk(cfg: Config) -> int:
+    """objective.loss_chunk (tokens per device per chunk of the vocabulary loss), or for null
+    the measured default: LOSS_CHUNK_AUTO_TOKENS (see benchmarks/loss_chunk.py)."""
     if cfg.objective.loss_chunk is not None:
         return cfg.objective.loss_chunk
-    if jax.default_backend() != "cpu":
-        return 0
-    rows = max(1, cfg.train.global_batch // cfg.train.grad_accum // data_parallel)
-    fits = max(1, (8 << 20) // (rows * cfg.model.vocab_size * 4))
-    length = cfg.data.seq_len
-    chunk = max(c for c in range(1, length + 1) if length % c == 0 and c <= fits)
-    return 0 if chunk == length else chunk
+    return LOSS_CHUNK_AUTO_TOKENS
 
 
 def lm_task(cfg: Config, spec: MlmSpec | None, devices=None):
     """The masked or causal LM task of `cfg` (spec: the tokenizer's masking ids, for MLM)."""
-    chunk = resolve_loss_chunk(cfg, data_parallel_size(cfg, devices))
+    chunk = resolve_loss_chunk(cfg)
+    # Under pmap the step traces one device's rows; under jit, the global batch.
+    split = 1 if cfg.mesh.parallelism == "pmap" else data_parallel_size(cfg, devices)
     if task_for(cfg) == "mlm":
-        return MaskedLM(cfg.model, spec, chunk)
-    return CausalLM(cfg.model, chunk)
+        return MaskedLM(cfg.model, spec, chunk, split)
+    return CausalLM(cfg.model, chunk, split)
 
 
 def pretrain_job(cfg: Config) -> Job:

@@ -4,7 +4,9 @@ FLOPs convention (PaLM, Chowdhery et al. 2022, appendix B): training costs
     6 * N + 12 * L * T * D   FLOPs per token,
 where N counts the weights of every matrix multiply (attention and MLP kernels, the MLM
 transform, and the tied vocabulary projection V * D; not the embedding lookups, biases or
-norms), L is the depth, T the sequence length and D the width. The attention term counts the
+norms), L is the depth, T the sequence length and D the width. Masked LM runs its head (MLM
+transform and projection) only at its masked slots, so those weights count for that share
+of the tokens. The attention term counts the
 full T x T score matrix even for causal models, as PaLM does. Peaks are dense bf16 FLOP/s.
 """
 from __future__ import annotations
@@ -32,19 +34,30 @@ PEAK_FLOPS = {
 }
 
 
+def _layer_and_head_params(cfg: ModelConfig) -> tuple[int, int]:
+    d, f, L, v = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size
+    per_layer = 4 * d * d + 2 * d * f  # q, k, v, out projections; MLP in and out
+    head = v * d + (d * d if cfg.kind == "encoder" else 0)  # tied projection (+ MLM transform)
+    return L * per_layer, head
+
+
 def matmul_params(cfg: ModelConfig, vocab_projection: bool = True) -> int:
     """N: weights that take part in a matrix multiply per token (see module docstring).
     Without `vocab_projection` (a classifier: its head runs once per example, not per
     token), the component's layers alone."""
-    d, f, L, v = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size
-    per_layer = 4 * d * d + 2 * d * f  # q, k, v, out projections; MLP in and out
-    head = v * d + (d * d if cfg.kind == "encoder" else 0)  # tied projection (+ MLM transform)
-    return L * per_layer + (head if vocab_projection else 0)
+    layers, head = _layer_and_head_params(cfg)
+    return layers + (head if vocab_projection else 0)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, vocab_projection: bool = True) -> float:
-    return 6 * matmul_params(cfg, vocab_projection) + \
-        12 * cfg.num_layers * seq_len * cfg.hidden_size
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, vocab_projection: bool = True,
+                          predicted_positions: int | None = None) -> float:
+    """Training FLOPs per token. `predicted_positions`: how many positions of each row the
+    head runs on (masked LM computes logits at its masked slots only); default all, so that
+    MFU never credits work the step skips."""
+    layers, head = _layer_and_head_params(cfg)
+    head_share = 0.0 if not vocab_projection else \
+        (predicted_positions if predicted_positions is not None else seq_len) / seq_len
+    return 6 * (layers + head * head_share) + 12 * cfg.num_layers * seq_len * cfg.hidden_size
 
 
 def device_peak_flops(device=None) -> float | None:

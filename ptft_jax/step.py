@@ -12,7 +12,6 @@ trainable ones only, and frozen ones pass through untouched (bit-identical).
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -97,18 +96,20 @@ def train_step(state: TrainState, batch: dict, key, *, task, tx, schedule, train
         grads, sums = jax.lax.psum((grads, sums), axis_name)
         model_state = jax.lax.pmean(model_state, axis_name)
     count = jnp.maximum(sums["count"], 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean loss
-    updates, opt_state = tx.update(grads, state.opt_state, train_params)
-    params = ptree.merge(optax.apply_updates(train_params, updates), frozen)
+    with jax.named_scope("optimizer"):  # named for profiles (ptft bench --profile)
+        grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean loss
+        updates, opt_state = tx.update(grads, state.opt_state, train_params)
+        params = ptree.merge(optax.apply_updates(train_params, updates), frozen)
     # Divergence guard: a non-finite loss, gradient or update never reaches the state; the
     # step is skipped on device (no host sync) and reported, and the loop decides when to stop.
     loss = sums["loss_sum"] / count
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & \
-        jnp.isfinite(optax.tree.norm(updates))
-    params, opt_state, model_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
-        (state.params, state.opt_state, state.model_state))
+    with jax.named_scope("divergence_guard"):
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & \
+            jnp.isfinite(optax.tree.norm(updates))
+        params, opt_state, model_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
+            (state.params, state.opt_state, state.model_state))
     metrics = {"sums": sums, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                "loss": loss, "skipped": 1 - finite.astype(jnp.int32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,

@@ -284,8 +284,9 @@ def run(job: Job) -> dict:
     # reported for pretraining and full finetuning only.
     all_train = len(engine.plan.trainable) == len(jax.tree.leaves(engine.abstract.params)) \
         and not engine.plan.grad_masks
-    flops_per_token = perf.train_flops_per_token(cfg.model, job.tokens_per_row,
-                                                 vocab_projection=not finetuning) \
+    flops_per_token = perf.train_flops_per_token(
+        cfg.model, job.tokens_per_row, vocab_projection=not finetuning,
+        predicted_positions=task.predicted_positions(job.tokens_per_row)) \
         if all_train else None
 
     paused = [0.0]  # seconds of the current log interval spent evaluating or compiling

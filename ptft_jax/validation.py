@@ -86,10 +86,10 @@ def validate(cfg: Config, num_devices: int) -> None:
             ob.mask_token_rate + ob.random_token_rate > 1:
         raise ConfigError("objective.mask_token_rate and objective.random_token_rate must be "
                           "non-negative and sum to at most 1.")
-    if ob.loss_chunk is not None and (ob.loss_chunk < 0 or
-                                      (ob.loss_chunk and cfg.data.seq_len % ob.loss_chunk)):
-        raise ConfigError(f"objective.loss_chunk ({ob.loss_chunk}) must divide data.seq_len "
-                          f"({cfg.data.seq_len}); 0 turns chunking off, null picks a size.")
+    if ob.loss_chunk is not None and ob.loss_chunk < 0:
+        raise ConfigError(f"objective.loss_chunk ({ob.loss_chunk}) must be a number of tokens "
+                          f"per device (e.g. 4096), 0 to turn chunking off, or null for the "
+                          f"default.")
     if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
         raise ConfigError(f"train.loss_spike_factor ({t.loss_spike_factor}) must be above 1 "
                           f"(e.g. 5: stop when a step's loss is 5x the recent mean), or 0 "

@@ -16,6 +16,20 @@ def test_bert_base_flops_per_token_by_hand():
     assert n == 108_965_376
     assert perf.matmul_params(cfg) == n
     assert perf.train_flops_per_token(cfg, seq) == 6 * n + 12 * layers * seq * d == 667_948_032
+    # Masked LM runs the head (transform + projection) at its 20 masked slots of 128 only.
+    head = d * d + vocab * d
+    assert perf.train_flops_per_token(cfg, seq, predicted_positions=20) == \
+        6 * (n - head + head * 20 / 128) + 12 * layers * seq * d
+
+
+def test_masked_lm_task_reports_its_slots_for_flops():
+    from ptft_jax.jobs import lm_task, mlm_spec
+    from ptft_jax.data.tokenizer import TokenIds
+    cfg = load_config(None, ["model.preset=bert-base", "data.seq_len=128"])
+    ids = TokenIds(vocab_size=30522, special_ids=(0, 1, 2, 3, 4), bos_id=2, eos_id=3, mask_id=4)
+    assert lm_task(cfg, mlm_spec(cfg, ids)).predicted_positions(128) == 20
+    gpt = load_config(None, ["model.preset=gpt2-small", "train.task=clm"])
+    assert lm_task(gpt, None).predicted_positions(1024) == 1024
 
 
 def test_gpt2_small_flops_and_mfu_by_hand():

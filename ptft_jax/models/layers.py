@@ -79,8 +79,10 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel on
-    GPU when shapes allow). `mask` is a boolean [batch, 1, q, k] (True = may attend) or None."""
+    """Multi-head self-attention through `jax.nn.dot_product_attention`. `mask` is a boolean
+    [batch, 1, q, k] (True = may attend) or None. `model.attention`: auto and xla run XLA's
+    attention (jax 0.10 picks xla for auto on every backend); cudnn runs cuDNN's fused kernel
+    on NVIDIA GPUs, which takes the document mask as a dense bias."""
     cfg: ModelConfig
     causal: bool
     out_std: float

@@ -134,7 +134,7 @@ class LanguageModel(nn.Module):
     """Transformer + pretraining head -> float32 logits [batch, len, vocab].
 
     `features` and `logits` split the work at the vocabulary projection, so that the loss can
-    compute logits a chunk of positions at a time (see tasks/lm.py, token_sums)."""
+    compute logits a chunk of tokens at a time (see tasks/vocab_loss.py)."""
     cfg: ModelConfig
 
     def setup(self):
@@ -145,16 +145,28 @@ class LanguageModel(nn.Module):
                                           (self.cfg.vocab_size,), jnp.float32)
 
     def features(self, tokens, segment_ids=None, positions=None, type_ids=None,
-                 train: bool = False):
+                 predict_at=None, train: bool = False):
         """What the vocabulary projection reads: the last hidden states, after BERT's MLM
-        transform for encoders."""
+        transform for encoders. `predict_at` [batch, slots] gathers the positions to predict
+        first, so that the transform and the projection run on those alone."""
         x = self.transformer(tokens, segment_ids, positions, type_ids, train)
+        if predict_at is not None:
+            x = jnp.take_along_axis(x, predict_at[..., None], axis=1)
+            x = constrain(x, ("act_batch", "act_len", "act_embed"))
         return self.mlm_head(x) if self.cfg.kind == "encoder" else x
 
     def logits(self, features):
         logits = self.transformer.attend(features)
         return logits + self.output_bias if self.cfg.kind == "encoder" else logits
 
+    @staticmethod
+    def head_params(params):
+        """The parameters `logits` reads: the tied embedding table and the output bias."""
+        head = {"transformer": {"token_embed": params["transformer"]["token_embed"]}}
+        if "output_bias" in params:
+            head["output_bias"] = params["output_bias"]
+        return head
+
     def __call__(self, tokens, segment_ids=None, positions=None, type_ids=None,
                  train: bool = False):
-        return self.logits(self.features(tokens, segment_ids, positions, type_ids, train))
+        return self.logits(self.features(tokens, segment_ids, positions, type_ids, train=train))

@@ -58,6 +58,10 @@ class Task(abc.ABC):
         """(sums, new model_state) for one batch. `example_ids` are the rows' global indices
         (randomness keyed per example does not depend on microbatches or devices)."""
 
+    def predicted_positions(self, seq_len: int) -> int:
+        """Positions per row the output head runs on (FLOPs accounting; see perf.py)."""
+        return seq_len
+
     @abc.abstractmethod
     def metrics(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
         """Metrics from sums accumulated on the host (NumPy, float64)."""

@@ -5,8 +5,8 @@ same way whether it sits in a microbatch, on another device, or in one big batch
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ import numpy as np
 from ptft_jax.config import ModelConfig, ObjectiveConfig
 from ptft_jax.models.transformer import LanguageModel
 from ptft_jax.tasks.base import Task, apply_model
+from ptft_jax.tasks.vocab_loss import ModelFns, token_sums
 
 
 @dataclass(frozen=True)
@@ -28,87 +29,60 @@ class MlmSpec:
     mask_token_rate: float = 0.8
     random_token_rate: float = 0.1
 
+    def num_slots(self, seq_len: int) -> int:
+        """Masked positions per row: ceil(mask_rate x seq_len), as BERT's
+        max_predictions_per_seq (rounded first, so 0.15 x 100 gives 15, not 16)."""
+        return max(1, math.ceil(round(self.mask_rate * seq_len, 6)))
+
     @classmethod
     def from_config(cls, cfg: ObjectiveConfig, **token_ids) -> "MlmSpec":
         return cls(mask_rate=cfg.mask_rate, mask_token_rate=cfg.mask_token_rate,
                    random_token_rate=cfg.random_token_rate, **token_ids)
 
 
-def mask_tokens(key, tokens, spec: MlmSpec, valid=None):
-    """BERT masking of one sequence [len]: select `mask_rate` of the eligible tokens; of those,
+def mask_positions(key, tokens, spec: MlmSpec, num_slots: int, valid=None):
+    """BERT masking of one sequence [len], on a fixed number of slots (BERT's
+    max_predictions_per_seq): round(mask_rate x eligible tokens) positions, at least one when
+    any token is eligible, chosen uniformly among the eligible ones; of those,
     `mask_token_rate` become [MASK], `random_token_rate` a random token, the rest stay.
+    Slots past that count point at some position and carry weight 0.
 
-    Returns (inputs, targets, weights): weights are 1.0 exactly at the selected positions.
+    Returns (inputs [len], positions [slots], targets [slots], weights [slots]).
     """
     eligible = ~jnp.isin(tokens, jnp.asarray(spec.special_ids, tokens.dtype))
     if valid is not None:
         eligible &= valid
-    k_select, k_how, k_random = jax.random.split(key, 3)
-    selected = eligible & (jax.random.uniform(k_select, tokens.shape) < spec.mask_rate)
-    how = jax.random.uniform(k_how, tokens.shape)
+    k_order, k_how, k_random = jax.random.split(key, 3)
+    # Eligible positions in random order first: the lowest scores win the slots.
+    score = jnp.where(eligible, jax.random.uniform(k_order, tokens.shape), 2.0)
+    _, positions = jax.lax.top_k(-score, num_slots)
+    n_eligible = jnp.sum(eligible)
+    n_predict = jnp.minimum(jnp.maximum(jnp.round(n_eligible * spec.mask_rate), 1), n_eligible)
+    selected = jnp.arange(num_slots) < n_predict
+    how = jax.random.uniform(k_how, (num_slots,))
     to_mask = selected & (how < spec.mask_token_rate)
     to_random = selected & (how >= spec.mask_token_rate) & \
         (how < spec.mask_token_rate + spec.random_token_rate)
-    random_tokens = jax.random.randint(k_random, tokens.shape, spec.random_low, spec.random_high,
-                                       tokens.dtype)
-    inputs = jnp.where(to_mask, spec.mask_id, jnp.where(to_random, random_tokens, tokens))
-    return inputs, tokens, selected.astype(jnp.float32)
-
-
-class ModelFns(NamedTuple):
-    """The model split at the vocabulary projection (see LanguageModel.features / .logits)."""
-    features: Callable  # (params, tokens, segment_ids, positions) -> [batch, len, dim]
-    logits: Callable  # (params, features) -> float32 logits [batch, len, vocab]
-
-
-def logit_sums(logits, targets, weights) -> dict:
-    """Cross-entropy and accuracy sums in float32 over weighted tokens."""
-    logits = logits.astype(jnp.float32)
-    # One max serves the stable log-sum-exp and the accuracy (the target is among the largest
-    # logits): no separate argmax pass over the [tokens, vocab] logits.
-    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-    log_z = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = (target_logit >= top).astype(jnp.float32)
-    return {"loss_sum": jnp.sum((log_z - target_logit) * weights),
-            "correct_sum": jnp.sum(correct * weights),
-            "count": jnp.sum(weights)}
-
-
-def token_sums(fns: ModelFns, params, features, targets, weights, chunk: int = 0) -> dict:
-    """Loss sums from features, `chunk` positions of every sequence at a time (0: all at once).
-
-    Chunks are taken along the sequence axis, so the batch axis keeps its sharding, and each
-    chunk's logits are recomputed in the backward pass rather than stored: the full
-    [batch, len, vocab] float32 logits never exist. That saves their memory on accelerators
-    and, on CPUs, keeps each chunk in cache.
-    """
-    length = features.shape[1]
-    if not chunk or chunk >= length:
-        return logit_sums(fns.logits(params, features), targets, weights)
-
-    def split(x):
-        return x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one_chunk(p, f, t, w):
-        return logit_sums(fns.logits(p, f), t, w)
-
-    def body(total, xs):
-        return jax.tree.map(jnp.add, total, one_chunk(params, *xs)), None
-
-    zero = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "count")}
-    total, _ = jax.lax.scan(body, zero, (split(features), split(targets), split(weights)))
-    return total
+    random_tokens = jax.random.randint(k_random, (num_slots,), spec.random_low,
+                                       spec.random_high, tokens.dtype)
+    targets = tokens[positions]
+    replaced = jnp.where(to_mask, spec.mask_id, jnp.where(to_random, random_tokens, targets))
+    inputs = tokens.at[positions].set(replaced, unique_indices=True)
+    return inputs, positions, targets, selected.astype(jnp.float32)
 
 
 class LanguageModelTask(Task):
-    """Shared by masked and causal LM: the model, its batches of packed rows, the metrics."""
+    """Shared by masked and causal LM: the model, its batches of packed rows, the metrics.
+
+    `loss_chunk_tokens`: tokens per device whose logits are made at once (0: all; see
+    vocab_loss.token_sums); `data_parallel`: how many ways the rows of a traced batch are
+    split across devices (1 under pmap, whose step sees one device's rows)."""
     shown = ("loss", "accuracy")
 
-    def __init__(self, cfg: ModelConfig, loss_chunk: int = 0):
+    def __init__(self, cfg: ModelConfig, loss_chunk_tokens: int = 0, data_parallel: int = 1):
         self.model = LanguageModel(cfg)
-        self.loss_chunk = loss_chunk
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.data_parallel = data_parallel
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         zeros = np.zeros((batch_size, seq_len), np.int32)
@@ -117,14 +91,20 @@ class LanguageModelTask(Task):
     def fns(self, model_state, train: bool, rngs) -> ModelFns:
         model = self.model
 
-        def features(params, tokens, segment_ids, positions):
+        def features(params, tokens, segment_ids, positions, predict_at=None):
             out, _ = apply_model(model, params, model_state, tokens, segment_ids, positions,
-                                 train=train, rngs=rngs, method=model.features)
+                                 None, predict_at, train=train, rngs=rngs,
+                                 method=model.features)
             return out
 
-        def logits(params, feats):
-            return model.apply({"params": params}, feats, method=model.logits)
-        return ModelFns(features, logits)
+        def logits(head, feats):
+            return model.apply({"params": head}, feats, method=model.logits)
+        return ModelFns(features, logits, LanguageModel.head_params)
+
+    def loss_sums(self, fns, params, features, targets, weights) -> dict:
+        rows = max(1, features.shape[0] // self.data_parallel)
+        return token_sums(fns, params, features, targets, weights, self.loss_chunk_tokens,
+                          rows_per_device=rows)
 
     def metrics(self, sums) -> dict:
         count = max(float(sums["count"]), 1.0)
@@ -134,26 +114,31 @@ class LanguageModelTask(Task):
 
 
 class MaskedLM(LanguageModelTask):
+    """BERT's masked LM. Logits are computed only at the masked slots: their hidden states
+    are gathered before the MLM transform, which cuts the vocabulary projection, the largest
+    cost at real vocabulary sizes, to about mask_rate of the positions."""
     name = "mlm"
 
-    def __init__(self, cfg: ModelConfig, spec: MlmSpec, loss_chunk: int = 0):
-        super().__init__(cfg, loss_chunk)
+    def __init__(self, cfg: ModelConfig, spec: MlmSpec, loss_chunk_tokens: int = 0,
+                 data_parallel: int = 1):
+        super().__init__(cfg, loss_chunk_tokens, data_parallel)
         self.spec = spec
+
+    def predicted_positions(self, seq_len: int) -> int:
+        return self.spec.num_slots(seq_len)
 
     def sums(self, params, model_state, batch, example_ids, key, *, train, rngs=None):
         tokens = batch["tokens"]
-        valid = batch["segment_ids"] != 0 if "segment_ids" in batch else None
+        valid = batch["segment_ids"] != 0 if "segment_ids" in batch else \
+            jnp.ones(tokens.shape, bool)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
-        if valid is None:
-            inputs, targets, weights = jax.vmap(
-                lambda k, t: mask_tokens(k, t, self.spec))(keys, tokens)
-        else:
-            inputs, targets, weights = jax.vmap(
-                lambda k, t, v: mask_tokens(k, t, self.spec, v))(keys, tokens, valid)
+        slots = self.spec.num_slots(tokens.shape[1])
+        inputs, positions, targets, weights = jax.vmap(
+            lambda k, t, v: mask_positions(k, t, self.spec, slots, v))(keys, tokens, valid)
         fns = self.fns(model_state, train, rngs)
         features = fns.features(params, inputs, batch.get("segment_ids"),
-                                batch.get("positions"))
-        return token_sums(fns, params, features, targets, weights, self.loss_chunk), model_state
+                                batch.get("positions"), predict_at=positions)
+        return self.loss_sums(fns, params, features, targets, weights), model_state
 
 
 class CausalLM(LanguageModelTask):
@@ -172,4 +157,4 @@ class CausalLM(LanguageModelTask):
             seg = batch["segment_ids"]
             nxt = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
             weights = weights * ((nxt == seg) & (nxt != 0))
-        return token_sums(fns, params, features, targets, weights, self.loss_chunk), model_state
+        return self.loss_sums(fns, params, features, targets, weights), model_state
