@@ -3,7 +3,12 @@
 global batch, timed the same way (warm-up discarded, synchronised, median of N steps).
 
 Optional: needs `torch` and `transformers` (here: pip install torch==2.13.0 transformers).
-Masked-LM masking happens inside the timed step, as it does in ptft's jitted step.
+It steps on ptft's own benchmark rows: packed documents, their positions restarting at each
+document, and a 4-D boolean attention mask that keeps documents apart (plus the causal mask
+for GPT-2), so both frameworks run attention with the mask training needs. Causal-LM labels
+stop at document boundaries as ptft's do. Masked-LM masking happens inside the timed step, as
+it does in ptft's jitted step; Hugging Face's BertForMaskedLM computes logits at every
+position, as it does in training.
 """
 from __future__ import annotations
 
@@ -34,8 +39,9 @@ def build_model(mcfg):
 
 
 def mask_tokens(tokens, vocab_size, mask_id=4, rate=0.15):
-    """BERT's 80/10/10 masking, on the device, as ptft does inside its step."""
-    selected = torch.rand(tokens.shape, device=tokens.device) < rate
+    """BERT's 80/10/10 masking, on the device, as ptft does inside its step (specials, ids
+    below SPECIAL_IDS, are never selected)."""
+    selected = (torch.rand(tokens.shape, device=tokens.device) < rate) & (tokens >= SPECIAL_IDS)
     how = torch.rand(tokens.shape, device=tokens.device)
     random_tokens = torch.randint(SPECIAL_IDS, vocab_size, tokens.shape, device=tokens.device)
     inputs = torch.where(selected & (how < 0.8), torch.full_like(tokens, mask_id), tokens)
@@ -44,8 +50,30 @@ def mask_tokens(tokens, vocab_size, mask_id=4, rate=0.15):
     return inputs, labels
 
 
-def time_case(cfg, compiled: bool, steps: int, warmup: int) -> dict:
-    """Times `steps` training steps of the reference; returns medians like ptft's rows."""
+def to_torch_batch(batch: dict, causal: bool, device: str) -> dict:
+    """ptft's host batch (NumPy tokens, segment_ids, positions) as model kwargs."""
+    tokens = torch.as_tensor(batch["tokens"], dtype=torch.long, device=device)
+    out = {"input_ids": tokens}
+    if "segment_ids" in batch:
+        seg = torch.as_tensor(batch["segment_ids"], device=device)
+        mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+        if causal:
+            mask &= torch.ones(mask.shape[1:], dtype=torch.bool, device=device).tril()
+        out["attention_mask"] = mask[:, None]  # [batch, 1, q, k], True = may attend
+        out["position_ids"] = torch.as_tensor(batch["positions"], dtype=torch.long,
+                                              device=device)
+        if causal:  # the model shifts labels: label t is position t-1's target
+            labels = tokens.clone()
+            labels[:, 1:][seg[:, 1:] != seg[:, :-1]] = -100
+            out["labels"] = labels
+    if causal and "labels" not in out:
+        out["labels"] = tokens
+    return out
+
+
+def time_case(cfg, host_batches: list[dict], compiled: bool, steps: int, warmup: int) -> dict:
+    """Times `steps` training steps of the reference on ptft's rows; returns medians like
+    ptft's rows."""
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,19 +83,18 @@ def time_case(cfg, compiled: bool, steps: int, warmup: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.optim.weight_decay,
                             betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps)
     forward = torch.compile(model) if compiled else model
-    shape = (cfg.train.global_batch, cfg.data.seq_len)
-    batches = [torch.randint(SPECIAL_IDS, cfg.model.vocab_size, shape, device=device)
-               for _ in range(2)]
+    causal = cfg.model.kind == "decoder"
+    batches = [to_torch_batch(b, causal, device) for b in host_batches]
     micro = cfg.train.global_batch // cfg.train.grad_accum
 
-    def step(tokens):
-        for chunk in tokens.split(micro):
-            if cfg.model.kind == "decoder":
-                inputs, labels = chunk, chunk  # the model shifts labels itself
-            else:
-                inputs, labels = mask_tokens(chunk, cfg.model.vocab_size)
+    def step(batch):
+        for start in range(0, cfg.train.global_batch, micro):
+            kwargs = {k: v[start:start + micro] for k, v in batch.items()}
+            if not causal:
+                kwargs["input_ids"], kwargs["labels"] = mask_tokens(kwargs["input_ids"],
+                                                                    cfg.model.vocab_size)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                loss = forward(input_ids=inputs, labels=labels).loss / cfg.train.grad_accum
+                loss = forward(**kwargs).loss / cfg.train.grad_accum
             loss.backward()
         if cfg.optim.clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)

@@ -3,8 +3,11 @@
 
 Measured honestly: compile time apart (`lower().compile()`), warm-up steps discarded, each timed
 step ends in `block_until_ready` on the new state, and the median, min and max of N steps are
-reported. Data are synthetic random tokens (pure model speed; the input pipeline has its own
-benchmark). FLOPs follow `ptft_jax.perf` (PaLM convention).
+reported. Rows are what `ptft pretrain` feeds: random documents (geometric lengths, mean 600
+tokens) packed by the training Packer, with segment ids and restarting positions, so attention
+carries the document mask; `rows: unmasked` cases drop the segment ids, to price that mask.
+The input pipeline has its own benchmark. FLOPs follow `ptft_jax.perf` (PaLM convention) and
+count only what the step computes (masked LM: the head at its masked slots).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import yaml
 
 from ptft_jax import perf
 from ptft_jax.config import ConfigError, load_config
+from ptft_jax.data.packing import Packer
 from ptft_jax.validation import validate
 from ptft_jax.models.layers import dtypes
 from ptft_jax.engine import build
@@ -35,7 +39,9 @@ from ptft_jax.tasks.lm import MlmSpec
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = REPO / "benchmarks" / "cases.yaml"
 CASE_KEYS = ("name", "preset", "objective", "seq_len", "global_batch", "parallelism", "mesh",
-             "dtype", "remat", "scan", "grad_accum", "vocab_size", "torch")
+             "dtype", "remat", "scan", "grad_accum", "vocab_size", "torch", "rows",
+             "loss_chunk")
+ROWS = ("packed", "unmasked")
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # synthetic data keeps ids below 5 free, as our tokenizers do
 
 
@@ -54,6 +60,8 @@ class Case:
     grad_accum: int
     vocab_size: int | None
     torch: bool
+    rows: str = "packed"
+    loss_chunk: int | None = None  # objective.loss_chunk; None: the default
 
     def config(self, overrides: tuple[str, ...] = ()):
         cfg = load_config(None, [
@@ -66,6 +74,8 @@ class Case:
             "model.dropout=0.0", "train.steps=1000", "optim.warmup_steps=10",
             *([f"model.vocab_size={self.vocab_size}"] if self.vocab_size else []),
             *([f"model.max_len={max(self.seq_len, 128)}"] if self.preset == "gpt-tiny" else []),
+            *([f"objective.loss_chunk={self.loss_chunk}"] if self.loss_chunk is not None
+              else []),
             *overrides])
         return cfg
 
@@ -85,7 +95,11 @@ def load_cases(path: Path, sets: list[str], names: list[str]) -> list[Case]:
             if unknown:
                 raise ConfigError(f"{path}: case {raw.get('name')} has unknown keys {unknown}; "
                                   f"valid: {', '.join(CASE_KEYS)}.")
-            by_name[raw["name"]] = (set_name, Case(**{**defaults, **raw}))
+            case = Case(**{**defaults, **raw})
+            if case.rows not in ROWS:
+                raise ConfigError(f"{path}: case {case.name} has rows: {case.rows}; use one of "
+                                  f"{', '.join(ROWS)}.")
+            by_name[raw["name"]] = (set_name, case)
     missing = [n for n in names if n not in by_name]
     if missing:
         raise ConfigError(f"No benchmark case(s) {missing} in {path}; cases: "
@@ -100,11 +114,21 @@ def load_cases(path: Path, sets: list[str], names: list[str]) -> list[Case]:
 # Measurements
 
 
-def synthetic_batches(cfg, n: int = 2, seed: int = 0) -> list[dict]:
+def synthetic_batches(cfg, n: int = 2, seed: int = 0, rows: str = "packed") -> list[dict]:
+    """`n` global batches of packed rows (tokens, segment_ids, positions) from random
+    documents, through the training Packer; `unmasked`: the tokens alone (no document mask)."""
     rng = np.random.default_rng(seed)
-    shape = (cfg.train.global_batch, cfg.data.seq_len)
-    return [{"tokens": rng.integers(len(SPECIAL_IDS), cfg.model.vocab_size, shape,
-                                    dtype=np.int32)} for _ in range(n)]
+    B, T = cfg.train.global_batch, cfg.data.seq_len
+    lengths = rng.geometric(1 / 600, size=n * B * T // 300 + 8)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = rng.integers(len(SPECIAL_IDS), cfg.model.vocab_size, int(offsets[-1]),
+                          dtype=np.int32)
+    bos = 2 if cfg.model.kind == "encoder" else None  # [CLS] / GPT-2 has no BOS
+    packer = Packer(tokens, offsets, T, bos, 3, "pack")
+    out = [packer.rows(np.arange(i * B, (i + 1) * B)) for i in range(n)]
+    if rows == "unmasked":
+        out = [{"tokens": b["tokens"]} for b in out]
+    return out
 
 
 def timed_steps(step, state, batches, key, warmup: int, steps: int):
@@ -147,7 +171,8 @@ def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
     engine = build(cfg, lm_task(cfg, spec))
     key = jax.random.key(0)
     state = engine.init(key)
-    batches = [engine.to_device(b) for b in synthetic_batches(cfg)]
+    host_batches = synthetic_batches(cfg, rows=case.rows)
+    batches = [engine.to_device(b) for b in host_batches]
 
     t0 = time.perf_counter()
     compiled = engine.step_fn.lower(state, batches[0], key).compile()
@@ -164,17 +189,24 @@ def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
 
     state, times = timed_steps(compiled, state, batches, key, warmup, steps)
     if profile_dir is not None:
-        profile_dir.mkdir(parents=True, exist_ok=True)
-        with jax.profiler.trace(str(profile_dir / case.name)):
+        from ptft_jax import profiling
+        trace_dir = profile_dir / case.name
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
             state, _ = timed_steps(compiled, state, batches, key, 0, 3)
-        row["profile"] = str(profile_dir / case.name)
+        summary = profiling.summarize(trace_dir, compiled.as_text(), steps=3)
+        (trace_dir / "summary.md").write_text(profiling.markdown(summary, case.name))
+        row["profile"] = str(trace_dir)
+        row["profile_ms_by_category"] = dict(summary["categories"])
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         row["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
 
     tokens = cfg.train.global_batch * cfg.data.seq_len
     median = statistics.median(times)
-    flops_per_token = perf.train_flops_per_token(cfg.model, cfg.data.seq_len)
+    flops_per_token = perf.train_flops_per_token(
+        cfg.model, cfg.data.seq_len,
+        predicted_positions=engine.task.predicted_positions(cfg.data.seq_len))
     tokens_per_s = tokens / median
     compute_dtype, _ = dtypes(cfg.model)
     table_peak = perf.device_peak_flops()
@@ -188,7 +220,7 @@ def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
                mfu_vs_measured_ceiling=perf.mfu(tokens_per_s, flops_per_token, ceiling))
     if table_peak is not None:
         row["mfu"] = perf.mfu(tokens_per_s, flops_per_token, table_peak * jax.device_count())
-    return row
+    return row, host_batches
 
 
 def load_torch_reference():
@@ -269,7 +301,7 @@ def run_tokenization_case(work_dir: Path, copies: int = 10) -> dict:
 
 def open_documents_bundled():
     from ptft_jax.config import DataConfig
-    from ptft_jax.data.sources import open_documents
+    from ptft_jax.data.opening import open_documents
     return open_documents(DataConfig(corpus="bundled:kjv"))
 
 
@@ -315,7 +347,7 @@ def run_pipeline(names: list[str], cases_file: Path, out_dir: Path, echo=print) 
 def environment() -> dict:
     import flax
     import optax
-    env = {"machine": _cpu_name(), "platform": jax.default_backend(),
+    env = {"machine": _cpu_name(), "isa": instruction_set(), "platform": jax.default_backend(),
            "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
            "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
            "git_commit": _git_commit(), "time": datetime.datetime.now().isoformat(
@@ -337,6 +369,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def instruction_set() -> str:
+    """The host CPU's widest vector / matrix extension (ratios against PyTorch differ a lot
+    between AVX2, AVX-512 and AMX machines)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in
+                      Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        flags = []
+    found = [name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"),
+                                     ("avx2", "AVX2"), ("sve", "SVE"), ("asimd", "NEON"))
+             if flag in flags]
+    return found[0] if found else platform.machine()
+
+
 def _git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -356,7 +403,8 @@ def device_slug(env: dict) -> str:
 
 def markdown_table(rows: list[dict], env: dict) -> str:
     head = (f"Device: {env['device_kind']} x{env['device_count']} ({env['platform']}; host "
-            f"{env['machine']}); jax {env['jax']}, flax {env['flax']}"
+            f"{env['machine']}, {env.get('isa', 'ISA unknown')}); jax {env['jax']}, "
+            f"flax {env['flax']}"
             + (f", torch {env['torch']}" if "torch" in env else "")
             + f"; commit {env['git_commit']}; {env['time']}\n\n")
     cols = ["case", "compile s", "step ms (median)", "min-max", "tokens/s",
@@ -449,9 +497,11 @@ def run(case_names: list[str], sets: list[str], steps: int, warmup: int, profile
     for case in cases:
         echo(f"[{case.name}] ...")
         row = {"case": case.name, **dataclasses.asdict(case), **env}
+        host_batches = None
         try:
-            row.update(run_jax_case(case, steps, warmup, out / "profiles" if profile else None,
-                                    overrides))
+            result, host_batches = run_jax_case(
+                case, steps, warmup, out / "profiles" if profile else None, overrides)
+            row.update(result)
         except (ConfigError, ValueError) as e:
             row["error"] = str(e).splitlines()[0]
             echo(f"[{case.name}] skipped: {row['error']}")
@@ -460,7 +510,7 @@ def run(case_names: list[str], sets: list[str], steps: int, warmup: int, profile
             for compiled in (False, True):
                 key = "torch_compile" if compiled else "torch_eager"
                 try:
-                    result = torch_ref.time_case(cfg, compiled=compiled,
+                    result = torch_ref.time_case(cfg, host_batches, compiled=compiled,
                                                  steps=torch_steps or steps, warmup=warmup)
                     row.update({f"{key}_{k}": v for k, v in result.items()})
                 except Exception as e:  # the reference must never stop the suite

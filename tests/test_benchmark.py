@@ -2,20 +2,33 @@
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
 from ptft_jax import benchmark
 
 ALL_CASES = benchmark.load_cases(benchmark.DEFAULT_CASES, ["cpu", "memory", "accelerator"], [])
+
+
+def _distinct_steps(cases):
+    """One case per step that differs once shrunk to TINY: sizes and vocabularies drop out."""
+    seen = {}
+    for c in cases:
+        key = (c.objective, c.parallelism, str(c.mesh), c.remat, c.scan, c.grad_accum, c.rows,
+               c.loss_chunk is not None)  # TINY sets the dtype
+        seen.setdefault(key, c)
+    return list(seen.values())
 # Shrink the model and batch; keep each case's parallelism, mesh, dtype, remat, scan, accum.
 TINY = ("model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.mlp_dim=128",
         "model.vocab_size=256", "model.max_len=32", "data.seq_len=16", "train.global_batch=32",
         "model.dtype=float32")
 
 
-@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
-def test_every_case_runs_two_steps(case):
-    row = benchmark.run_jax_case(case, steps=2, warmup=0, profile_dir=None, overrides=TINY)
+@pytest.mark.parametrize("case", _distinct_steps(ALL_CASES), ids=lambda c: c.name)
+def test_every_kind_of_case_runs_two_steps(case):
+    row, batches = benchmark.run_jax_case(case, steps=2, warmup=0, profile_dir=None,
+                                          overrides=TINY)
+    assert ("segment_ids" in batches[0]) == (case.rows == "packed")
     assert row["steps_timed"] == 2 and row["step_ms_median"] > 0
     assert row["state_bytes_per_device"] > 0 and row["compile_s"] > 0
     assert 0 < row["mfu_vs_measured_ceiling"] < 10
@@ -47,10 +60,21 @@ def test_run_writes_jsonl_markdown_and_chart(tmp_path):
                     reason="the PyTorch reference is optional (torch, transformers)")
 def test_torch_reference_runs_a_step():
     torch_ref = benchmark.load_torch_reference()
-    cfg = benchmark.load_cases(benchmark.DEFAULT_CASES, [], ["bert-tiny-mlm-s128"])[0] \
-        .config(TINY)
-    result = torch_ref.time_case(cfg, compiled=False, steps=2, warmup=0)
-    assert result["step_ms_median"] > 0 and result["tokens_per_s"] > 0
+    for name in ("bert-mini-mlm-s128", "gpt-tiny-clm-s256"):
+        cfg = benchmark.load_cases(benchmark.DEFAULT_CASES, [], [name])[0].config(TINY)
+        batches = benchmark.synthetic_batches(cfg)
+        result = torch_ref.time_case(cfg, batches, compiled=False, steps=2, warmup=0)
+        assert result["step_ms_median"] > 0 and result["tokens_per_s"] > 0
+
+
+def test_packed_rows_carry_documents_apart():
+    cfg = benchmark.load_cases(benchmark.DEFAULT_CASES, [], ["gpt-tiny-clm-s256"])[0].config()
+    (batch,) = benchmark.synthetic_batches(cfg, n=1)
+    seg, pos = batch["segment_ids"], batch["positions"]
+    assert seg.shape == pos.shape == (16, 256) and seg.min() >= 1
+    starts = np.diff(seg, axis=1) != 0
+    assert starts.any()  # several documents share rows: the attention mask matters
+    assert np.all(pos[:, 1:][starts] == 0)  # positions restart at each document
 
 
 def test_pipeline_case_moves_batches_to_the_device(tmp_path):
@@ -76,3 +100,15 @@ def test_finetune_cases_run_and_lora_trains_a_sliver(tmp_path):
     assert "step_ms_median" not in by["bert-base-lora8"]  # compile only
     table = next(tmp_path.iterdir()).joinpath("finetune-latest.md").read_text()
     assert "bert-base-lora8: gradients + optimizer state" in table
+
+
+def test_profile_splits_step_time_by_model_part(tmp_path):
+    case = benchmark.load_cases(benchmark.DEFAULT_CASES, [], ["bert-mini-mlm-s128"])[0]
+    row, _ = benchmark.run_jax_case(case, steps=1, warmup=0, profile_dir=tmp_path,
+                                    overrides=TINY)
+    parts = row["profile_ms_by_category"]
+    for part in ("MLP", "attention projections", "vocabulary projection + loss",
+                 "MLM transform", "layer norms"):
+        assert parts.get(part, 0) > 0, (part, parts)
+    summary = (tmp_path / case.name / "summary.md").read_text()
+    assert "| backward |" in summary and "transpose(jvp(" in summary
