@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from ptft_jax.config import Config, ConfigError, pooling_for, task_for
 from ptft_jax.convert.hf import is_hf
-from ptft_jax.data.cache import TokenCache, prepare_cache
+from ptft_jax.data.cache import TokenCache, prepare_cache_once
 from ptft_jax.data.labelled import LabelSpace, open_examples
 from ptft_jax.data.packing import Packer
 from ptft_jax.data.opening import open_documents
@@ -135,16 +135,8 @@ def open_token_cache(cfg: Config, run_dir: Path, documents) -> TokenCache:
     """The pre-tokenized cache of the documents, built on first use (resumably) by process 0;
     the other processes open it once it is ready (the cache folder must be shared)."""
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
-    tokenizer_path = run_dir / "tokenizer.json"
-    cache = None
-    if jax.process_index() == 0:
-        cache = prepare_cache(documents, tokenizer_path, cache_dir, cfg.data.num_workers,
-                              progress=cfg.train.progress)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("ptft token cache ready")
-        if cache is None:
-            cache = TokenCache.open(cache_dir, tokenizer_path, documents)
-    return cache
+    return prepare_cache_once(documents, run_dir / "tokenizer.json", cache_dir,
+                              cfg.data.num_workers, progress=cfg.train.progress)
 
 
 def mlm_spec(cfg: Config, ids: TokenIds) -> MlmSpec:

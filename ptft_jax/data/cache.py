@@ -269,6 +269,24 @@ def prepare_cache(documents: Documents, tokenizer_path: str | Path, cache_dir: s
     return cache
 
 
+def prepare_cache_once(documents: Documents, tokenizer_path: str | Path, cache_dir: str | Path,
+                       num_workers: int = 0, progress: bool = True) -> TokenCache:
+    """`prepare_cache` on a multi-host run: process 0 builds (or reuses) the cache, the others
+    wait for it and open it, so two processes never race for the folder's lock (the folder
+    must be shared between hosts). On one process, just `prepare_cache`."""
+    import jax
+    from jax.experimental import multihost_utils
+    cache = None
+    if jax.process_index() == 0:
+        cache = prepare_cache(documents, tokenizer_path, cache_dir, num_workers,
+                              progress=progress)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"ptft token cache ready: {cache_dir}")
+        if cache is None:
+            cache = TokenCache.open(cache_dir, tokenizer_path, documents)
+    return cache
+
+
 def _same_inputs(a: dict, b: dict) -> bool:
     """Same tokenizer bytes, same source data, same format; paths and names may differ."""
     def key(d: dict) -> tuple:

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ptft_jax.data.cache import prepare_cache
+from ptft_jax.data.cache import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer
 
@@ -251,9 +251,10 @@ def open_examples(data_cfg, split: str, tokenizer_path, cache_root, kind: str,
         columns.append((pair_column, second))
     streams = []
     for column, docs in columns:
-        cache = prepare_cache(docs, tokenizer_path, _cache_dir(cache_root, cfg.corpus, split,
-                                                               column),
-                              data_cfg.num_workers, progress=progress)
+        # Multi-host: process 0 tokenizes, the others open its cache (no race for the lock).
+        cache = prepare_cache_once(docs, tokenizer_path,
+                                   _cache_dir(cache_root, cfg.corpus, split, column),
+                                   data_cfg.num_workers, progress=progress)
         streams.append((cache.tokens, cache.offsets))
     raw = documents.labels(0, len(documents))
     if label_space is None:
