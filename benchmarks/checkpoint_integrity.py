@@ -40,18 +40,6 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _instruction_set() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    for name, flag in (("AMX", "amx_tile"), ("AVX-512", "avx512f"), ("AVX2", "avx2")):
-        if flag in flags:
-            return name
-    return "below AVX2"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="bert-base")
@@ -87,7 +75,7 @@ def main() -> None:
     out = RESULTS / device_slug(env)
     out.mkdir(parents=True, exist_ok=True)
     table = (
-        f"Checkpoint checksums on {env['machine']}, {_instruction_set()} ({env['platform']} "
+        f"Checkpoint checksums on {env['machine']}, {env['isa']} ({env['platform']} "
         f"x{env['device_count']}), jax {env['jax']}, commit {env['git_commit']}, {env['time']}\n\n"
         f"State: {args.preset} MLM, vocabulary 30522, params + AdamW moments, "
         f"{n_bytes / 1e6:,.0f} MB in {len(jax.tree.leaves(arrays))} arrays, float32. "

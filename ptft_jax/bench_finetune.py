@@ -164,7 +164,7 @@ def _line(r: dict) -> str:
 
 def markdown(rows: list[dict], env: dict) -> str:
     head = (f"Finetuning cases on {env['device_kind']} x{env['device_count']} (host "
-            f"{env['machine']}); jax {env['jax']}"
+            f"{env['machine']}, {env['isa']}); jax {env['jax']}"
             + (f", torch {env['torch']}" if "torch" in env else "")
             + f"; commit {env['git_commit']}; {env['time']}\n\n")
     cols = ["case", "trainable", "grad + opt state MB", "XLA temp MB", "compile s",

@@ -326,7 +326,8 @@ def run_pipeline(names: list[str], cases_file: Path, out_dir: Path, echo=print) 
     lines += [f"| {r['case']} | {r['seq_len']} | {r['global_batch']} | {r.get('packing')} | "
               f"{r['host_tokens_per_s'] / 1e6:.1f}M | {r['to_device_tokens_per_s'] / 1e6:.1f}M |"
               for r in rows]
-    table = (f"Input pipeline on {env['machine']} ({env['device_kind']} x{env['device_count']}),"
+    table = (f"Input pipeline on {env['machine']}, {env['isa']} ({env['device_kind']} "
+             f"x{env['device_count']}),"
              f" commit {env['git_commit']}, {env['time']}\n\n" + "\n".join(lines) + "\n\n"
              f"Tokenization into the cache ({tokenization['case']}, "
              f"{tokenization['documents']:,} documents, {tokenization['workers']} worker(s)): "
