@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from ptft_jax import params as ptree
 from ptft_jax.config import load_config
@@ -19,8 +20,10 @@ from tests.test_main_job import _ptft
 SHORT = ["data.seq_len=32", "model.max_len=32", "train.progress=false"]
 
 
-def _pretrained(tmp_path, small_corpus):
-    run = tmp_path / "pre"
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, small_corpus):
+    """One short pretraining run that every test here finetunes from (they only read it)."""
+    run = tmp_path_factory.mktemp("pretrained") / "pre"
     pretrain(load_config("configs/pretrain_tiny_mlm.yaml", [
         f"run_dir={run}", f"data.corpus={small_corpus}", "data.tokenizer_vocab_size=512",
         "train.steps=2", "train.global_batch=8", "checkpoint.every=0", *SHORT]))
@@ -41,8 +44,8 @@ def _labelled(tmp_path, n_train=48, n_eval=20):
     return paths
 
 
-def test_pretrained_component_restores_alone_into_a_classifier(tmp_path, small_corpus):
-    pre = _pretrained(tmp_path, small_corpus)
+def test_pretrained_component_restores_alone_into_a_classifier(tmp_path, pretrained):
+    pre = pretrained
     train, _ = _labelled(tmp_path)
     cfg = load_config("configs/finetune_fortunes_full.yaml", [
         f"run_dir={tmp_path / 'ft'}", f"finetune.init_from={pre}", f"data.corpus={train}",
@@ -65,8 +68,8 @@ def test_pretrained_component_restores_alone_into_a_classifier(tmp_path, small_c
     assert any("mlm_head" in line for line in report)  # the pretraining head is left out
 
 
-def test_finetune_eval_and_predict_end_to_end(tmp_path, small_corpus):
-    pre = _pretrained(tmp_path, small_corpus)
+def test_finetune_eval_and_predict_end_to_end(tmp_path, pretrained):
+    pre = pretrained
     train, evaluation = _labelled(tmp_path)
     run = tmp_path / "ft"
     result = _ptft("finetune", "--config", "configs/finetune_fortunes_full.yaml",
@@ -102,10 +105,10 @@ def test_finetune_eval_and_predict_end_to_end(tmp_path, small_corpus):
     assert result.returncode == 2 and "no finetuned head" in result.stderr
 
 
-def test_lora_run_exports_merged_weights_that_predict_the_same(tmp_path, small_corpus):
+def test_lora_run_exports_merged_weights_that_predict_the_same(tmp_path, pretrained):
     from ptft_jax.predict import export_run, predict_run
     from ptft_jax.train import finetune
-    pre = _pretrained(tmp_path, small_corpus)
+    pre = pretrained
     train, _ = _labelled(tmp_path)
     run = tmp_path / "lora"
     finetune(load_config("configs/finetune_fortunes_lora.yaml", [
