@@ -56,7 +56,8 @@ def step_rows(vocabs, chunks, steps: int, batch: int | None = None, objectives=t
 
 def num_chunks(objective: str, rows: int, seq_len: int, chunk: int) -> int:
     """How many chunks the loss of one device's rows is cut into (masked LM: its slots)."""
-    length = MlmSpec(0, (), 0, 1).num_slots(seq_len) if objective == "mlm" else seq_len
+    spec = MlmSpec(mask_id=4, special_ids=benchmark.SPECIAL_IDS, random_low=5, random_high=6)
+    length = spec.num_slots(seq_len) if objective == "mlm" else seq_len
     return length // positions_per_chunk(rows, length, chunk)
 
 

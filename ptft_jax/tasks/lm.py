@@ -40,18 +40,17 @@ class MlmSpec:
                    random_token_rate=cfg.random_token_rate, **token_ids)
 
 
-def mask_positions(key, tokens, spec: MlmSpec, num_slots: int, valid=None):
+def mask_positions(key, tokens, spec: MlmSpec, num_slots: int, valid):
     """BERT masking of one sequence [len], on a fixed number of slots (BERT's
     max_predictions_per_seq): round(mask_rate x eligible tokens) positions, at least one when
     any token is eligible, chosen uniformly among the eligible ones; of those,
     `mask_token_rate` become [MASK], `random_token_rate` a random token, the rest stay.
     Slots past that count point at some position and carry weight 0.
 
-    Returns (inputs [len], positions [slots], targets [slots], weights [slots]).
+    `valid` [len] marks real tokens (not padding). Returns (inputs [len], positions [slots],
+    targets [slots], weights [slots]).
     """
-    eligible = ~jnp.isin(tokens, jnp.asarray(spec.special_ids, tokens.dtype))
-    if valid is not None:
-        eligible &= valid
+    eligible = valid & ~jnp.isin(tokens, jnp.asarray(spec.special_ids, tokens.dtype))
     k_order, k_how, k_random = jax.random.split(key, 3)
     # Eligible positions in random order first: the lowest scores win the slots.
     score = jnp.where(eligible, jax.random.uniform(k_order, tokens.shape), 2.0)

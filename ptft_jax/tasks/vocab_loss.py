@@ -50,6 +50,10 @@ def logit_sums(logits, targets, weights) -> dict:
     # logits): no separate argmax pass over the [tokens, vocab] logits.
     top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     log_z = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+    return _sums(logits, top, log_z, targets, weights)
+
+
+def _sums(logits, top, log_z, targets, weights) -> dict:
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     correct = (target_logit >= top).astype(jnp.float32)
     return {"loss_sum": jnp.sum((log_z - target_logit) * weights),
@@ -63,11 +67,7 @@ def _sums_and_dlogits(logits, targets, weights):
     top = jnp.max(logits, axis=-1, keepdims=True)
     exp = jnp.exp(logits - top)
     total = jnp.sum(exp, axis=-1, keepdims=True)
-    log_z = (top + jnp.log(total))[..., 0]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    sums = {"loss_sum": jnp.sum((log_z - target_logit) * weights),
-            "correct_sum": jnp.sum((target_logit >= top[..., 0]) * weights),
-            "count": jnp.sum(weights)}
+    sums = _sums(logits, top[..., 0], (top + jnp.log(total))[..., 0], targets, weights)
     is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == \
         targets[..., None]
     dlogits = (exp / total - is_target) * weights[..., None]
