@@ -413,7 +413,16 @@ def read_source(path, label_names=None) -> tuple[dict, str, list[str]]:
             report.append(_match_hf_labels(flat, source.config, label_names))
         return unflatten(flat), f"{source.directory} ({source.architecture})", report
     step_dir, step = pretrained_source(path)
-    return read_params(step_dir), f"{step_dir} (step {step})", []
+    tree, report = read_params(step_dir), []
+    # A classifier head trained on other classes (an image component pretrained on five
+    # classes, finetuned on five others) is left out, to be initialised fresh.
+    saved = (integrity.read_meta_file(step_dir).get("labels") or {}).get("names")
+    if "head" in tree and label_names is not None and saved is not None and \
+            list(saved) != list(label_names):
+        del tree["head"]
+        report.append(f"classifier head left out: trained on labels {list(saved)[:10]}, the "
+                      f"data's are {list(label_names)[:10]}")
+    return tree, f"{step_dir} (step {step})", report
 
 
 def _match_hf_labels(flat: dict, config: dict, label_names) -> str:
@@ -471,7 +480,7 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
     def fresh_ok(p):
         return any(re.search(r, p) for r in init_fresh)
 
-    loaded, fresh, problems, no_value = {}, [], [], []
+    loaded, fresh, problems, no_value, notes = {}, [], [], [], []
     for p, leaf in wanted.items():
         if not selected(p) or p not in stored:
             if fresh_ok(p):
@@ -488,6 +497,11 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
             if problem:
                 problems.append(problem)
                 continue
+        if value.shape != shape and p.endswith("pos_embed") and value.shape[1:] == shape[1:]:
+            value = _fit_positions(value, shape)
+            if value.shape == shape:
+                notes.append(f"{p}: interpolated from {stored[p].shape[0]} to {shape[0]} "
+                             f"positions (another image size)")
         if value.shape != shape:
             problems.append(f"  {p}: checkpoint {value.shape} vs model {shape}")
             continue
@@ -507,7 +521,7 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
     params = jax.tree_util.tree_map_with_path(
         lambda kp, leaf: _place(loaded[_path(kp)], leaf) if _path(kp) in loaded else leaf,
         model_params)
-    report = source_report + [f"loaded {len(loaded)} tensor(s) from {source}",
+    report = source_report + notes + [f"loaded {len(loaded)} tensor(s) from {source}",
               f"fresh init: {len(fresh)} tensor(s)"
               + (f" ({', '.join(sorted({'/'.join(p.split('/')[:1]) for p in fresh}))})"
                  if fresh else "")]
@@ -517,6 +531,54 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
         report.append(f"not used from the checkpoint: {len(unused)} tensor(s) "
                       f"({', '.join(groups[:6])}{' ...' if len(groups) > 6 else ''})")
     return params, report
+
+
+def _fit_positions(value: np.ndarray, shape) -> np.ndarray:
+    """A ViT's position table for another image size: the patch grid resized bilinearly, the
+    class token's row (when there is one on both sides) kept. Unchanged if it cannot fit."""
+    from ptft_jax.models.vision import interpolate_positions
+
+    def grid(n):  # (grid side, has a class token)
+        for cls in (0, 1):
+            g = int(round((n - cls) ** 0.5))
+            if g * g == n - cls:
+                return g, bool(cls)
+        return None, None
+    (old, old_cls), (new, new_cls) = grid(value.shape[0]), grid(shape[0])
+    if old is None or new is None or old_cls != new_cls:
+        return value
+    return np.asarray(interpolate_positions(value, old, new, old_cls), value.dtype)
+
+
+def load_pretrained_state(path, model_state: dict, load, dont_load) -> tuple[dict, list[str]]:
+    """The checkpoint's mutable model collections (BatchNorm statistics) for the modules the
+    load / dont_load rules select, by path without the collection name; others keep theirs."""
+    if not model_state or is_hf_path(path):
+        return model_state, []
+    step_dir, _ = pretrained_source(path)
+    if not (step_dir / "model_state").is_dir():
+        return model_state, ["the checkpoint holds no model state (BatchNorm statistics): "
+                             "they start fresh"]
+    stored = flatten(integrity.check_step(step_dir, ["model_state"])[1]["model_state"])
+    taken = 0
+
+    def pick(kp, leaf):
+        nonlocal taken
+        p = _path(kp)
+        bare = p.split("/", 1)[1] if "/" in p else p
+        ok = any(re.search(r, bare) for r in load) and \
+            not any(re.search(r, bare) for r in dont_load)
+        if ok and p in stored and stored[p].shape == tuple(leaf.shape):
+            taken += 1
+            return _place(stored[p].astype(leaf.dtype), leaf)
+        return leaf
+    state = jax.tree_util.tree_map_with_path(pick, model_state)
+    return state, [f"loaded {taken} model-state tensor(s) (BatchNorm statistics)"]
+
+
+def is_hf_path(path) -> bool:
+    from ptft_jax.convert import hf
+    return hf.is_hf(str(path))
 
 
 def _path(key_path) -> str:

@@ -49,7 +49,8 @@ def _train(args) -> int:
     line = (f"done: {summary['steps']} steps in {summary['run_dir']} | "
             f"loss {summary.get('loss', float('nan')):.4f} | "
             f"step {summary.get('step_time_s', float('nan')) * 1e3:.1f} ms | "
-            f"{summary.get('tokens_per_s', 0):,.0f} tokens/s")
+            + (f"{summary['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in summary else
+               f"{summary.get('examples_per_s', 0):,.0f} examples/s"))
     if "mfu" in summary:
         line += f" | MFU {summary['mfu']:.1%}"
     if summary.get("metric"):
@@ -111,10 +112,16 @@ def _embed(args) -> int:
 
 
 def _predict(args) -> int:
-    from ptft_jax.predict import predict_run, read_inputs, write_jsonl
-    texts, pairs = read_inputs(args.input)
-    n = write_jsonl(predict_run(args.run_dir, texts, pairs, args.batch_size,
-                                progress=sys.stderr.isatty()), args.output)
+    from ptft_jax.predict import (image_files, is_image_run, predict_images, predict_run,
+                                  read_inputs, write_jsonl)
+    if is_image_run(args.run_dir):
+        rows = predict_images(args.run_dir, image_files(args.input), args.batch_size,
+                              progress=sys.stderr.isatty())
+    else:
+        texts, pairs = read_inputs(args.input)
+        rows = predict_run(args.run_dir, texts, pairs, args.batch_size,
+                           progress=sys.stderr.isatty())
+    n = write_jsonl(rows, args.output)
     print(f"predicted {n} example(s)" + (f" into {args.output}" if args.output else ""),
           file=sys.stderr)
     return 0
@@ -291,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "directory; JSONL out")
     pr.add_argument("run_dir")
     pr.add_argument("--input", "-i", help="a text file (one text per line) or .jsonl with "
-                                          "'text' (and 'text_pair'); default: stdin")
+                                          "'text' (and 'text_pair'); default: stdin. For an "
+                                          "image run: an image, a folder of images, or a "
+                                          "file listing image paths")
     pr.add_argument("--output", "-o", help="where to write JSONL (default: stdout)")
     pr.add_argument("--batch-size", type=int, help="examples per batch (default: "
                                                    "eval.batch_size)")

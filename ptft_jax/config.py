@@ -35,13 +35,34 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": dict(kind="decoder", num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
     "gpt2-medium": dict(kind="decoder", num_layers=24, hidden_size=1024, num_heads=16,
                         mlp_dim=4096),
+    # ViT: Dosovitskiy et al. 2020 (B/16) and Touvron et al. 2021 (DeiT's Ti/16, S/16).
+    # The /4 variants are ours: patches of 4 px for 28-64 px images (Fashion-MNIST, CIFAR).
+    "vit-ti16": dict(kind="vit", num_layers=12, hidden_size=192, num_heads=3, mlp_dim=768),
+    "vit-s16": dict(kind="vit", num_layers=12, hidden_size=384, num_heads=6, mlp_dim=1536),
+    "vit-b16": dict(kind="vit", num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
+    "vit-ti4": dict(kind="vit", num_layers=12, hidden_size=192, num_heads=3, mlp_dim=768,
+                    patch_size=4, image_size=32),
+    "vit-mini4": dict(kind="vit", num_layers=4, hidden_size=192, num_heads=3, mlp_dim=768,
+                      patch_size=4, image_size=32),
+    # ResNet: He et al. 2015. The -small variants use a 3x3 stride-1 stem without max pooling
+    # (the usual CIFAR form), so 28-64 px images keep their detail.
+    "resnet18": dict(kind="resnet", resnet_stages=[2, 2, 2, 2], resnet_block="basic"),
+    "resnet50": dict(kind="resnet", resnet_stages=[3, 4, 6, 3], resnet_block="bottleneck"),
+    "resnet18-small": dict(kind="resnet", resnet_stages=[2, 2, 2, 2], resnet_block="basic",
+                           resnet_stem="small", image_size=32),
 }
 _BERT_COMMON = dict(vocab_size=30522, max_len=512, dropout=0.1, norm="post", activation="gelu",
                     type_vocab_size=2)
 _GPT_COMMON = dict(vocab_size=50257, max_len=1024, dropout=0.1, norm="pre",
                    activation="gelu_tanh", type_vocab_size=0)
+_VIT_COMMON = dict(dropout=0.0, norm="pre", activation="gelu", norm_eps=1e-6,
+                   type_vocab_size=0, patch_size=16, image_size=224)
+_RESNET_COMMON = dict(image_size=224, resnet_width=64, resnet_stem="imagenet")
+_COMMON = {"encoder": _BERT_COMMON, "decoder": _GPT_COMMON, "vit": _VIT_COMMON,
+           "resnet": _RESNET_COMMON}
 for _name, _shape in PRESETS.items():
-    PRESETS[_name] = {**(_BERT_COMMON if _shape["kind"] == "encoder" else _GPT_COMMON), **_shape}
+    PRESETS[_name] = {**_COMMON[_shape["kind"]], **_shape}
+IMAGE_KINDS = ("vit", "resnet")
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -49,7 +70,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 @dataclass
 class ModelConfig:
     preset: str | None = None
-    kind: str = "encoder"  # encoder (bidirectional, MLM head) | decoder (causal, LM head)
+    # encoder (BERT-style, MLM head) | decoder (GPT-style, LM head) | vit | resnet (images)
+    kind: str = "encoder"
     vocab_size: int | None = None  # None: the tokenizer's size, rounded up to a multiple of 128
     hidden_size: int = 128
     num_layers: int = 2
@@ -67,6 +89,15 @@ class ModelConfig:
     scan_layers: bool = False
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+    # Image encoders. Images are resized to image_size once, when the image cache is built.
+    image_size: int = 224
+    channels: int = 3  # 1 for grayscale; grayscale sources are repeated to 3 channels if asked
+    patch_size: int = 16  # ViT: square patches of this many pixels
+    image_pooling: str = "cls"  # ViT: cls (class token) | gap (mean of the patch tokens)
+    resnet_stages: list = field(default_factory=lambda: [2, 2, 2, 2])  # blocks per stage
+    resnet_block: str = "basic"  # basic (ResNet-18/34) | bottleneck (ResNet-50 and deeper)
+    resnet_width: int = 64  # channels of the first stage (doubling per stage)
+    resnet_stem: str = "imagenet"  # imagenet (7x7/2 conv + max pool) | small (3x3/1 conv)
 
 
 @dataclass
@@ -96,6 +127,16 @@ class DataConfig:
     eval_split: str | None = None  # evaluated every eval.every steps and at the end; None: none
     eval_corpus: str | None = None  # where the eval split lives, if not in data.corpus (local
     #                                 files have one split each: point this at the eval files)
+    # Images (model.kind vit | resnet). data.corpus is then an image source: "idx:PATH" (the
+    # MNIST format: a folder holding <split>-images-idx3-ubyte[.gz] and the labels file, or
+    # one images file), a .npz / .npy file, a folder with one subfolder of image files per
+    # class ("folder:PATH", or a folder path), "hf:NAME" (an image column) or "tfds:NAME".
+    image_column: str = "image"
+    resize: bool = True  # resize every image to model.image_size (bilinear); false: sizes
+    #                      that differ are an error
+    skip_bad_images: bool = False  # unreadable image files: counted and skipped, not an error
+    keep_labels: list | None = None  # only these classes (e.g. five of Fashion-MNIST's ten)
+    per_class: int = 0  # > 0: the first N examples of each class (after a seeded shuffle)
 
 
 @dataclass
@@ -107,6 +148,23 @@ class ObjectiveConfig:
     # fused in (the full [tokens, vocab] logits never exist: a memory saving on accelerators);
     # 0 = all at once; null = the measured default (tasks/vocab_loss.py: all at once).
     loss_chunk: int | None = None
+    label_smoothing: float = 0.0  # image classification: mass spread evenly over the classes
+
+
+@dataclass
+class AugmentConfig:
+    """Image augmentation, on device inside the jitted step, keyed per example (the same key
+    gives the same images on 1 or 8 devices). Evaluation only normalises."""
+    random_resized_crop: bool = False  # Inception-style crop, resized back to image_size
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # area fraction range
+    crop_ratio: list = field(default_factory=lambda: [0.75, 1.3333333])  # aspect range
+    flip: bool = False  # horizontal flip with probability 1/2
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing of an example with its partner; 0: off
+    cutmix: float = 0.0  # Beta(alpha, alpha) box pasted from the partner; 0: off
+    mix_prob: float = 1.0  # chance that an example is mixed at all (when mixup/cutmix is on)
+    # Per-channel normalisation of pixels scaled to [0, 1]; one value applies to every channel.
+    mean: list = field(default_factory=lambda: [0.5])
+    std: list = field(default_factory=lambda: [0.5])
 
 
 @dataclass
@@ -218,6 +276,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -372,6 +431,9 @@ def from_dict(data: dict) -> Config:
             raise ConfigError(f"Unknown model.preset '{preset}'.{hint} "
                               f"Presets: {', '.join(PRESETS)}.")
         model = {**PRESETS[preset], **model}
+    if model.get("kind") == "resnet" and "num_layers" not in model:
+        # A ResNet's layers are its blocks (what layer-wise rules and unfreezing count).
+        model["num_layers"] = sum(model.get("resnet_stages") or [2, 2, 2, 2])
     data = {**data, "model": model}
     return _build(Config, data)
 
@@ -382,13 +444,19 @@ def from_dict(data: dict) -> Config:
 
 PRETRAIN_TASKS = ("mlm", "clm")
 FINETUNE_TASKS = ("classification", "multi_label", "regression")
-TASKS = PRETRAIN_TASKS + FINETUNE_TASKS
+# Supervised image classification is both: ptft pretrain trains an image component on one
+# labelled set, ptft finetune puts a new head on it for another.
+IMAGE_TASKS = ("image_classification",)
+TASKS = PRETRAIN_TASKS + FINETUNE_TASKS + IMAGE_TASKS
 
 
 def task_for(cfg: Config) -> str:
-    """train.task, with auto resolved: masked LM for encoders, causal LM for decoders."""
+    """train.task, with auto resolved: masked LM for encoders, causal LM for decoders, image
+    classification for image encoders."""
     if cfg.train.task != "auto":
         return cfg.train.task
+    if cfg.model.kind in IMAGE_KINDS:
+        return "image_classification"
     return "mlm" if cfg.model.kind == "encoder" else "clm"
 
 

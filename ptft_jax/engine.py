@@ -109,10 +109,16 @@ def check_rules_match(params, rules, key: str) -> None:
     """Every rule but a final catch-all must match some parameter of the model: a misspelt
     regex ('bais$') would otherwise silently give its parameters the next rule's value."""
     import re
+
+    from ptft_jax.config import OptimConfig
+    # The default rules serve every model (a ResNet has no embeddings): only a rule the user
+    # wrote must match something.
+    defaults = {pattern for pattern, _ in OptimConfig().weight_decay_rules}
     paths = list(flatten(params))
     for i, (pattern, _) in enumerate(rules):
         last_catch_all = i == len(rules) - 1 and pattern in (".*", "", "^.*$", ".")
-        if not last_catch_all and not any(re.search(pattern, p) for p in paths):
+        if not last_catch_all and pattern not in defaults and \
+                not any(re.search(pattern, p) for p in paths):
             raise ValueError(f"{key}: rule {pattern!r} matches no parameter of the model "
                              f"(paths look like: {', '.join(paths[:3])}). Fix the regex or "
                              f"drop the rule.")

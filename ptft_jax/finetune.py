@@ -29,6 +29,8 @@ from ptft_jax.params import flatten
 
 _LAYER = re.compile(r"(^|/)layers_(\d+)/")
 _STACKED = re.compile(r"(^|/)layers/")
+# The subtrees a pretrained component lives under; what is outside them is the head.
+COMPONENTS = ("transformer/", "image/")
 
 
 @dataclass
@@ -75,7 +77,7 @@ def _place(path: str) -> tuple[str, int | None]:
         return "layer", int(m.group(2))
     if _STACKED.search(path):
         return "stacked", None
-    if path.startswith("transformer/") and "final_norm" not in path:
+    if path.startswith(COMPONENTS) and "final_norm" not in path:
         return "embed", None
     return "top", None
 

@@ -35,7 +35,7 @@ PEAK_FLOPS = {
 
 
 def _layer_and_head_params(cfg: ModelConfig) -> tuple[int, int]:
-    d, f, L, v = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size
+    d, f, L, v = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size or 0
     per_layer = 4 * d * d + 2 * d * f  # q, k, v, out projections; MLP in and out
     head = v * d + (d * d if cfg.kind == "encoder" else 0)  # tied projection (+ MLM transform)
     return L * per_layer, head
@@ -102,3 +102,47 @@ def system_peak_flops() -> tuple[float, str]:
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak: float) -> float:
     return tokens_per_second * flops_per_token / peak
+
+
+def image_train_flops(cfg: ModelConfig, num_classes: int = 0) -> float:
+    """Training FLOPs per image of an image encoder (3x the forward matmuls and convolutions:
+    forward, and the two backward products), counted analytically like the text models.
+    ViT: the patch embedding, then the Transformer terms above over its tokens. ResNet: every
+    convolution, 2 * k^2 * C_in * C_out per output pixel."""
+    s = cfg.image_size
+    if cfg.kind == "vit":
+        p, d = cfg.patch_size, cfg.hidden_size
+        tokens = (s // p) ** 2 + (cfg.image_pooling == "cls")
+        layers, _ = _layer_and_head_params(cfg)
+        patch = 2 * (s // p) ** 2 * p * p * cfg.channels * d
+        forward = patch + tokens * (2 * layers + 4 * cfg.num_layers * tokens * d) \
+            + 2 * d * num_classes
+        return 3.0 * forward
+    forward = 0.0
+
+    def conv(size, k, cin, cout):
+        return 2.0 * size * size * k * k * cin * cout
+    width = cfg.resnet_width
+    if cfg.resnet_stem == "small":
+        size = s
+        forward += conv(size, 3, cfg.channels, width)
+    else:
+        size = -(-s // 2)
+        forward += conv(size, 7, cfg.channels, width)
+        size = -(-size // 2)  # max pool
+    cin = width
+    for stage, count in enumerate(cfg.resnet_stages):
+        f = width * 2 ** stage
+        for i in range(count):
+            out_size = -(-size // 2) if stage > 0 and i == 0 else size
+            if cfg.resnet_block == "bottleneck":
+                cout = 4 * f
+                forward += conv(size, 1, cin, f) + conv(out_size, 3, f, f) + \
+                    conv(out_size, 1, f, cout)
+            else:
+                cout = f
+                forward += conv(out_size, 3, cin, f) + conv(out_size, 3, f, f)
+            if cin != cout or out_size != size:
+                forward += conv(out_size, 1, cin, cout)
+            cin, size = cout, out_size
+    return 3.0 * (forward + 2 * cin * num_classes)

@@ -16,7 +16,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from ptft_jax.checkpoint import BestCheckpointer, Checkpointer
-from ptft_jax.config import FINETUNE_TASKS, ConfigError, from_dict, pooling_for, task_for
+from ptft_jax.config import (FINETUNE_TASKS, IMAGE_TASKS, ConfigError, from_dict, pooling_for,
+                             task_for)
 from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.engine import build
@@ -32,7 +33,8 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
         raise ConfigError(f"{run_dir} is not a ptft run directory (no config.yaml); give the "
                           f"run_dir of a ptft finetune run.")
     cfg = from_dict(yaml.safe_load(config_path.read_text()))
-    if task_for(cfg) not in FINETUNE_TASKS or not (run_dir / "labels.json").is_file():
+    if task_for(cfg) not in FINETUNE_TASKS + IMAGE_TASKS or \
+            not (run_dir / "labels.json").is_file():
         raise ConfigError(f"{run_dir} was trained with train.task={task_for(cfg)}: it has no "
                           f"finetuned head to predict with. Give the run_dir of a ptft finetune "
                           f"run (one with labels.json).")
@@ -40,7 +42,12 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
         cfg.eval.batch_size = batch_size
     validate(cfg, jax.device_count())
     labels = LabelSpace.load(run_dir / "labels.json")
-    task = ClassifyTask(cfg.model, labels, pooling_for(cfg))
+    if task_for(cfg) in IMAGE_TASKS:
+        from ptft_jax.tasks.image import ImageClassifyTask
+        task = ImageClassifyTask(cfg.model, labels.names, cfg.augment)
+        task.labels = labels
+    else:
+        task = ClassifyTask(cfg.model, labels, pooling_for(cfg))
     engine = build(cfg, task)
     target = engine.restore_target()
     best_dir = run_dir / "best"
@@ -167,6 +174,71 @@ def predict_run(run_dir, texts: list[str], pairs: list[str] | None = None,
                 continue
             yield _prediction(labels, row)
     bar.close()
+
+
+def image_files(path: str | None) -> list[Path]:
+    """Images to predict: an image file, a folder of them (sorted, recursively), or a text file
+    listing one image path per line."""
+    from ptft_jax.data.image_sources import IMAGE_SUFFIXES
+    if path in (None, "-"):
+        raise ConfigError("ptft predict on an image run needs --input: an image file, a folder "
+                          "of images, or a text file listing image paths.")
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    elif p.suffix.lower() in IMAGE_SUFFIXES:
+        files = [p]
+    elif p.is_file():
+        files = [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+    else:
+        raise ConfigError(f"--input '{path}' does not exist.")
+    missing = [f for f in files if not f.is_file()]
+    if missing or not files:
+        raise ConfigError(f"--input '{path}': " + (f"{len(missing)} listed image(s) do not "
+                                                    f"exist, e.g. {missing[0]}" if missing else
+                                                    "holds no image files") + ".")
+    return files
+
+
+def predict_images(run_dir, files: list[Path], batch_size: int | None = None,
+                   progress: bool = True) -> Iterator[dict]:
+    """One dict per image file: its label and every label's probability. Each image is
+    decoded and converted to the run's size and channels as its training cache was."""
+    from ptft_jax.data.image_sources import BadImage, decode
+    from ptft_jax.data.images import ImageExamples, convert
+    engine, state, cfg, _ = load_run(run_dir, batch_size)
+    m = cfg.model
+    images = np.zeros((len(files), m.image_size, m.image_size, m.channels), np.uint8)
+    for i, f in enumerate(files):
+        image = decode(f.read_bytes(), str(f))
+        if isinstance(image, BadImage):
+            raise ConfigError(f"{f} cannot be read as an image ({image.reason}).")
+        try:
+            images[i] = convert(image, m.image_size, m.channels, True, str(f))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    examples = ImageExamples(images, np.zeros(len(files), np.int64))
+    size = cfg.eval.batch_size
+    bar = tqdm(total=examples.num_batches(size), unit="batch", desc="predict",
+               disable=not progress, leave=False)
+    index = 0
+    for batch in examples.batches(size, engine.rows_of(size)):
+        out = np.asarray(jax.device_get(engine.step_fn.predict(state,
+                                                               engine.to_device(batch, size))))
+        bar.update()
+        for row, weight in zip(out, batch["weight"]):
+            if weight == 0:
+                continue
+            yield {"file": str(files[index]), **_prediction(engine.task.labels, row)}
+            index += 1
+    bar.close()
+
+
+def is_image_run(run_dir) -> bool:
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        return False
+    return task_for(from_dict(yaml.safe_load(config_path.read_text()))) in IMAGE_TASKS
 
 
 def _prediction(labels: LabelSpace, row) -> dict:

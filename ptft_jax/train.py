@@ -23,7 +23,8 @@ from jax.experimental import multihost_utils
 from ptft_jax import perf
 from ptft_jax.checkpoint import (BestCheckpointer, Checkpointer, CheckpointSaveFailed,
                                  committed_steps)
-from ptft_jax.config import Config, ConfigError, FINETUNE_TASKS, task_for
+from ptft_jax.config import (IMAGE_KINDS, IMAGE_TASKS, Config, ConfigError, FINETUNE_TASKS,
+                             task_for)
 from ptft_jax.integrity import DAMAGED_DIR, CheckpointDamaged
 from ptft_jax.safety import DivergenceGuard, SaveClock, StopOnSignal
 from ptft_jax.validation import validate
@@ -31,7 +32,7 @@ from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.engine import Engine, build
 from ptft_jax.evaluation import metric_mode
 from ptft_jax.finetune import phase_at_step
-from ptft_jax.jobs import Job, finetune_job, pretrain_job
+from ptft_jax.jobs import Job, finetune_job, image_job, pretrain_job
 from ptft_jax.mesh import initialize_distributed
 from ptft_jax.metrics import MetricsWriter
 from ptft_jax.tasks.base import add_sums
@@ -95,17 +96,17 @@ def pretrain(cfg: Config) -> dict:
     if task_for(cfg) in FINETUNE_TASKS:
         raise ConfigError(f"train.task '{task_for(cfg)}' is a finetuning task: run ptft "
                           f"finetune.")
-    return run(pretrain_job(cfg))
+    return run(image_job(cfg) if task_for(cfg) in IMAGE_TASKS else pretrain_job(cfg))
 
 
 def finetune(cfg: Config) -> dict:
     initialize_distributed(cfg.distributed)
     validate(cfg, jax.device_count())
     check_paths(cfg)
-    if task_for(cfg) not in FINETUNE_TASKS:
+    if task_for(cfg) not in FINETUNE_TASKS + IMAGE_TASKS:
         raise ConfigError(f"ptft finetune needs train.task to be one of "
-                          f"{', '.join(FINETUNE_TASKS)} (got '{task_for(cfg)}').")
-    return run(finetune_job(cfg))
+                          f"{', '.join(FINETUNE_TASKS + IMAGE_TASKS)} (got '{task_for(cfg)}').")
+    return run(image_job(cfg) if task_for(cfg) in IMAGE_TASKS else finetune_job(cfg))
 
 
 def check_data_position(meta: dict, loader: BatchLoader) -> None:
@@ -273,8 +274,11 @@ def run(job: Job) -> dict:
     batches = prefetch((engine.to_device(loader.batch(s)) for s in range(start_step, t.steps)),
                        cfg.data.prefetch)
     writer = MetricsWriter(run_dir, t.steps, start_step, is_main, t.progress)
+    images = cfg.model.kind in IMAGE_KINDS
+    size = (f"{perf.image_train_flops(cfg.model) / 3e9:.2f} GFLOPs/image" if images else
+            f"{perf.matmul_params(cfg.model) / 1e6:.2f}M matmul params")
     writer.info(f"{task.name} | {cfg.model.kind} {cfg.model.preset or ''} "
-                f"{perf.matmul_params(cfg.model) / 1e6:.2f}M matmul params | {job.describe()} | "
+                f"{size} | {job.describe()} | "
                 f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
                 f"{cfg.mesh.parallelism} | run dir {run_dir}"
                 + (f" | resumed at step {start_step}" if start_step else ""))
@@ -284,10 +288,12 @@ def run(job: Job) -> dict:
     # reported for pretraining and full finetuning only.
     all_train = len(engine.plan.trainable) == len(jax.tree.leaves(engine.abstract.params)) \
         and not engine.plan.grad_masks
-    flops_per_token = perf.train_flops_per_token(
-        cfg.model, job.tokens_per_row, vocab_projection=not finetuning,
-        predicted_positions=task.predicted_positions(job.tokens_per_row)) \
-        if all_train else None
+    # Images: a "token" is an image (tokens_per_row = 1), so tokens_per_s is images/s.
+    flops_per_token = None if not all_train else \
+        perf.image_train_flops(cfg.model, task.num_classes) if images else \
+        perf.train_flops_per_token(
+            cfg.model, job.tokens_per_row, vocab_projection=not finetuning,
+            predicted_positions=task.predicted_positions(job.tokens_per_row))
 
     paused = [0.0]  # seconds of the current log interval spent evaluating or compiling
 
@@ -367,16 +373,21 @@ def run(job: Job) -> dict:
                 if len(good) < len(values):
                     last["skipped_steps"] = len(values) - len(good)
                 tokens_per_s = len(values) * B * job.tokens_per_row / elapsed
+                if images:  # a token would be an image: images/s is examples_per_s
+                    last.update(examples_per_s=len(values) * B / elapsed)
+                else:
+                    last.update(tokens_per_s=tokens_per_s,
+                                tokens_per_s_per_device=tokens_per_s / jax.device_count())
                 last.update(grad_norm=float(np.mean([v["grad_norm"] for v in good]))
                             if good else float("nan"),
                             learning_rate=float(values[-1]["learning_rate"]),
-                            step_time_s=elapsed / len(values), tokens_per_s=tokens_per_s,
-                            examples_per_s=len(values) * B / elapsed,
-                            tokens_per_s_per_device=tokens_per_s / jax.device_count())
+                            step_time_s=elapsed / len(values),
+                            examples_per_s=len(values) * B / elapsed)
                 if flops_per_token is not None:
                     last["mfu"] = perf.mfu(tokens_per_s, flops_per_token, peak)
                 writer.write(step, last, shown=[*task.shown, "learning_rate", "step_time_s",
-                                                "tokens_per_s", "mfu", "skipped_steps"])
+                                                "examples_per_s" if images else "tokens_per_s",
+                                                "mfu", "skipped_steps"])
                 pending = []
             at_eval = evaluating and (step == t.steps or (cfg.eval.every and
                                                           step % cfg.eval.every == 0))

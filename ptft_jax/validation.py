@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import re
 
-from ptft_jax.config import (FINETUNE_TASKS, PRETRAIN_TASKS, REMAT_POLICIES, TASKS, Config,
-                             ConfigError, resolve_mesh_shape, task_for)
+from ptft_jax.config import (FINETUNE_TASKS, IMAGE_KINDS, IMAGE_TASKS, PRETRAIN_TASKS,
+                             REMAT_POLICIES, TASKS, Config, ConfigError, resolve_mesh_shape,
+                             task_for)
 
 
 def _one_of(value: str, options, key: str) -> None:
@@ -19,7 +20,7 @@ def _one_of(value: str, options, key: str) -> None:
 def validate(cfg: Config, num_devices: int) -> None:
     """Raises ConfigError naming the key at fault. Call before building anything expensive."""
     m, t, o = cfg.model, cfg.train, cfg.optim
-    _one_of(m.kind, ("encoder", "decoder"), "model.kind")
+    _one_of(m.kind, ("encoder", "decoder") + IMAGE_KINDS, "model.kind")
     _one_of(m.norm, ("pre", "post"), "model.norm")
     _one_of(m.activation, ("gelu", "gelu_tanh", "relu"), "model.activation")
     _one_of(m.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
@@ -71,6 +72,12 @@ def validate(cfg: Config, num_devices: int) -> None:
     if cfg.data.seq_len > m.max_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_len "
                           f"({m.max_len}); lower data.seq_len or raise model.max_len.")
+    if (task_for(cfg) in IMAGE_TASKS) != (m.kind in IMAGE_KINDS):
+        raise ConfigError(f"train.task '{task_for(cfg)}' does not fit model.kind '{m.kind}': "
+                          f"image_classification needs an image encoder (model.kind vit or "
+                          f"resnet, e.g. model.preset=vit-ti16), and text tasks a text one.")
+    if m.kind in IMAGE_KINDS:
+        _validate_images(cfg)
     if task_for(cfg) == "mlm" and m.kind != "encoder":
         raise ConfigError("train.task 'mlm' needs model.kind 'encoder' (bidirectional); "
                           "use 'clm' for a decoder.")
@@ -119,10 +126,15 @@ def validate(cfg: Config, num_devices: int) -> None:
     if t.global_batch % t.grad_accum:
         raise ConfigError(f"train.global_batch ({t.global_batch}) is not divisible by "
                           f"train.grad_accum ({t.grad_accum}).")
-    if task_for(cfg) in FINETUNE_TASKS and cfg.eval.batch_size % dp:
+    if task_for(cfg) in FINETUNE_TASKS + IMAGE_TASKS and cfg.eval.batch_size % dp:
         raise ConfigError(f"eval.batch_size ({cfg.eval.batch_size}) must be divisible by {where}. "
                           f"Try eval.batch_size={_round_up(cfg.eval.batch_size, dp)}.")
     micro = t.global_batch // t.grad_accum
+    mixing = cfg.augment.mixup > 0 or cfg.augment.cutmix > 0
+    if m.kind in IMAGE_KINDS and mixing and (micro // dp) % 2:
+        raise ConfigError(f"augment.mixup / augment.cutmix mix rows in pairs, so each device's "
+                          f"share of a microbatch ({micro} / {dp}) must be even. Try "
+                          f"train.global_batch={_round_up(t.global_batch, 2 * dp * t.grad_accum)}.")
     if micro % dp:
         raise ConfigError(f"Each microbatch (train.global_batch / train.grad_accum = {micro}) "
                           f"must be divisible by {where}. Try train.global_batch="
@@ -161,7 +173,7 @@ def _validate_finetune(cfg: Config) -> None:
                               f"task: one of {', '.join(FINETUNE_TASKS)}. (finetune.init_from "
                               f"works for both: pretraining continues from it.)")
         return
-    if cfg.data.label_column is None:
+    if cfg.data.label_column is None and task not in IMAGE_TASKS:
         raise ConfigError(f"train.task '{task}' needs labels: set data.label_column to the "
                           f"column that holds them.")
     if f.unfreeze == "adaptive" and cfg.data.eval_split is None:
@@ -207,3 +219,58 @@ def _check_rules(rules, key: str, value_type=None) -> None:
         if value_type is bool and not isinstance(rule[1], bool):
             raise ConfigError(f"'{key}': the value for {rule[0]!r} must be true or false, got "
                               f"{rule[1]!r} (a string such as \"no\" would count as true).")
+
+
+def _validate_images(cfg: Config) -> None:
+    m, a = cfg.model, cfg.augment
+    _one_of(m.image_pooling, ("cls", "gap"), "model.image_pooling")
+    _one_of(m.resnet_block, ("basic", "bottleneck"), "model.resnet_block")
+    _one_of(m.resnet_stem, ("imagenet", "small"), "model.resnet_stem")
+    if m.channels not in (1, 3):
+        raise ConfigError(f"model.channels ({m.channels}) must be 1 (grayscale) or 3 (RGB).")
+    if m.image_size < 8 or m.patch_size < 1:
+        raise ConfigError(f"model.image_size ({m.image_size}) must be at least 8 and "
+                          f"model.patch_size ({m.patch_size}) at least 1.")
+    if m.kind == "vit" and m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size ({m.image_size}) must be a multiple of "
+                          f"model.patch_size ({m.patch_size}) for a ViT.")
+    if m.kind == "resnet":
+        if m.scan_layers:
+            raise ConfigError("model.scan_layers stacks identical layers; a ResNet's stages "
+                              "differ in shape. Set model.scan_layers=false.")
+        stages = m.resnet_stages
+        if not stages or not all(isinstance(s, int) and s >= 1 for s in stages):
+            raise ConfigError(f"model.resnet_stages ({stages}) must be a list of block counts "
+                              f">= 1, e.g. [2, 2, 2, 2] (ResNet-18).")
+        if m.num_layers != sum(stages):
+            raise ConfigError(f"model.num_layers ({m.num_layers}) must equal the blocks of "
+                              f"model.resnet_stages ({sum(stages)}); leave it unset.")
+    for key, pair, low, high in (("augment.crop_scale", a.crop_scale, 0, 1),
+                                 ("augment.crop_ratio", a.crop_ratio, 0, None)):
+        ok = isinstance(pair, list) and len(pair) == 2 and \
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+        if not ok or not low < pair[0] <= pair[1] or (high is not None and pair[1] > high):
+            raise ConfigError(f"{key} ({pair}) must be [low, high] with {low} < low <= high"
+                              + (f" <= {high}" if high is not None else "") + ".")
+    for key in ("mixup", "cutmix"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"augment.{key} ({getattr(a, key)}) must be >= 0 (the Beta "
+                              f"distribution's alpha; 0 turns it off, 0.2-1 are usual).")
+    if not 0 <= a.mix_prob <= 1:
+        raise ConfigError(f"augment.mix_prob ({a.mix_prob}) must be in [0, 1].")
+    for key, values in (("augment.mean", a.mean), ("augment.std", a.std)):
+        if not isinstance(values, list) or len(values) not in (1, m.channels) or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"{key} ({values}) must be a list of 1 or model.channels="
+                              f"{m.channels} numbers.")
+    if any(v <= 0 for v in a.std):
+        raise ConfigError(f"augment.std ({a.std}) must be positive.")
+    if not 0 <= cfg.objective.label_smoothing < 1:
+        raise ConfigError(f"objective.label_smoothing ({cfg.objective.label_smoothing}) must "
+                          f"be in [0, 1).")
+    if cfg.data.per_class < 0:
+        raise ConfigError(f"data.per_class ({cfg.data.per_class}) must be >= 0 (0: every "
+                          f"example).")
+    if cfg.data.keep_labels is not None and not cfg.data.keep_labels:
+        raise ConfigError("data.keep_labels is an empty list; list the classes to keep, or "
+                          "null for all.")

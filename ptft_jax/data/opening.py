@@ -176,6 +176,15 @@ def _open_hub(spec: str, split: str, text_column: str, label_column: str | None)
     """`hf:NAME`, `hf:OWNER/NAME` or `hf:OWNER/NAME/CONFIG`. Loads (and on first use
     downloads) the split into the HF cache. When the hub cannot be reached, only the local
     cache is tried, so an offline machine fails in seconds instead of retrying for minutes."""
+    ds, name = load_hub_split(spec, split, (text_column, label_column))
+    _require_columns(ds.column_names, name, text_column, label_column)
+    _require_text_type(ds, name, text_column)
+    return HubDataset(ds, name, text_column, label_column)
+
+
+def load_hub_split(spec: str, split: str, columns) -> tuple:
+    """(datasets.Dataset, name) of one split of `hf:{spec}`, with `columns` (None entries
+    skipped) checked; offline, only the local HF cache is tried."""
     import datasets
     from huggingface_hub import constants
     parts = spec.split("/")
@@ -203,15 +212,13 @@ def _open_hub(spec: str, split: str, text_column: str, label_column: str | None)
         if builder.info.splits:
             _require_split(split, list(builder.info.splits), f"hf:{spec}")
         if builder.info.features:
-            _require_columns(list(builder.info.features), name, text_column, label_column)
+            _require_columns(list(builder.info.features), name, *columns)
         builder.download_and_prepare()
         try:
             ds = builder.as_dataset(split=split)
         except ValueError as e:  # splits were unknown before preparing: HF names them now
             raise ValueError(f"{name}: {e} Set data.split=<one of them>.") from None
-    _require_columns(ds.column_names, name, text_column, label_column)
-    _require_text_type(ds, name, text_column)
-    return HubDataset(ds, name, text_column, label_column)
+    return ds, name
 
 
 def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
@@ -254,6 +261,18 @@ def _open_tfds(spec: str, split: str, text_column: str, label_column: str | None
     under TFDS_DATA_DIR or ~/tensorflow_datasets. What `tfds.data_source(spec, split=split,
     data_dir=..., download=False)` does, with each failure explained: it is never downloaded
     or built here."""
+    builder, features, name = tfds_builder(spec, split, (text_column, label_column))
+    feature = features[text_column]
+    if feature.shape != () or np.dtype(feature.np_dtype).kind not in "OSU":
+        raise ValueError(f"tfds:{spec}: feature '{text_column}' holds {feature}, not text. Set "
+                         f"data.text_column to a text feature.")
+    source, identity = tfds_data_source(builder, split)
+    return TfdsSource(source, name, text_column, label_column, identity)
+
+
+def tfds_builder(spec: str, split: str, columns) -> tuple:
+    """(builder, features, name) of a prepared, randomly accessible `tfds:{spec}` split whose
+    features hold `columns` (None entries skipped); every failure explained."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import file_adapters
     # tfds reads TFDS_DATA_DIR once, at import; read it now so the current value counts.
@@ -277,14 +296,14 @@ def _open_tfds(spec: str, split: str, text_column: str, label_column: str | None
     name = f"tfds:{spec}[{split}]"
     _require_split(split, list(builder.info.splits), f"tfds:{spec}")
     features = builder.info.features
-    _require_columns(list(features.keys()), f"tfds:{spec}", text_column, label_column)
-    feature = features[text_column]
-    if feature.shape != () or np.dtype(feature.np_dtype).kind not in "OSU":
-        raise ValueError(f"tfds:{spec}: feature '{text_column}' holds {feature}, not text. Set "
-                         f"data.text_column to a text feature.")
+    _require_columns(list(features.keys()), f"tfds:{spec}", *columns)
+    return builder, features, name
+
+
+def tfds_data_source(builder, split: str) -> tuple:
+    """(random-access data source, identity for fingerprints) of a prepared split."""
     source = builder.as_data_source(split=split)
     info_file = Path(builder.data_dir) / "dataset_info.json"
     identity = (builder.info.full_name, split, str(builder.data_dir),
                 info_file.stat().st_mtime_ns if info_file.exists() else 0)
-    return TfdsSource(source, name, text_column, label_column, identity)
-
+    return source, identity

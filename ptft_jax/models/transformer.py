@@ -29,6 +29,32 @@ def attention_mask(segment_ids):
     return (same & (segment_ids[:, None, :] != 0))[:, None, :, :]
 
 
+def layer_stack(cfg: ModelConfig, causal: bool):
+    """The blocks of a Transformer stack (text or ViT), with the scan and remat knobs: one
+    scanned module whose parameters stack along `layers`, or a list of `layers_N` modules.
+    Call it in `setup` and run it with `run_layers`."""
+    block = Block
+    if cfg.remat != "none":
+        # `train` (argument 3, counting self) is a Python bool: static for remat.
+        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
+                         prevent_cse=not cfg.scan_layers, static_argnums=(3,))
+    if cfg.scan_layers:
+        stack = nn.scan(block, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(cfg, causal, name="layers")
+    return [block(cfg, causal, name=f"layers_{i}") for i in range(cfg.num_layers)]
+
+
+def run_layers(layers, x, mask, train: bool, scanned: bool):
+    if scanned:
+        return layers(x, mask, train)[0]
+    for layer in layers:
+        x, _ = layer(x, mask, train)
+    return x
+
+
 class Transformer(nn.Module):
     """Embeddings and a stack of blocks; returns hidden states [batch, len, hidden].
 
@@ -55,19 +81,7 @@ class Transformer(nn.Module):
         self.norm = layer_norm(cfg, "embed_norm" if cfg.norm == "post" else "final_norm")
         self.dropout = nn.Dropout(cfg.dropout)
 
-        block = Block
-        if cfg.remat != "none":
-            # `train` (argument 3, counting self) is a Python bool: static for remat.
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
-                             prevent_cse=not cfg.scan_layers, static_argnums=(3,))
-        if cfg.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0},
-                            split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
-            self.layers = stack(cfg, self.causal)
-        else:
-            self.layers = [block(cfg, self.causal) for _ in range(cfg.num_layers)]
+        self.layers = layer_stack(cfg, self.causal)
 
     def __call__(self, tokens, segment_ids=None, positions=None, type_ids=None,
                  train: bool = False):
@@ -87,11 +101,7 @@ class Transformer(nn.Module):
         x = self.dropout(x, deterministic=not train or cfg.dropout == 0)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         mask = None if segment_ids is None else attention_mask(segment_ids)
-        if cfg.scan_layers:
-            x, _ = self.layers(x, mask, train)
-        else:
-            for layer in self.layers:
-                x, _ = layer(x, mask, train)
+        x = run_layers(self.layers, x, mask, train, cfg.scan_layers)
         if cfg.norm == "pre":
             x = self.norm(x)
         return x

@@ -1,0 +1,360 @@
+"""Where labelled images come from: IDX files (the MNIST format), NumPy arrays, a folder with
+one subfolder per class, a Hugging Face dataset's image column, or a TensorFlow Datasets
+`data_source` (array_record). Each source is a cheap, picklable reference to the data: the
+image cache's worker processes open it again and read their own shards.
+
+A source gives `len()`, `fingerprint()` (what the cache's staleness check compares),
+`labels()` (every raw label, cheap) and `read(start, stop)`: a list of uint8 [h, w, c] arrays,
+or of `BadImage` for a file that cannot be decoded.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_READER_VERSION = 1
+
+
+@dataclass
+class BadImage:
+    where: str  # file or row
+    reason: str
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps([_READER_VERSION, *parts], default=str).encode()) \
+        .hexdigest()[:24]
+
+
+def _stat(path: Path):
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def decode(data: bytes, where: str) -> np.ndarray | BadImage:
+    """Encoded image bytes -> uint8 [h, w, c] (c = 1, 3 or 4 as stored; the cache converts)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return pil_to_array(im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return BadImage(where, f"{type(e).__name__}: {e}")
+
+
+def pil_to_array(im) -> np.ndarray:
+    if im.mode not in ("L", "RGB", "RGBA"):
+        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+    a = np.asarray(im, np.uint8)
+    return a[..., None] if a.ndim == 2 else a
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX (MNIST, Fashion-MNIST)
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The array an IDX file (optionally gzipped) holds; a clear error for anything else."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read this IDX file ({e}).") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (its first bytes are not the IDX magic "
+                         f"number 00 00 <type> <dims>).")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[data[2]])
+    if len(data) != header + int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path}: the IDX header says {shape} {dtype} values but the file "
+                         f"holds {len(data) - header} bytes after it: truncated or damaged.")
+    return np.frombuffer(data, dtype, offset=header).reshape(shape)
+
+
+class IdxImages:
+    """An IDX images file [n, h, w] or [n, h, w, c] and its IDX labels file [n]."""
+
+    def __init__(self, images: Path, labels: Path):
+        self.images_path, self.labels_path = images, labels
+        self.name = str(images)
+        self._images = None
+
+    def _load(self) -> np.ndarray:
+        if self._images is None:
+            a = read_idx(self.images_path)
+            if a.ndim not in (3, 4) or a.dtype != np.uint8:
+                raise ValueError(f"{self.images_path}: IDX images must be uint8 [n, h, w] or "
+                                 f"[n, h, w, c]; it holds {a.dtype} {a.shape}.")
+            self._images = a[..., None] if a.ndim == 3 else a
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def fingerprint(self) -> str:
+        return _digest("idx", _stat(self.images_path), _stat(self.labels_path))
+
+    def labels(self) -> list:
+        labels = read_idx(self.labels_path)
+        if labels.ndim != 1 or len(labels) != len(self):
+            raise ValueError(f"{self.labels_path} holds {labels.shape} labels for the "
+                             f"{len(self)} images of {self.images_path}; the two files must "
+                             f"have the same length.")
+        return labels.astype(np.int64).tolist()
+
+    def read(self, start: int, stop: int) -> list:
+        return list(self._load()[start:stop])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_images": None}
+
+
+def open_idx(spec: str, split: str) -> IdxImages:
+    """`idx:PATH`: an images file (its labels file is the same name with `labels-idx1`), or a
+    folder holding `<split>-images-idx3-ubyte[.gz]` (`t10k` is the MNIST name of test)."""
+    path = Path(spec)
+    if path.is_dir():
+        prefixes = [split] + (["t10k"] if split == "test" else [])
+        found = [p for prefix in prefixes for p in sorted(path.glob(f"{prefix}-images-idx3-ubyte*"))]
+        if not found:
+            have = sorted({p.name.split("-images")[0] for p in path.glob("*-images-idx*")})
+            raise ValueError(f"data.corpus 'idx:{spec}': no '{split}-images-idx3-ubyte[.gz]' "
+                             f"in that folder (splits there: {', '.join(have) or 'none'}). "
+                             f"Set data.split / data.eval_split to one of them.")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"data.corpus 'idx:{spec}': no such file or folder.")
+    labels = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
+    if labels == path or not labels.is_file():
+        raise ValueError(f"data.corpus 'idx:{spec}': the labels file {labels.name} is missing "
+                         f"next to {path.name}.")
+    return IdxImages(path, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy arrays
+
+
+class NumpyImages:
+    """A .npz with an images array [n, h, w(, c)] uint8 and a labels array [n]."""
+
+    def __init__(self, path: Path, image_key: str, label_key: str):
+        self.path, self.image_key, self.label_key = path, image_key, label_key
+        self.name = str(path)
+        self._arrays = None
+
+    def _load(self):
+        if self._arrays is None:
+            try:
+                with np.load(self.path, allow_pickle=False) as z:
+                    keys = list(z.keys())
+                    for key, what in ((self.image_key, "data.image_column"),
+                                      (self.label_key, "data.label_column")):
+                        if key not in keys:
+                            raise ValueError(f"{self.path} has no array '{key}' ({what}); its "
+                                             f"arrays: {', '.join(keys)}.")
+                    images, labels = z[self.image_key], z[self.label_key]
+            except (OSError, EOFError) as e:
+                raise ValueError(f"{self.path}: cannot read this .npz ({e}).") from None
+            if images.ndim == 3:
+                images = images[..., None]
+            if images.ndim != 4 or images.dtype != np.uint8:
+                raise ValueError(f"{self.path}: '{self.image_key}' must be uint8 [n, h, w] or "
+                                 f"[n, h, w, c]; it holds {images.dtype} {images.shape} (scale "
+                                 f"float images to 0-255 and cast them to uint8).")
+            if labels.shape != (len(images),):
+                raise ValueError(f"{self.path}: '{self.label_key}' holds {labels.shape} labels "
+                                 f"for {len(images)} images; they must match.")
+            self._arrays = images, labels
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self._load()[0])
+
+    def fingerprint(self) -> str:
+        return _digest("npz", _stat(self.path), self.image_key, self.label_key)
+
+    def labels(self) -> list:
+        return self._load()[1].tolist()
+
+    def read(self, start: int, stop: int) -> list:
+        return list(self._load()[0][start:stop])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder of class folders
+
+
+class ImageFolder:
+    """root/<class>/<file>: one subfolder per class, image files inside (sorted)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.name = str(root)
+        classes = sorted(p for p in root.iterdir() if p.is_dir())
+        self.files: list[tuple[Path, str]] = []
+        for folder in classes:
+            self.files += [(f, folder.name) for f in sorted(folder.iterdir())
+                           if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not self.files:
+            raise ValueError(f"data.corpus '{root}' holds no image files in class subfolders "
+                             f"(expected {root}/<class>/<image>{'|'.join(IMAGE_SUFFIXES[:3])}).")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def fingerprint(self) -> str:
+        return _digest("folder", [(str(f.relative_to(self.root)), *_stat(f)[1:])
+                                  for f, _ in self.files])
+
+    def labels(self) -> list:
+        return [label for _, label in self.files]
+
+    def read(self, start: int, stop: int) -> list:
+        out = []
+        for path, _ in self.files[start:stop]:
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                out.append(BadImage(str(path), str(e)))
+                continue
+            out.append(decode(data, str(path)))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face datasets and TensorFlow Datasets
+
+
+def _as_array(value, where: str):
+    """An image cell (PIL image, encoded bytes, {'bytes': ...} or an array) -> uint8 array."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return decode(value["bytes"], where)
+    if isinstance(value, (bytes, bytearray)):
+        return decode(bytes(value), where)
+    if hasattr(value, "getbands"):  # a PIL image
+        return pil_to_array(value)
+    a = np.asarray(value)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3):
+        return BadImage(where, f"not a uint8 image array ({a.dtype} {a.shape})")
+    return a[..., None] if a.ndim == 2 else a
+
+
+class HubImages:
+    def __init__(self, spec: str, split: str, image_column: str, label_column: str):
+        self.spec, self.split = spec, split
+        self.image_column, self.label_column = image_column, label_column
+        self._ds, self.name = _open_hub_images(spec, split, image_column, label_column)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def fingerprint(self) -> str:
+        return _digest("hf", self._ds._fingerprint, self.image_column, self.label_column)
+
+    def labels(self) -> list:
+        return list(self._ds[self.label_column])
+
+    def read(self, start: int, stop: int) -> list:
+        column = self._ds.select(range(start, stop))[self.image_column]
+        return [_as_array(v, f"{self.name} row {start + i}") for i, v in enumerate(column)]
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_ds"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._ds, _ = _open_hub_images(self.spec, self.split, self.image_column,
+                                       self.label_column)
+
+
+def _require(columns, where: str, image_column: str, label_column: str) -> None:
+    for key, column in (("data.image_column", image_column), ("data.label_column", label_column)):
+        if column not in columns:
+            raise ValueError(f"{where} has no column '{column}' ({key}). Its columns: "
+                             f"{', '.join(map(str, columns)) or '(none)'}. Set {key}=<one of "
+                             f"them>.")
+
+
+def _open_hub_images(spec, split, image_column, label_column):
+    from ptft_jax.data.opening import load_hub_split
+    ds, name = load_hub_split(spec, split, ())
+    _require(ds.column_names, name, image_column, label_column)
+    return ds, name
+
+
+class TfdsImages:
+    def __init__(self, spec: str, split: str, image_column: str, label_column: str):
+        self.spec, self.split = spec, split
+        self.image_column, self.label_column = image_column, label_column
+        self._open()
+
+    def _open(self):
+        from ptft_jax.data.opening import tfds_builder, tfds_data_source
+        builder, features, self.name = tfds_builder(self.spec, self.split, ())
+        _require(list(features.keys()), self.name, self.image_column, self.label_column)
+        self._source, self._identity = tfds_data_source(builder, self.split)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def fingerprint(self) -> str:
+        return _digest("tfds", self._identity, self.image_column, self.label_column)
+
+    def labels(self) -> list:
+        out = []
+        for a in range(0, len(self), 4096):
+            rows = list(range(a, min(a + 4096, len(self))))
+            out += [np.asarray(r[self.label_column]).item()
+                    for r in self._source.__getitems__(rows)]
+        return out
+
+    def read(self, start: int, stop: int) -> list:
+        records = self._source.__getitems__(list(range(start, stop)))
+        return [_as_array(r[self.image_column], f"{self.name} row {start + i}")
+                for i, r in enumerate(records)]
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_source"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+
+def open_images(corpus: str, split: str, image_column: str = "image",
+                label_column: str | None = "label"):
+    """The image source `data.corpus` names (see module docstring)."""
+    label_column = label_column or "label"
+    if corpus.startswith("idx:"):
+        return open_idx(corpus[4:], split)
+    if corpus.startswith("hf:"):
+        return HubImages(corpus[3:], split, image_column, label_column)
+    if corpus.startswith("tfds:"):
+        return TfdsImages(corpus[5:], split, image_column, label_column)
+    path = Path(corpus[len("folder:"):] if corpus.startswith("folder:") else corpus)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise ValueError(f"data.corpus '{corpus}': no such file.")
+        return NumpyImages(path, image_column, label_column)
+    if path.is_dir():
+        return ImageFolder(path)
+    raise ValueError(f"data.corpus '{corpus}' is not an image source: use idx:PATH (MNIST "
+                     f"format), a .npz file, a folder with one subfolder per class, hf:NAME or "
+                     f"tfds:NAME.")
