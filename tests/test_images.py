@@ -85,6 +85,41 @@ def test_sources_agree_and_bad_images_are_named(idx_dir, tmp_path):
                             1, resize=False, progress=False)
 
 
+def test_tfds_image_source_reads_array_records_without_tensorflow(tmp_path, monkeypatch):
+    import sys
+
+    import tensorflow_datasets as tfds
+    images, labels = _images(6)
+
+    class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+        code_path = None
+
+        def _info(self):
+            # A raw uint8 tensor: tfds encodes and decodes its Image feature with TensorFlow.
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(6):
+                yield i, {"image": images[i][..., None], "label": int(labels[i])}
+    tfds.disable_progress_bar()
+    TinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    source = open_images("tfds:tiny_images", "train")
+    cache = prepare_image_cache(source, tmp_path / "cache", 8, 1, progress=False)
+    # tfds orders records by key hash: compare (image, label) pairs as sets.
+    got = {(a.tobytes(), int(y)) for a, y in zip(cache.images, cache.labels)}
+    assert got == {(a[..., None].tobytes(), int(y)) for a, y in zip(images, labels)}
+    assert "tensorflow" not in sys.modules
+    with pytest.raises(ValueError, match="no column 'pixels' \\(data.image_column\\)"):
+        open_images("tfds:tiny_images", "train", image_column="pixels")
+
+
 def test_image_cache_resumes_and_detects_stale_and_corrupt(idx_dir, tmp_path):
     source = open_images(f"idx:{idx_dir}", "train")
     cache_dir = tmp_path / "cache"

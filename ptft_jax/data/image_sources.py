@@ -294,7 +294,7 @@ def _require(columns, where: str, image_column: str, label_column: str) -> None:
 
 def _open_hub_images(spec, split, image_column, label_column):
     from ptft_jax.data.opening import load_hub_split
-    ds, name = load_hub_split(spec, split, ())
+    ds, name = load_hub_split(spec, split, (None, None))
     _require(ds.column_names, name, image_column, label_column)
     return ds, name
 
@@ -307,7 +307,7 @@ class TfdsImages:
 
     def _open(self):
         from ptft_jax.data.opening import tfds_builder, tfds_data_source
-        builder, features, self.name = tfds_builder(self.spec, self.split, ())
+        builder, features, self.name = tfds_builder(self.spec, self.split, (None, None))
         _require(list(features.keys()), self.name, self.image_column, self.label_column)
         self._source, self._identity = tfds_data_source(builder, self.split)
 
@@ -326,7 +326,12 @@ class TfdsImages:
         return out
 
     def read(self, start: int, stop: int) -> list:
-        records = self._source.__getitems__(list(range(start, stop)))
+        try:
+            records = self._source.__getitems__(list(range(start, stop)))
+        except ModuleNotFoundError as e:  # tfds decodes its encoded Image feature with TF
+            raise ValueError(f"{self.name}: tfds needs {e.name} to decode feature "
+                             f"'{self.image_column}' (an encoded image). Install tensorflow-cpu, "
+                             f"or store the images as a uint8 Tensor feature.") from None
         return [_as_array(r[self.image_column], f"{self.name} row {start + i}")
                 for i, r in enumerate(records)]
 
