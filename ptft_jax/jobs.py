@@ -285,7 +285,7 @@ def finetune_job(cfg: Config) -> Job:
 # Images: labelled images from the image cache, an image classifier
 
 
-def _image_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, labels,
+def image_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, labels,
                  per_class: int):
     """(ImageExamples, class names) of one split: the source decoded into its image cache
     (process 0 builds it), filtered to data.keep_labels and, for training, data.per_class."""
@@ -326,11 +326,11 @@ def image_job(cfg: Config) -> Job:
     labels_path = run_dir / "labels.json"
     saved = LabelSpace.load(labels_path) if labels_path.exists() else None
     try:
-        train, labels = _image_split(cfg, run_dir, cfg.data.split, None, saved,
+        train, labels = image_split(cfg, run_dir, cfg.data.split, None, saved,
                                      cfg.data.per_class)
         evaluation = None
         if cfg.data.eval_split or cfg.data.eval_corpus:
-            evaluation, _ = _image_split(cfg, run_dir, cfg.data.eval_split or "train",
+            evaluation, _ = image_split(cfg, run_dir, cfg.data.eval_split or "train",
                                          cfg.data.eval_corpus, labels, 0)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -80,10 +80,15 @@ def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
     split = split or cfg.data.eval_split or "train"
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run_dir) / "data_cache"
     try:
-        examples, _ = open_examples(cfg.data, split, Path(run_dir) / "tokenizer.json",
-                                    cache_root, engine.task.labels.kind, engine.task.labels,
-                                    cfg.model.kind, progress=progress,
-                                    corpus=corpus or cfg.data.eval_corpus)
+        if task_for(cfg) in IMAGE_TASKS:
+            from ptft_jax.jobs import image_split
+            examples, _ = image_split(cfg, Path(run_dir), split,
+                                      corpus or cfg.data.eval_corpus, engine.task.labels, 0)
+        else:
+            examples, _ = open_examples(cfg.data, split, Path(run_dir) / "tokenizer.json",
+                                        cache_root, engine.task.labels.kind,
+                                        engine.task.labels, cfg.model.kind, progress=progress,
+                                        corpus=corpus or cfg.data.eval_corpus)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     metrics = evaluate(engine, state, examples, cfg.eval.batch_size, progress=progress)

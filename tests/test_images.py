@@ -313,6 +313,7 @@ def test_pretrain_then_finetune_on_other_classes(idx_dir, tmp_path):
                  "finetune.linear_probe=true", "data.eval_split=train"]) == 0
     log = (ft / "metrics.jsonl").read_text()
     assert "eval/accuracy" in log
+    assert main(["eval", str(ft)]) == 0
     # ptft predict on image files of another size (resized like the cache) and mode (RGB).
     from PIL import Image
     images, _ = _images(3)

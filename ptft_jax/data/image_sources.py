@@ -128,7 +128,8 @@ def open_idx(spec: str, split: str) -> IdxImages:
     path = Path(spec)
     if path.is_dir():
         prefixes = [split] + (["t10k"] if split == "test" else [])
-        found = [p for prefix in prefixes for p in sorted(path.glob(f"{prefix}-images-idx3-ubyte*"))]
+        found = [p for prefix in prefixes
+                 for p in sorted(path.glob(f"{prefix}-images-idx3-ubyte*"))]
         if not found:
             have = sorted({p.name.split("-images")[0] for p in path.glob("*-images-idx*")})
             raise ValueError(f"data.corpus 'idx:{spec}': no '{split}-images-idx3-ubyte[.gz]' "
