@@ -409,7 +409,7 @@ def read_source(path, label_names=None) -> tuple[dict, str, list[str]]:
     if hf.is_hf(str(path)):
         source = hf.open_model(str(path))
         flat, report = source.flat_params()
-        if "head/out/kernel" in flat:
+        if "head/out/kernel" in flat or "head/kernel" in flat:
             report.append(_match_hf_labels(flat, source.config, label_names))
         return unflatten(flat), f"{source.directory} ({source.architecture})", report
     step_dir, step = pretrained_source(path)
@@ -428,13 +428,14 @@ def read_source(path, label_names=None) -> tuple[dict, str, list[str]]:
 def _match_hf_labels(flat: dict, config: dict, label_names) -> str:
     names = [str(n) for _, n in sorted((int(i), n) for i, n in
                                        (config.get("id2label") or {}).items())]
+    out = "head/out/" if "head/out/kernel" in flat else "head/"  # text / image classifiers
     if label_names is not None and sorted(names) == sorted(label_names) and \
-            len(names) == flat["head/out/kernel"].shape[1]:
+            len(names) == flat[out + "kernel"].shape[1]:
         order = [names.index(n) for n in label_names]
-        flat["head/out/kernel"] = flat["head/out/kernel"][:, order]
-        flat["head/out/bias"] = flat["head/out/bias"][order]
+        flat[out + "kernel"] = flat[out + "kernel"][:, order]
+        flat[out + "bias"] = flat[out + "bias"][order]
         return f"classifier output layer kept: same labels {list(label_names)}"
-    del flat["head/out/kernel"], flat["head/out/bias"]
+    del flat[out + "kernel"], flat[out + "bias"]
     return (f"classifier output layer left out: its labels {names} are not the data's "
             f"{list(label_names or [])}")
 

@@ -328,3 +328,28 @@ def test_pretrain_then_finetune_on_other_classes(idx_dir, tmp_path):
     for r in rows:
         assert r["label"] in ("1", "2")
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "hf"
+
+
+@pytest.mark.parametrize("name", ["vit_cls", "vit_model"])
+def test_hf_vit_imports_with_parity(name):
+    """ViTForImageClassification / ViTModel from safetensors: the same logits (or normalised
+    class token) as transformers computed, within 1e-4."""
+    from ptft_jax.convert.hf import open_model
+    from ptft_jax.models.vision import ViT
+    from ptft_jax.params import unflatten
+    source = open_model(f"hf:{FIXTURES / name}")
+    cfg = load_config(None, [f"finetune.init_from=hf:{FIXTURES / name}"]).model
+    assert cfg.kind == "vit" and cfg.activation == ("gelu" if name == "vit_cls" else "gelu_tanh")
+    flat, report = source.flat_params()
+    expected = np.load(FIXTURES / name / "expected.npz")
+    pixels = expected["pixels_nhwc"]
+    if name == "vit_cls":
+        logits = ImageClassifier(cfg, 3).apply({"params": unflatten(flat)}, pixels)
+        np.testing.assert_allclose(logits, expected["logits"], atol=1e-4, rtol=1e-4)
+    else:
+        assert "pooler" in report[0]  # read, reported, not used
+        out = ViT(cfg).apply({"params": unflatten(flat)["image"]}, pixels)
+        np.testing.assert_allclose(out, expected["hidden"][:, 0], atol=1e-4, rtol=1e-4)

@@ -25,6 +25,7 @@ ARCHITECTURES = {
     "bert": ("BertModel", "BertForMaskedLM", "BertForSequenceClassification",
              "BertForPreTraining"),
     "gpt2": ("GPT2Model", "GPT2LMHeadModel"),
+    "vit": ("ViTModel", "ViTForImageClassification"),
 }
 SUPPORTED = ", ".join(a for archs in ARCHITECTURES.values() for a in archs)
 # HF activation names -> ptft's model.activation (gelu_new and gelu_fast are both the tanh
@@ -33,7 +34,8 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh",
                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 # The model keys an HF config fixes (the shapes and maths of the stored weights).
 SHAPE_KEYS = ("kind", "vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
-              "max_len", "type_vocab_size", "norm", "activation", "norm_eps")
+              "max_len", "type_vocab_size", "norm", "activation", "norm_eps", "image_size",
+              "patch_size", "channels", "image_pooling")
 CONVERSION_RECIPE = ("python -c \"from transformers import AutoModel; AutoModel.from_pretrained("
                      "'DIR').save_pretrained('DIR_safetensors')\"")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -191,6 +193,18 @@ def model_keys(config: dict, family: str) -> dict:
                     type_vocab_size=get("type_vocab_size", 2), norm="post",
                     norm_eps=float(get("layer_norm_eps", 1e-12)),
                     dropout=float(config.get("hidden_dropout_prob") or 0.0))
+    elif family == "vit":
+        act = get("hidden_act", "gelu")
+        if not config.get("qkv_bias", True):
+            raise ValueError("config.json: qkv_bias=false is not supported (ptft's attention "
+                             "projections have biases).")
+        keys = dict(kind="vit", hidden_size=get("hidden_size"),
+                    num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
+                    mlp_dim=get("intermediate_size"), image_size=get("image_size", 224),
+                    patch_size=get("patch_size", 16), channels=get("num_channels", 3),
+                    image_pooling="cls", type_vocab_size=0, norm="pre",
+                    norm_eps=float(get("layer_norm_eps", 1e-12)),
+                    dropout=float(config.get("hidden_dropout_prob") or 0.0))
     else:
         act = get("activation_function", "gelu_new")
         for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
@@ -271,13 +285,13 @@ def with_hf_model(data: dict) -> dict:
         raise ConfigError(str(e)) from None
     model = {k: v for k, v in model.items() if not (v is None and k in keys)}  # null: take it
     for key in SHAPE_KEYS:
-        if key in model and model[key] != keys[key]:
+        if key in model and key in keys and model[key] != keys[key]:
             raise ConfigError(f"model.{key}={model[key]!r} conflicts with {source.directory}/"
                               f"config.json ({keys[key]!r}); remove model.{key}: "
                               f"finetune.init_from=hf:... sets the model's shape.")
     data = {**data, "model": {**keys, **model}}
     tokenizer = source.tokenizer_path
-    if (data.get("data") or {}).get("tokenizer") is None:
+    if source.family != "vit" and (data.get("data") or {}).get("tokenizer") is None:
         if tokenizer is None:
             raise ConfigError(f"{source.directory} has neither tokenizer.json nor vocab.txt; "
                               f"set data.tokenizer=PATH to the tokenizer the model was trained "

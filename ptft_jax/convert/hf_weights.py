@@ -1,4 +1,4 @@
-"""Tensor names and layouts: Hugging Face BERT / GPT-2 <-> ptft parameter paths.
+"""Tensor names and layouts: Hugging Face BERT / GPT-2 / ViT <-> ptft parameter paths.
 
 ptft keeps attention projections in their head-split shapes (query/key/value kernels
 [d, heads, head_dim], the output kernel [heads, head_dim, d]) and dense kernels as [in, out].
@@ -94,6 +94,46 @@ def _gpt2_ignored(prefix: str) -> re.Pattern:
     return re.compile(rf"^{re.escape(prefix)}h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
 
 # ---------------------------------------------------------------------------------------------
+# ViT (ViTModel / ViTForImageClassification): a pre-norm encoder over patches, under image/
+
+IMG = "image/"
+
+
+def _vit_pairs(num_layers: int) -> list[tuple[str, str, str]]:
+    pairs = [("embeddings.cls_token", IMG + "cls", "squeeze"),
+             ("embeddings.position_embeddings", IMG + "pos_embed", "squeeze"),
+             ("embeddings.patch_embeddings.projection.weight", IMG + "patch_embed/kernel",
+              "conv"),
+             ("embeddings.patch_embeddings.projection.bias", IMG + "patch_embed/bias", "copy"),
+             ("layernorm.weight", IMG + "final_norm/scale", "copy"),
+             ("layernorm.bias", IMG + "final_norm/bias", "copy")]
+    for i in range(num_layers):
+        hf, pt = f"encoder.layer.{i}.", f"{IMG}layers_{i}/"
+        for name in ("query", "key", "value"):
+            pairs += [(f"{hf}attention.attention.{name}.weight", f"{pt}attn/{name}/kernel",
+                       "qkv"),
+                      (f"{hf}attention.attention.{name}.bias", f"{pt}attn/{name}/bias",
+                       "qkv_bias")]
+        pairs += [(f"{hf}attention.output.dense.weight", f"{pt}attn/out/kernel", "attn_out"),
+                  (f"{hf}attention.output.dense.bias", f"{pt}attn/out/bias", "copy"),
+                  (f"{hf}layernorm_before.weight", f"{pt}attn_norm/scale", "copy"),
+                  (f"{hf}layernorm_before.bias", f"{pt}attn_norm/bias", "copy"),
+                  (f"{hf}intermediate.dense.weight", f"{pt}mlp/wi/kernel", "linear"),
+                  (f"{hf}intermediate.dense.bias", f"{pt}mlp/wi/bias", "copy"),
+                  (f"{hf}output.dense.weight", f"{pt}mlp/wo/kernel", "linear"),
+                  (f"{hf}output.dense.bias", f"{pt}mlp/wo/bias", "copy"),
+                  (f"{hf}layernorm_after.weight", f"{pt}mlp_norm/scale", "copy"),
+                  (f"{hf}layernorm_after.bias", f"{pt}mlp_norm/bias", "copy")]
+    return pairs
+
+
+VIT_HEADS = [("classifier.weight", "head/kernel", "linear"),
+             ("classifier.bias", "head/bias", "copy")]
+# ViTModel's pooler (dense + tanh on the class token) has no counterpart: ptft's image
+# classifier reads the normalised class token directly, as ViTForImageClassification does.
+VIT_IGNORED = re.compile(r"(^|\.)pooler\.dense\.(weight|bias)$")
+
+# ---------------------------------------------------------------------------------------------
 # Layouts, both ways
 
 
@@ -111,6 +151,10 @@ def _to_ptft(layout: str, x: np.ndarray, heads: int):
         return x.T.reshape(heads, -1, x.shape[0])
     if layout == "conv_out":  # Conv1D [h*k, d] -> [h, k, d]
         return x.reshape(heads, -1, x.shape[1])
+    if layout == "squeeze":  # ViT's [1, n, d] -> [n, d]
+        return x.reshape(x.shape[-2], x.shape[-1])
+    if layout == "conv":  # torch Conv2d [out, in, kh, kw] -> flax [kh, kw, in, out]
+        return x.transpose(2, 3, 1, 0)
     if layout == "c_attn":  # [d, 3d] -> 3 x [d, h, k]
         return [_heads(part, heads) for part in np.split(x, 3, axis=1)]
     if layout == "c_attn_bias":
@@ -169,6 +213,10 @@ def import_tensors(tensors: dict[str, np.ndarray], family: str, num_layers: int,
         ignored, tied = BERT_IGNORED, [("cls.predictions.decoder.weight",
                                         prefix + "embeddings.word_embeddings.weight")]
         type_embed = prefix + "embeddings.token_type_embeddings.weight"
+    elif family == "vit":
+        prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
+        backbone = [(prefix + hf, pt, lay) for hf, pt, lay in _vit_pairs(num_layers)]
+        heads, ignored, tied, type_embed = VIT_HEADS, VIT_IGNORED, [], None
     else:
         prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
         backbone = [(prefix + hf, pt, lay) for hf, pt, lay in _gpt2_pairs(num_layers)]
@@ -205,7 +253,8 @@ def import_tensors(tensors: dict[str, np.ndarray], family: str, num_layers: int,
             out[path] = v
     used_heads = sorted({pt.split("/")[0] for hf, pt, _ in heads if hf in tensors})
     skipped = sorted(k for k in tensors if k not in known)
-    report = [f"{len(tensors)} tensor(s) read; backbone -> transformer/"
+    report = [f"{len(tensors)} tensor(s) read; backbone -> "
+              f"{'image/' if family == 'vit' else 'transformer/'}"
               + (f"; heads -> {', '.join(used_heads)}" if used_heads else "")
               + (f"; not used: {', '.join(skipped)}" if skipped else "")]
     return out, report
@@ -261,9 +310,18 @@ def check_backbone_shapes(flat: dict, keys: dict, where: str) -> None:
     from ptft_jax.models.transformer import Transformer
     from ptft_jax.params import flatten
     cfg = ModelConfig(**{k: v for k, v in keys.items() if k != "dropout"})
-    tokens = jax.ShapeDtypeStruct((1, 2), np.int32)
-    abstract = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)
-    expected = {T + p: tuple(x.shape) for p, x in flatten(abstract["params"]).items()}
+    if cfg.kind == "vit":
+        from ptft_jax.models.vision import ViT
+        images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels),
+                                      np.float32)
+        abstract = jax.eval_shape(lambda x: ViT(cfg).init(jax.random.key(0), x), images)
+        root = IMG
+    else:
+        tokens = jax.ShapeDtypeStruct((1, 2), np.int32)
+        abstract = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t),
+                                  tokens)
+        root = T
+    expected = {root + p: tuple(x.shape) for p, x in flatten(abstract["params"]).items()}
     expected = {p.replace("/value", "") if p.endswith("/value") else p: s
                 for p, s in expected.items()}  # boxed leaves (logical axis names) end in /value
     wrong = [f"{p}: {tuple(flat[p].shape)} in the checkpoint, {s} for config.json"
