@@ -28,7 +28,8 @@ STRATEGIES = {
     "linear_probe": ["finetune.linear_probe=true", "optim.learning_rate=3e-3"],
     "lora_r8": ["finetune.lora_rank=8", "optim.learning_rate=2e-3"],  # ViT only
     "gradual": ["finetune.unfreeze=gradual"],
-    "adaptive": ["finetune.unfreeze=adaptive", "finetune.unfreeze_patience=1"],
+    # Adaptive unfreezing decides on evaluations of the test split (the only one here).
+    "adaptive": ["finetune.unfreeze=adaptive", "finetune.unfreeze_patience=1", "eval.every=25"],
     "layer_decay_0.75": ["finetune.layer_decay=0.75"],
 }
 
@@ -71,6 +72,8 @@ def main() -> None:
             for name, overrides in STRATEGIES.items():
                 if model != "vit" and name.startswith("lora"):
                     continue
+                if name == "adaptive" and per_class != max(args.per_class):
+                    continue  # evaluations cost as much as the training here: one budget
                 run_dir = REPO / "runs" / "fmnist" / f"{model}_{name}_{per_class}"
                 extra = [f"run_dir={run_dir}", f"data.per_class={per_class}",
                          f"finetune.init_from={pre_dir}", *overrides]
