@@ -5,6 +5,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests compile the same small programs (the same tiny model's init and step on the same
+# mesh, CLI runs resumed in subprocesses): JAX's persistent compilation cache, one per test
+# session, shared by the xdist workers and the subprocesses through the environment.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"),
+    f"ptft-test-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 
 import gzip  # noqa: E402
 

@@ -57,6 +57,11 @@ def convert(image: np.ndarray, size: int, channels: int, resize: bool, where: st
     h, w, c = image.shape
     if (h, w, c) == (size, size, channels):
         return image
+    # Grayscale repeats to RGB and RGBA drops its alpha; colour is never dropped silently.
+    if c not in (1, 3, 4) or (channels == 1 and c != 1):
+        raise ValueError(f"{where} has {c} channel(s), which do not fit model.channels="
+                         f"{channels}: set model.channels={3 if c >= 3 else c} (the model's "
+                         f"input), or convert the images first.")
     if (h, w) != (size, size) and not resize:
         raise ValueError(f"{where} is {w}x{h} pixels, not model.image_size={size}: images of "
                          f"mixed sizes need data.resize=true (or set model.image_size).")
