@@ -67,9 +67,11 @@ def test_sources_agree_and_bad_images_are_named(idx_dir, tmp_path):
     order = np.lexsort((np.arange(12), labels))
     np.testing.assert_array_equal(fold.images, images[order][..., None])
     assert fold.labels == [f"class{y}" for y in labels[order]]
-    # Grayscale to RGB and a new size: converted once, in the cache.
+    # Grayscale to RGB and a new size: converted once, in the cache, by two spawned workers
+    # decoding three shards.
     rgb = prepare_image_cache(open_images(str(folder), "train"), tmp_path / "c4", 16, 3,
-                              progress=False)
+                              num_workers=2, shard_images=5, progress=False)
+    assert len(rgb.meta["crc32"]) == 3
     assert rgb.images.shape == (12, 16, 16, 3)
     assert np.all(rgb.images[..., 0] == rgb.images[..., 2])
 
