@@ -41,10 +41,15 @@ def ptft(command: str, config: Path, overrides: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def final_eval(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval/accuracy" in r]
-    return evals[-1]
+def final_eval(run_dir: Path) -> dict | None:
+    """The run's last evaluation, if it finished (an interrupted run is resumed instead)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists() or not (run_dir / "config.yaml").exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = __import__("yaml").safe_load((run_dir / "config.yaml").read_text())["train"]["steps"]
+    evals = [r for r in rows if "eval/accuracy" in r and r.get("step") == steps]
+    return evals[-1] if evals else None
 
 
 def main() -> None:
@@ -62,7 +67,7 @@ def main() -> None:
         pre_cfg = REPO / "configs" / f"pretrain_fmnist_{model}.yaml"
         pre_dir = REPO / "runs" / "fmnist" / f"{model}_pre"
         seconds = 0.0
-        if not (pre_dir / "metrics.jsonl").exists():
+        if final_eval(pre_dir) is None:  # not run, or interrupted: (re)run, which resumes
             seconds = ptft("pretrain", pre_cfg, [f"run_dir={pre_dir}"])
         pre = final_eval(pre_dir)
         rows.append({"model": model, "strategy": "pretraining (classes 0-4)", "per_class": 6000,
@@ -78,7 +83,7 @@ def main() -> None:
                 extra = [f"run_dir={run_dir}", f"data.per_class={per_class}",
                          f"finetune.init_from={pre_dir}", *overrides]
                 seconds = ptft("finetune", REPO / "configs" / f"finetune_fmnist_{model}.yaml",
-                               extra) if not (run_dir / "metrics.jsonl").exists() else 0.0
+                               extra) if final_eval(run_dir) is None else 0.0
                 result = final_eval(run_dir)
                 rows.append({"model": model, "strategy": name, "per_class": per_class,
                              "accuracy": result["eval/accuracy"],

@@ -89,7 +89,7 @@ def test_pipeline_case_moves_batches_to_the_device(tmp_path):
 def test_finetune_cases_run_and_lora_trains_a_sliver(tmp_path):
     from ptft_jax import bench_finetune
     names = ["bert-mini-full", "bert-mini-linear_probe", "bert-mini-gradual_phase1",
-             "bert-mini-lora8", "bert-base-lora8"]
+             "bert-mini-lora8", "bert-base-full", "bert-base-lora8"]
     rows = bench_finetune.run(names, benchmark.DEFAULT_CASES, tmp_path, steps=2, warmup=0,
                               with_torch=False, echo=lambda *a: None,
                               overrides=TINY + ("model.mlp_dim=256",))

@@ -330,13 +330,13 @@ def test_pretrain_then_finetune_on_other_classes(idx_dir, tmp_path):
     log = (ft / "metrics.jsonl").read_text()
     assert "eval/accuracy" in log
     assert main(["eval", str(ft)]) == 0
-    # ptft predict on image files of another size (resized like the cache) and mode (RGB).
+    # ptft predict on image files of another size (resized like the cache).
     from PIL import Image
     images, _ = _images(3)
     folder = tmp_path / "to_predict"
     folder.mkdir()
     for i, im in enumerate(images):
-        Image.fromarray(np.repeat(im[..., None], 3, -1), "RGB").save(folder / f"{i}.png")
+        Image.fromarray(im, "L").save(folder / f"{i}.png")
     out = tmp_path / "predictions.jsonl"
     assert main(["predict", str(ft), "--input", str(folder), "--output", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -430,8 +430,8 @@ def test_vit_sharded_gradients_equal_one_device():
 
 
 def test_image_run_resumes_exactly(idx_dir, tmp_path):
-    """A ResNet run stopped at step 2 and resumed to 4 ends bit-identical to one run of 4
-    steps: parameters, optimizer state and BatchNorm statistics, with augmentation on."""
+    """A ResNet run resumed from its step-2 checkpoint ends bit-identical to the run that
+    went on: parameters, optimizer state and BatchNorm statistics, augmentation on."""
     from ptft_jax.checkpoint import committed_steps
     from ptft_jax.integrity import check_step
     from ptft_jax.train import pretrain
@@ -441,13 +441,15 @@ def test_image_run_resumes_exactly(idx_dir, tmp_path):
               "checkpoint.every=2", "checkpoint.async_save=false", "augment.flip=true",
               "augment.random_resized_crop=true", "mesh.data=2", "mesh.fsdp=4",
               f"data.cache_dir={tmp_path / 'cache'}"]
-    pretrain(load_config(None, [*common, f"run_dir={tmp_path / 'whole'}", "train.steps=4"]))
-    split = tmp_path / "split"
-    pretrain(load_config(None, [*common, f"run_dir={split}", "train.steps=2"]))
-    pretrain(load_config(None, [*common, f"run_dir={split}", "train.steps=4"]))
-    assert committed_steps(split / "checkpoints")[-1] == 4
-    _, a = check_step(tmp_path / "whole" / "checkpoints" / "4")
-    _, b = check_step(split / "checkpoints" / "4")
+    import shutil
+    cfg = load_config(None, [*common, f"run_dir={tmp_path / 'run'}", "train.steps=4"])
+    pretrain(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    _, a = check_step(ckpts / "4")
+    shutil.rmtree(ckpts / "4")  # as if the run had been stopped after its step-2 save
+    summary = pretrain(cfg)
+    assert summary["start_step"] == 2 and committed_steps(ckpts)[-1] == 4
+    _, b = check_step(ckpts / "4")
     for item in ("params", "opt_state", "model_state"):
         for x, y in zip(jax.tree.leaves(a[item]), jax.tree.leaves(b[item])):
             assert np.array_equal(x, y), item

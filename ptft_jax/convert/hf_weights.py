@@ -176,6 +176,10 @@ def _to_hf(layout: str, x, heads: int) -> np.ndarray:
         return x.reshape(-1, x.shape[-1]).T
     if layout == "conv_out":
         return x.reshape(-1, x.shape[-1])
+    if layout == "squeeze":
+        return x[None]
+    if layout == "conv":
+        return x.transpose(3, 2, 0, 1)
     if layout == "c_attn":
         return np.concatenate([p.reshape(p.shape[0], -1) for p in x], axis=1)
     if layout == "c_attn_bias":
@@ -270,6 +274,9 @@ def export_tensors(flat: dict[str, np.ndarray], family: str, num_layers: int,
         prefix = "bert." if any(p.startswith(("head/out/", "mlm_head/")) for p in flat) else ""
         pairs = [(prefix + hf, pt, lay) for hf, pt, lay in _bert_pairs(num_layers)]
         pairs += [(_head_name(hf, prefix), pt, lay) for hf, pt, lay in BERT_HEADS]
+    elif family == "vit":
+        prefix = "vit." if "head/kernel" in flat else ""
+        pairs = [(prefix + hf, pt, lay) for hf, pt, lay in _vit_pairs(num_layers)] + VIT_HEADS
     else:
         prefix = "transformer."
         pairs = [(prefix + hf, pt, lay) for hf, pt, lay in _gpt2_pairs(num_layers)]
