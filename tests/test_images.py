@@ -277,8 +277,6 @@ def test_resnet_batchnorm_is_global_on_a_mesh_and_under_pmap():
         state = engine.init(jax.random.key(0))
         if name != "pmap":
             runs[name + "_grads"] = mean_gradients(engine, state, _image_batches(cfg, 1)[0])
-        if name == "mesh":
-            continue  # its gradients are compared; pmap's steps stand for the other layouts
         state, history = run_steps(engine, state, _image_batches(cfg, 2))
         host = engine.host_state(state)
         runs[name] = (history, host_params(engine, state),
@@ -289,7 +287,7 @@ def test_resnet_batchnorm_is_global_on_a_mesh_and_under_pmap():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
     stats = runs["one"][2]["batch_stats"]["image"]["stem_bn"]["mean"]
     assert np.abs(stats).max() > 0  # the running statistics moved
-    for name in ("pmap",):
+    for name in ("mesh", "pmap"):  # losses, parameters and BatchNorm statistics
         for a, b in zip(runs["one"][0], runs[name][0]):
             np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
         for a, b in zip(jax.tree.leaves(runs["one"][1:]), jax.tree.leaves(runs[name][1:])):
