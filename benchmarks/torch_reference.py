@@ -1,6 +1,7 @@
 """The PyTorch reference for `ptft bench`: the same architecture and shapes in Hugging Face
-`transformers` (GPT2LMHeadModel, BertForMaskedLM), AdamW with global-norm clipping, the same
-global batch, timed the same way (warm-up discarded, synchronised, median of N steps).
+`transformers` (GPT2LMHeadModel, BertForMaskedLM, ViTForImageClassification) or `torchvision`
+(ResNet-18 / ResNet-50), AdamW with global-norm clipping, the same global batch, timed the
+same way (warm-up discarded, synchronised, median of N steps).
 
 Optional: needs `torch` and `transformers` (here: pip install torch==2.13.0 transformers).
 It steps on ptft's own benchmark rows: packed documents, their positions restarting at each
@@ -9,6 +10,12 @@ for GPT-2), so both frameworks run attention with the mask training needs. Causa
 stop at document boundaries as ptft's do. Masked-LM masking happens inside the timed step, as
 it does in ptft's jitted step; Hugging Face's BertForMaskedLM computes logits at every
 position, as it does in training.
+
+Image models step on ptft's uint8 batches moved to the device once; the timed step scales,
+normalises and randomly flips them there, as ptft's jitted step does, then trains with
+label-smoothed (0.1) cross-entropy. ResNets come from torchvision when it imports (its PyPI
+wheels load only beside a matching torch build), else from transformers' ResNet at the same
+shape (the same stem, blocks and widths; reported in the row).
 """
 from __future__ import annotations
 
@@ -74,6 +81,8 @@ def to_torch_batch(batch: dict, causal: bool, device: str) -> dict:
 def time_case(cfg, host_batches: list[dict], compiled: bool, steps: int, warmup: int) -> dict:
     """Times `steps` training steps of the reference on ptft's rows; returns medians like
     ptft's rows."""
+    if cfg.model.kind in ("vit", "resnet"):
+        return time_image_case(cfg, host_batches, compiled, steps, warmup)
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +114,82 @@ def time_case(cfg, host_batches: list[dict], compiled: bool, steps: int, warmup:
     return {**_timed(step, batches, steps, warmup, device, tokens), "bf16": bf16}
 
 
-def _timed(step, batches, steps: int, warmup: int, device: str, tokens: int) -> dict:
+def build_image_model(mcfg, num_classes: int):
+    """(model, where it comes from) at ptft's shape: a callable from float NCHW pixels to
+    logits."""
+    import transformers as tr
+    if mcfg.kind == "vit":
+        model = tr.ViTForImageClassification(tr.ViTConfig(
+            hidden_size=mcfg.hidden_size, num_hidden_layers=mcfg.num_layers,
+            num_attention_heads=mcfg.num_heads, intermediate_size=mcfg.mlp_dim,
+            image_size=mcfg.image_size, patch_size=mcfg.patch_size,
+            num_channels=mcfg.channels, num_labels=num_classes, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, layer_norm_eps=mcfg.norm_eps or 1e-6))
+        model.config._attn_implementation = "sdpa"
+        return (lambda x: model(pixel_values=x).logits), model, "transformers ViT"
+    bottleneck = mcfg.resnet_block == "bottleneck"
+    known = {((3, 4, 6, 3), True): "resnet50", ((2, 2, 2, 2), False): "resnet18"}
+    name = known.get((tuple(mcfg.resnet_stages), bottleneck))
+    if mcfg.resnet_stem == "small" or mcfg.resnet_width != 64 or mcfg.channels != 3:
+        name = None
+    try:
+        import torchvision
+        if name is None:
+            raise ImportError
+        model = getattr(torchvision.models, name)(num_classes=num_classes)
+        return model, model, f"torchvision {name}"
+    except Exception:  # not importable beside this torch build, or not its shape
+        if mcfg.resnet_stem == "small":
+            raise ValueError("no PyTorch reference for the small (3x3) ResNet stem")
+        widths = [mcfg.resnet_width * 2 ** i * (4 if bottleneck else 1)
+                  for i in range(len(mcfg.resnet_stages))]
+        model = tr.ResNetForImageClassification(tr.ResNetConfig(
+            num_channels=mcfg.channels, embedding_size=mcfg.resnet_width, hidden_sizes=widths,
+            depths=list(mcfg.resnet_stages),
+            layer_type="bottleneck" if bottleneck else "basic", num_labels=num_classes,
+            downsample_in_first_stage=False))
+        return (lambda x: model(pixel_values=x).logits), model, "transformers ResNet"
+
+
+def time_image_case(cfg, host_batches: list[dict], compiled: bool, steps: int,
+                    warmup: int) -> dict:
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device == "cuda")
+    from ptft_jax.bench_workloads import IMAGE_CLASSES
+    forward, model, source = build_image_model(cfg.model, IMAGE_CLASSES)
+    model.to(device).train()
+    if device == "cuda":
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.optim.weight_decay,
+                            betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps)
+    forward = torch.compile(forward) if compiled else forward
+    batches = [(torch.as_tensor(b["image"], device=device).permute(0, 3, 1, 2),
+                torch.as_tensor(b["label"], dtype=torch.long, device=device))
+               for b in host_batches]
+
+    def step(batch):
+        images, labels = batch
+        x = (images.float() / 255.0 - 0.5) / 0.5
+        flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
+        x = torch.where(flip, x.flip(-1), x)
+        if device == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=0.1)
+        loss.backward()
+        if cfg.optim.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result = _timed(step, batches, steps, warmup, device, cfg.train.global_batch)
+    return {**result, "bf16": bf16, "model": source}
+
+
+def _timed(step, batches, steps: int, warmup: int, device: str, units: int) -> dict:
     """Runs the first step (torch.compile compiles there), `warmup` untimed steps, then
     `steps` synchronised timed ones; the median, min and max step times."""
     def sync():
@@ -127,7 +211,7 @@ def _timed(step, batches, steps: int, warmup: int, device: str, tokens: int) -> 
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"step_ms_median": median * 1e3, "step_ms_min": min(times) * 1e3,
-            "step_ms_max": max(times) * 1e3, "tokens_per_s": tokens / median,
+            "step_ms_max": max(times) * 1e3, "units_per_s": units / median,
             "first_step_s": first_step_s, "device": device}
 
 

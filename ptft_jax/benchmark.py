@@ -3,11 +3,10 @@
 
 Measured honestly: compile time apart (`lower().compile()`), warm-up steps discarded, each timed
 step ends in `block_until_ready` on the new state, and the median, min and max of N steps are
-reported. Rows are what `ptft pretrain` feeds: random documents (geometric lengths, mean 600
-tokens) packed by the training Packer, with segment ids and restarting positions, so attention
-carries the document mask; `rows: unmasked` cases drop the segment ids, to price that mask.
-The input pipeline has its own benchmark. FLOPs follow `ptft_jax.perf` (PaLM convention) and
-count only what the step computes (masked LM: the head at its masked slots).
+reported. Each case steps on what training feeds (bench_workloads.py: packed rows with their
+document mask for language models, uint8 images augmented on device for image models). The
+input pipeline has its own benchmark (bench_pipeline.py). FLOPs follow `ptft_jax.perf` (PaLM
+convention) and count only what the step computes (masked LM: the head at its masked slots).
 """
 from __future__ import annotations
 
@@ -29,28 +28,25 @@ import yaml
 
 from ptft_jax import perf
 from ptft_jax.config import ConfigError, load_config
-from ptft_jax.data.packing import Packer
-from ptft_jax.validation import validate
-from ptft_jax.models.layers import dtypes
+from ptft_jax.bench_workloads import synthetic_batches, workload  # noqa: F401 (re-export)
 from ptft_jax.engine import build
-from ptft_jax.jobs import lm_task
-from ptft_jax.tasks.lm import MlmSpec
+from ptft_jax.models.layers import dtypes
+from ptft_jax.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = REPO / "benchmarks" / "cases.yaml"
-CASE_KEYS = ("name", "preset", "objective", "seq_len", "global_batch", "parallelism", "mesh",
-             "dtype", "remat", "scan", "grad_accum", "vocab_size", "torch", "rows",
-             "loss_chunk")
+CASE_KEYS = ("name", "preset", "objective", "seq_len", "image_size", "global_batch",
+             "parallelism", "mesh", "dtype", "remat", "scan", "grad_accum", "vocab_size",
+             "torch", "rows", "loss_chunk", "overrides")
 ROWS = ("packed", "unmasked")
-SPECIAL_IDS = (0, 1, 2, 3, 4)  # synthetic data keeps ids below 5 free, as our tokenizers do
+OBJECTIVES = ("mlm", "clm", "image_classification")
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
     preset: str
-    objective: str
-    seq_len: int
+    objective: str  # one of OBJECTIVES
     global_batch: int
     parallelism: str
     mesh: dict
@@ -62,11 +58,19 @@ class Case:
     torch: bool
     rows: str = "packed"
     loss_chunk: int | None = None  # objective.loss_chunk; None: the default
+    seq_len: int | None = None  # language models
+    image_size: int | None = None  # image models; None: the preset's
+    overrides: tuple = ()  # other config keys ("key.sub=value")
 
     def config(self, overrides: tuple[str, ...] = ()):
+        per_objective = [f"data.seq_len={self.seq_len}"] if self.seq_len else []
+        if self.image_size:
+            per_objective.append(f"model.image_size={self.image_size}")
+        if self.objective == "image_classification":
+            per_objective.append("augment.flip=true")
         cfg = load_config(None, [
             f"model.preset={self.preset}", f"train.task={self.objective}",
-            f"data.seq_len={self.seq_len}", f"train.global_batch={self.global_batch}",
+            *per_objective, f"train.global_batch={self.global_batch}",
             f"mesh.parallelism={self.parallelism}", f"mesh.data={self.mesh.get('data', -1)}",
             f"mesh.fsdp={self.mesh.get('fsdp', 1)}", f"mesh.tensor={self.mesh.get('tensor', 1)}",
             f"model.dtype={self.dtype}", f"model.remat={self.remat}",
@@ -76,7 +80,7 @@ class Case:
             *([f"model.max_len={max(self.seq_len, 128)}"] if self.preset == "gpt-tiny" else []),
             *([f"objective.loss_chunk={self.loss_chunk}"] if self.loss_chunk is not None
               else []),
-            *overrides])
+            *self.overrides, *overrides])
         return cfg
 
 
@@ -96,9 +100,13 @@ def load_cases(path: Path, sets: list[str], names: list[str]) -> list[Case]:
                 raise ConfigError(f"{path}: case {raw.get('name')} has unknown keys {unknown}; "
                                   f"valid: {', '.join(CASE_KEYS)}.")
             case = Case(**{**defaults, **raw})
+            case = dataclasses.replace(case, overrides=tuple(case.overrides or ()))
             if case.rows not in ROWS:
                 raise ConfigError(f"{path}: case {case.name} has rows: {case.rows}; use one of "
                                   f"{', '.join(ROWS)}.")
+            if case.objective not in OBJECTIVES:
+                raise ConfigError(f"{path}: case {case.name} has objective: {case.objective}; "
+                                  f"use one of {', '.join(OBJECTIVES)}.")
             by_name[raw["name"]] = (set_name, case)
     missing = [n for n in names if n not in by_name]
     if missing:
@@ -112,23 +120,6 @@ def load_cases(path: Path, sets: list[str], names: list[str]) -> list[Case]:
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
-
-
-def synthetic_batches(cfg, n: int = 2, seed: int = 0, rows: str = "packed") -> list[dict]:
-    """`n` global batches of packed rows (tokens, segment_ids, positions) from random
-    documents, through the training Packer; `unmasked`: the tokens alone (no document mask)."""
-    rng = np.random.default_rng(seed)
-    B, T = cfg.train.global_batch, cfg.data.seq_len
-    lengths = rng.geometric(1 / 600, size=n * B * T // 300 + 8)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    tokens = rng.integers(len(SPECIAL_IDS), cfg.model.vocab_size, int(offsets[-1]),
-                          dtype=np.int32)
-    bos = 2 if cfg.model.kind == "encoder" else None  # [CLS] / GPT-2 has no BOS
-    packer = Packer(tokens, offsets, T, bos, 3, "pack")
-    out = [packer.rows(np.arange(i * B, (i + 1) * B)) for i in range(n)]
-    if rows == "unmasked":
-        out = [{"tokens": b["tokens"]} for b in out]
-    return out
 
 
 def timed_steps(step, state, batches, key, warmup: int, steps: int):
@@ -163,16 +154,15 @@ def matmul_ceiling(dtype) -> float:
 
 
 def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
-                 overrides: tuple[str, ...] = ()) -> dict:
+                 overrides: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
+    """(result row, the host batches it stepped on) for one case."""
     cfg = case.config(overrides)
     validate(cfg, jax.device_count())
-    spec = MlmSpec(mask_id=4, special_ids=SPECIAL_IDS, random_low=len(SPECIAL_IDS),
-                   random_high=cfg.model.vocab_size) if case.objective == "mlm" else None
-    engine = build(cfg, lm_task(cfg, spec))
+    work = workload(cfg, case.rows)
+    engine = build(cfg, work.task)
     key = jax.random.key(0)
     state = engine.init(key)
-    host_batches = synthetic_batches(cfg, rows=case.rows)
-    batches = [engine.to_device(b) for b in host_batches]
+    batches = [engine.to_device(b) for b in work.host_batches]
 
     t0 = time.perf_counter()
     compiled = engine.step_fn.lower(state, batches[0], key).compile()
@@ -202,25 +192,26 @@ def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
     if "peak_bytes_in_use" in stats:
         row["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
 
-    tokens = cfg.train.global_batch * cfg.data.seq_len
     median = statistics.median(times)
-    flops_per_token = perf.train_flops_per_token(
-        cfg.model, cfg.data.seq_len,
-        predicted_positions=engine.task.predicted_positions(cfg.data.seq_len))
-    tokens_per_s = tokens / median
+    per_s = work.units_per_step / median
     compute_dtype, _ = dtypes(cfg.model)
     table_peak = perf.device_peak_flops()
     ceiling = matmul_ceiling(jnp.dtype(compute_dtype))
     row.update(step_ms_median=median * 1e3, step_ms_min=min(times) * 1e3,
                step_ms_max=max(times) * 1e3, steps_timed=len(times),
-               tokens_per_s=tokens_per_s,
-               tokens_per_s_per_device=tokens_per_s / jax.device_count(),
-               flops_per_token=flops_per_token, compute_dtype=str(compute_dtype),
+               unit=work.unit, units_per_step=work.units_per_step, units_per_s=per_s,
+               units_per_s_per_device=per_s / jax.device_count(),
+               flops_per_unit=work.flops_per_unit, compute_dtype=str(compute_dtype),
                matmul_ceiling_flops=ceiling,
-               mfu_vs_measured_ceiling=perf.mfu(tokens_per_s, flops_per_token, ceiling))
+               mfu_vs_measured_ceiling=perf.mfu(per_s, work.flops_per_unit, ceiling))
+    # The names earlier results and the language-model tables use.
+    row[f"{work.unit}s_per_s"] = per_s
+    if work.unit == "token":
+        row.update(tokens_per_s_per_device=per_s / jax.device_count(),
+                   flops_per_token=work.flops_per_unit)
     if table_peak is not None:
-        row["mfu"] = perf.mfu(tokens_per_s, flops_per_token, table_peak * jax.device_count())
-    return row, host_batches
+        row["mfu"] = perf.mfu(per_s, work.flops_per_unit, table_peak * jax.device_count())
+    return row, work.host_batches
 
 
 def load_torch_reference():
@@ -233,112 +224,6 @@ def load_torch_reference():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def run_pipeline_case(case: dict, work_dir: Path, num_tokens: int = 50_000_000,
-                      batches: int = 100) -> dict:
-    """Tokens/s from a memory-mapped token cache to device arrays, through the training
-    loader (Packer + BatchLoader) and its prefetch thread. Documents have geometric lengths
-    (mean 600 tokens); the token file is written once and reused."""
-    from ptft_jax.data.loader import BatchLoader, prefetch
-    from ptft_jax.data.packing import Packer
-    from ptft_jax.mesh import batch_sharding, global_batch_array, make_mesh
-    from ptft_jax.config import MeshConfig
-
-    rng = np.random.default_rng(0)
-    lengths = rng.geometric(1 / 600, size=num_tokens // 600)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    path = work_dir / f"pipeline_tokens_{num_tokens}.bin"
-    if not path.exists() or path.stat().st_size != 2 * int(offsets[-1]):
-        out = np.memmap(path, np.uint16, "w+", shape=(int(offsets[-1]),))
-        out[:] = rng.integers(5, 30_000, len(out), dtype=np.uint16)
-        out.flush()
-        del out
-    tokens = np.memmap(path, np.uint16, "r")
-    seq_len, global_batch = case["seq_len"], case["global_batch"]
-    packer = Packer(tokens, offsets, seq_len, 2, 3, case.get("packing", "pack"))
-    sharding = batch_sharding(make_mesh(MeshConfig()))
-    loader = BatchLoader(packer, global_batch, 0, slice(0, global_batch))
-
-    t0 = time.perf_counter()
-    for step in range(batches):
-        loader.batch(step)
-    host_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    stream = prefetch(global_batch_array(loader.batch(step), sharding, global_batch)
-                      for step in range(batches))
-    for batch in stream:
-        jax.block_until_ready(batch)
-    device_s = time.perf_counter() - t0
-    tokens_moved = batches * global_batch * seq_len
-    return {"case": case["name"], **case, "batches": batches,
-            "host_tokens_per_s": tokens_moved / host_s,
-            "to_device_tokens_per_s": tokens_moved / device_s}
-
-
-def run_tokenization_case(work_dir: Path, copies: int = 10) -> dict:
-    """Documents/s and tokens/s of `ptft data prepare` (the cache build, every core) on the
-    bundled corpus repeated `copies` times, with a WordPiece tokenizer of 8192 trained on it."""
-    import shutil
-    from ptft_jax.data.cache import prepare_cache
-    from ptft_jax.data.sources import from_arrays
-    from ptft_jax.data.tokenizer import iter_texts, train_tokenizer
-
-    kjv = open_documents_bundled()
-    tokenizer_path = work_dir / "tokenization_tokenizer.json"
-    train_tokenizer("encoder", iter_texts(kjv), 8192).save(str(tokenizer_path))
-    texts = kjv.texts(0, len(kjv)) * copies
-    cache_dir = work_dir / "tokenization_cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    cache = prepare_cache(from_arrays(texts, name=f"kjv x{copies}"), tokenizer_path, cache_dir,
-                          shard_docs=2_000, progress=False)
-    stats = cache.stats
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    return {"case": f"tokenize-kjv-x{copies}", "documents": stats.docs,
-            "tokens": stats.tokens, "workers": stats.workers,
-            "docs_per_s": stats.docs_per_s, "tokens_per_s": stats.tokens_per_s}
-
-
-def open_documents_bundled():
-    from ptft_jax.config import DataConfig
-    from ptft_jax.data.opening import open_documents
-    return open_documents(DataConfig(corpus="bundled:kjv"))
-
-
-def run_pipeline(names: list[str], cases_file: Path, out_dir: Path, echo=print) -> list[dict]:
-    doc = yaml.safe_load(cases_file.read_text())
-    cases = [c for c in doc.get("pipeline", []) if not names or c["name"] in names]
-    env = environment()
-    out = out_dir / device_slug(env)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenization = {**run_tokenization_case(out_dir), **env}
-    echo(f"[{tokenization['case']}] {tokenization['docs_per_s']:,.0f} documents/s, "
-         f"{tokenization['tokens_per_s'] / 1e6:.2f}M tokens/s on {tokenization['workers']} "
-         f"worker(s)")
-    rows = []
-    for case in cases:
-        row = {**run_pipeline_case(case, out_dir), **env}
-        rows.append(row)
-        echo(f"[{row['case']}] host {row['host_tokens_per_s'] / 1e6:.1f}M tokens/s, to device "
-             f"{row['to_device_tokens_per_s'] / 1e6:.1f}M tokens/s")
-    lines = ["| pipeline case | seq | batch | packing | host tokens/s | to device tokens/s |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['seq_len']} | {r['global_batch']} | {r.get('packing')} | "
-              f"{r['host_tokens_per_s'] / 1e6:.1f}M | {r['to_device_tokens_per_s'] / 1e6:.1f}M |"
-              for r in rows]
-    table = (f"Input pipeline on {env['machine']}, {env['isa']} ({env['device_kind']} "
-             f"x{env['device_count']}),"
-             f" commit {env['git_commit']}, {env['time']}\n\n" + "\n".join(lines) + "\n\n"
-             f"Tokenization into the cache ({tokenization['case']}, "
-             f"{tokenization['documents']:,} documents, {tokenization['workers']} worker(s)): "
-             f"{tokenization['docs_per_s']:,.0f} documents/s, "
-             f"{tokenization['tokens_per_s'] / 1e6:.2f}M tokens/s\n")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (out / f"pipeline-{stamp}.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in [tokenization, *rows]))
-    (out / "pipeline-latest.md").write_text(table)
-    echo(table)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,8 +293,8 @@ def markdown_table(rows: list[dict], env: dict) -> str:
             f"flax {env['flax']}"
             + (f", torch {env['torch']}" if "torch" in env else "")
             + f"; commit {env['git_commit']}; {env['time']}\n\n")
-    cols = ["case", "compile s", "step ms (median)", "min-max", "tokens/s",
-            "tokens/s/device", "MFU", "MFU vs measured", "state MB/device",
+    cols = ["case", "compile s", "step ms (median)", "min-max", "throughput",
+            "per device", "MFU", "MFU vs measured", "state MB/device",
             "torch eager ms", "torch.compile ms", "ptft/eager", "ptft/compile"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -418,8 +303,8 @@ def markdown_table(rows: list[dict], env: dict) -> str:
             continue
         lines.append("| " + " | ".join([
             r["case"], f"{r['compile_s']:.1f}", f"{r['step_ms_median']:.1f}",
-            f"{r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}", f"{r['tokens_per_s']:,.0f}",
-            f"{r['tokens_per_s_per_device']:,.0f}",
+            f"{r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}", _throughput(r),
+            _throughput(r, per_device=True),
             f"{r['mfu']:.1%}" if "mfu" in r else "n/a",
             f"{r['mfu_vs_measured_ceiling']:.1%}",
             f"{r['state_bytes_per_device'] / 2**20:.1f}",
@@ -427,6 +312,11 @@ def markdown_table(rows: list[dict], env: dict) -> str:
             _ratio(r, "torch_eager"), _ratio(r, "torch_compile")]) + " |")
     notes = memory_notes(rows)
     return head + "\n".join(lines) + ("\n\n" + notes if notes else "") + "\n"
+
+
+def _throughput(r, per_device: bool = False) -> str:
+    value = r["units_per_s_per_device" if per_device else "units_per_s"]
+    return f"{value:,.{0 if value >= 100 else 1}f} {r['unit']}s/s"
 
 
 def _ms(r, key):
@@ -442,7 +332,7 @@ def memory_notes(rows: list[dict]) -> str:
     """Per-device state bytes of each layout relative to pure data parallelism on the same
     model: the `-dp8` case of the memory set."""
     def model(r):
-        return r["preset"], r["objective"], r["seq_len"], r["global_batch"]
+        return r["preset"], r["objective"], r.get("seq_len"), r["global_batch"]
 
     lines = []
     for base in (r for r in rows if r["case"].endswith("-dp8") and "error" not in r):
@@ -455,26 +345,31 @@ def memory_notes(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], env: dict, path: Path) -> None:
+    """Throughput bars, ptft beside the PyTorch reference: one panel per unit (tokens/s,
+    images/s), since the scales do not compare."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ok = [r for r in rows if "error" not in r]
     if not ok:
         return
-    labels = [r["case"] for r in ok]
-    series = [("ptft (JAX)", [r["tokens_per_s"] for r in ok])]
-    for key, name in (("torch_eager", "PyTorch eager"), ("torch_compile", "torch.compile")):
-        if any(key + "_tokens_per_s" in r for r in ok):
-            series.append((name, [r.get(key + "_tokens_per_s", 0) for r in ok]))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(ok)), 4))
-    width = 0.8 / len(series)
-    for i, (name, values) in enumerate(series):
-        ax.bar(np.arange(len(ok)) + i * width, values, width, label=name)
-    ax.set_xticks(np.arange(len(ok)) + width * (len(series) - 1) / 2)
-    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("tokens / s (median step)")
-    ax.set_title(f"{env['device_kind']} x{env['device_count']}", fontsize=9)
-    ax.legend(fontsize=8)
+    units = list(dict.fromkeys(r["unit"] for r in ok))
+    fig, axes = plt.subplots(1, len(units), squeeze=False,
+                             figsize=(max(6, 1.6 * len(ok)), 4))
+    for ax, unit in zip(axes[0], units):
+        group = [r for r in ok if r["unit"] == unit]
+        series = [("ptft (JAX)", [r["units_per_s"] for r in group])]
+        for key, name in (("torch_eager", "PyTorch eager"), ("torch_compile", "torch.compile")):
+            if any(key + "_units_per_s" in r for r in group):
+                series.append((name, [r.get(key + "_units_per_s", 0) for r in group]))
+        width = 0.8 / len(series)
+        for i, (name, values) in enumerate(series):
+            ax.bar(np.arange(len(group)) + i * width, values, width, label=name)
+        ax.set_xticks(np.arange(len(group)) + width * (len(series) - 1) / 2)
+        ax.set_xticklabels([r["case"] for r in group], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"{unit}s / s (median step)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{env['device_kind']} x{env['device_count']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -523,7 +418,7 @@ def run(case_names: list[str], sets: list[str], steps: int, warmup: int, profile
             f.write(json.dumps(row) + "\n")
     table = markdown_table(rows, env)
     (out / f"{stamp}.md").write_text(table)
-    (out / "latest.md").write_text(table)
+    (out / f"latest-{'-'.join(sets) if sets else 'cases'}.md").write_text(table)
     plot(rows, env, out / f"{stamp}.png")
     echo(table)
     echo(f"results: {out}/{stamp}.{{jsonl,md,png}}")
@@ -534,7 +429,7 @@ def _summary_line(r: dict) -> str:
     if "error" in r:
         return f"[{r['case']}] error"
     parts = [f"[{r['case']}] compile {r['compile_s']:.1f}s", f"step {r['step_ms_median']:.1f} ms",
-             f"{r['tokens_per_s']:,.0f} tok/s",
+             _throughput(r),
              f"MFU {r['mfu']:.1%}" if "mfu" in r else
              f"MFU vs measured ceiling {r['mfu_vs_measured_ceiling']:.1%}"]
     for key in ("torch_eager", "torch_compile"):

@@ -256,7 +256,8 @@ def _bench(args) -> int:
 
     from ptft_jax import benchmark
     if args.pipeline:
-        benchmark.run_pipeline(args.cases or [], Path(args.cases_file), Path(args.out))
+        from ptft_jax import bench_pipeline
+        bench_pipeline.run_pipeline(args.cases or [], Path(args.cases_file), Path(args.out))
         return 0
     if args.finetune:
         from ptft_jax import bench_finetune

@@ -7,7 +7,8 @@ import pytest
 
 from ptft_jax import benchmark
 
-ALL_CASES = benchmark.load_cases(benchmark.DEFAULT_CASES, ["cpu", "memory", "accelerator"], [])
+ALL_CASES = benchmark.load_cases(benchmark.DEFAULT_CASES,
+                                 ["cpu", "image-cpu", "memory", "accelerator"], [])
 
 
 def _distinct_steps(cases):
@@ -16,21 +17,31 @@ def _distinct_steps(cases):
     for c in cases:
         if c.name.endswith(("-dp8", "-fsdp8")):  # test_run_writes_jsonl_markdown_and_chart
             continue
-        key = (c.objective, c.parallelism, str(c.mesh), c.remat, c.scan, c.grad_accum, c.rows,
-               c.loss_chunk is not None)  # TINY sets the dtype
+        key = (c.objective, c.preset.split("-")[0], c.parallelism, str(c.mesh), c.remat, c.scan,
+               c.grad_accum, c.rows, c.loss_chunk is not None)  # TINY sets the dtype
         seen.setdefault(key, c)
     return list(seen.values())
 # Shrink the model and batch; keep each case's parallelism, mesh, dtype, remat, scan, accum.
 TINY = ("model.num_layers=2", "model.hidden_size=64", "model.num_heads=2", "model.mlp_dim=128",
         "model.vocab_size=256", "model.max_len=32", "data.seq_len=16", "train.global_batch=32",
         "model.dtype=float32")
+TINY_IMAGE = ("model.image_size=32", "model.num_layers=2", "model.hidden_size=64",
+              "model.num_heads=2", "model.mlp_dim=128", "model.resnet_stages=[1,1]",
+              "model.resnet_width=8", "train.global_batch=16", "model.dtype=float32")
+
+
+def tiny(case):
+    return TINY_IMAGE if case.objective == "image_classification" else TINY
 
 
 @pytest.mark.parametrize("case", _distinct_steps(ALL_CASES), ids=lambda c: c.name)
 def test_every_kind_of_case_runs_two_steps(case):
     row, batches = benchmark.run_jax_case(case, steps=2, warmup=0, profile_dir=None,
-                                          overrides=TINY)
-    assert ("segment_ids" in batches[0]) == (case.rows == "packed")
+                                          overrides=tiny(case))
+    if case.objective == "image_classification":
+        assert batches[0]["image"].dtype == np.uint8 and row["unit"] == "image"
+    else:
+        assert ("segment_ids" in batches[0]) == (case.rows == "packed")
     assert row["steps_timed"] == 2 and row["step_ms_median"] > 0
     assert row["state_bytes_per_device"] > 0 and row["compile_s"] > 0
     assert 0 < row["mfu_vs_measured_ceiling"] < 10
@@ -47,7 +58,7 @@ def test_run_writes_jsonl_markdown_and_chart(tmp_path):
     for key in ("jax", "device_kind", "device_count", "git_commit", "tokens_per_s",
                 "mem_temporaries_bytes", "flops_per_token"):
         assert key in written[0], key
-    table = (device_dir / "latest.md").read_text()
+    table = (device_dir / "latest-cases.md").read_text()
     assert "| bert-mini-fsdp8 |" in table
     # FSDP over 8 devices holds about an eighth of data parallelism's parameter + optimizer
     # bytes per device (replicated scalars and biases that 8 does not divide keep it above).
@@ -61,12 +72,14 @@ def test_run_writes_jsonl_markdown_and_chart(tmp_path):
                     importlib.util.find_spec("transformers") is None,
                     reason="the PyTorch reference is optional (torch, transformers)")
 def test_torch_reference_runs_a_step():
+    from ptft_jax.bench_workloads import workload
     torch_ref = benchmark.load_torch_reference()
-    for name in ("bert-mini-mlm-s128", "gpt-tiny-clm-s256"):
-        cfg = benchmark.load_cases(benchmark.DEFAULT_CASES, [], [name])[0].config(TINY)
-        batches = benchmark.synthetic_batches(cfg)
+    for name in ("bert-mini-mlm-s128", "gpt-tiny-clm-s256", "vit-b16-224", "resnet50-224"):
+        case = benchmark.load_cases(benchmark.DEFAULT_CASES, [], [name])[0]
+        cfg = case.config(tiny(case))
+        batches = workload(cfg).host_batches
         result = torch_ref.time_case(cfg, batches, compiled=False, steps=2, warmup=0)
-        assert result["step_ms_median"] > 0 and result["tokens_per_s"] > 0
+        assert result["step_ms_median"] > 0 and result["units_per_s"] > 0
 
 
 def test_packed_rows_carry_documents_apart():
@@ -80,9 +93,10 @@ def test_packed_rows_carry_documents_apart():
 
 
 def test_pipeline_case_moves_batches_to_the_device(tmp_path):
-    row = benchmark.run_pipeline_case({"name": "tiny", "seq_len": 64, "global_batch": 8,
-                                       "packing": "pack"}, tmp_path, num_tokens=100_000,
-                                      batches=3)
+    from ptft_jax import bench_pipeline
+    row = bench_pipeline.run_pipeline_case({"name": "tiny", "seq_len": 64, "global_batch": 8,
+                                           "packing": "pack"}, tmp_path,
+                                          num_tokens=100_000, batches=3)
     assert row["host_tokens_per_s"] > 0 and row["to_device_tokens_per_s"] > 0
 
 
@@ -114,3 +128,9 @@ def test_profile_splits_step_time_by_model_part(tmp_path):
         assert parts.get(part, 0) > 0, (part, parts)
     summary = (tmp_path / case.name / "summary.md").read_text()
     assert "| backward |" in summary and "transpose(jvp(" in summary
+    case = benchmark.load_cases(benchmark.DEFAULT_CASES, [], ["resnet50-224"])[0]
+    row, _ = benchmark.run_jax_case(case, steps=1, warmup=0, profile_dir=tmp_path,
+                                    overrides=TINY_IMAGE)
+    parts = row["profile_ms_by_category"]
+    for part in ("convolutions", "batch norm", "augmentation", "optimizer (AdamW, clipping)"):
+        assert parts.get(part, 0) > 0, (part, parts)

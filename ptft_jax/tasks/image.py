@@ -55,7 +55,8 @@ class ImageClassifyTask(Task):
             return evaluation.classification_sums(logits, labels, weights,
                                                    self.num_classes), model_state
         targets = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
-        images, targets = augment(batch["image"], targets, key, example_ids, self.aug)
+        with jax.named_scope("augment"):  # what profiles attribute its ops to
+            images, targets = augment(batch["image"], targets, key, example_ids, self.aug)
         if self.label_smoothing:
             targets = targets * (1 - self.label_smoothing) + \
                 self.label_smoothing / self.num_classes
