@@ -10,6 +10,7 @@
     ptft data prepare --config FILE [key.sub=value ...] [--overwrite]
     ptft checkpoints verify RUN_DIR   (every step's checksums; exit 1 if one is damaged)
     ptft bench --set cpu [--cases NAME ...] [--steps N] [--profile]
+    ptft experiment pretrain-vs-end-to-end --config FILE
 """
 from __future__ import annotations
 
@@ -112,9 +113,12 @@ def _embed(args) -> int:
 
 
 def _predict(args) -> int:
-    from ptft_jax.predict import (image_files, is_image_run, predict_images, predict_run,
-                                  read_inputs, write_jsonl)
-    if is_image_run(args.run_dir):
+    from ptft_jax.predict import (image_files, is_image_run, predict_images, predict_pairs,
+                                  predict_run, read_inputs, run_task, write_jsonl)
+    if run_task(args.run_dir) in ("contrastive", "multimodal_classification"):
+        rows = predict_pairs(args.run_dir, args.input, args.batch_size,
+                             progress=sys.stderr.isatty())
+    elif is_image_run(args.run_dir):
         rows = predict_images(args.run_dir, image_files(args.input), args.batch_size,
                               progress=sys.stderr.isatty())
     else:
@@ -270,6 +274,14 @@ def _bench(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from ptft_jax import experiment
+    rows = experiment.run(args.config)
+    print(f"experiment done: {len(rows)} run(s); table, plot and JSONL in "
+          f"{experiment.load_experiment(args.config).dir}")
+    return 0
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     """The config file and `key.sub=value` overrides every config-driven command takes."""
     parser.add_argument("--config", "-c", help="a YAML config (see configs/)")
@@ -301,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--input", "-i", help="a text file (one text per line) or .jsonl with "
                                           "'text' (and 'text_pair'); default: stdin. For an "
                                           "image run: an image, a folder of images, or a "
-                                          "file listing image paths")
+                                          "file listing image paths. For an image-text run: "
+                                          "a .jsonl / .csv with 'image' and 'text'")
     pr.add_argument("--output", "-o", help="where to write JSONL (default: stdout)")
     pr.add_argument("--batch-size", type=int, help="examples per batch (default: "
                                                    "eval.batch_size)")
@@ -376,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default=str(_repo_file("benchmarks/results")),
                    help="results folder (one subfolder per device)")
     b.set_defaults(func=_bench)
+    x = sub.add_parser("experiment", help="experiments that train several runs and compare "
+                                          "them")
+    x.add_argument("name", choices=["pretrain-vs-end-to-end"],
+                   help="pretrain-vs-end-to-end: pretrain the towers apart, align them, or "
+                        "train the fused model end to end, under equal training FLOPs")
+    x.add_argument("--config", "-c", required=True, help="an experiment config (see "
+                                                         "configs/experiment_emoji.yaml)")
+    x.set_defaults(func=_experiment)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

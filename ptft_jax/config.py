@@ -63,6 +63,11 @@ _COMMON = {"encoder": _BERT_COMMON, "decoder": _GPT_COMMON, "vit": _VIT_COMMON,
 for _name, _shape in PRESETS.items():
     PRESETS[_name] = {**_COMMON[_shape["kind"]], **_shape}
 IMAGE_KINDS = ("vit", "resnet")
+# Multimodal models, built from `towers.image` and `towers.text`: two towers aligned by a
+# contrastive loss, or both fused under a classification head (model.* then describes the
+# fusion layers).
+MULTIMODAL_KINDS = ("two_tower", "fusion")
+FUSIONS = ("concat", "gated", "cross_attention")
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -70,7 +75,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 @dataclass
 class ModelConfig:
     preset: str | None = None
-    # encoder (BERT-style, MLM head) | decoder (GPT-style, LM head) | vit | resnet (images)
+    # encoder (BERT-style, MLM head) | decoder (GPT-style, LM head) | vit | resnet (images) |
+    # two_tower | fusion (multimodal: the towers are `towers.image` and `towers.text`)
     kind: str = "encoder"
     vocab_size: int | None = None  # None: the tokenizer's size, rounded up to a multiple of 128
     hidden_size: int = 128
@@ -98,6 +104,33 @@ class ModelConfig:
     resnet_block: str = "basic"  # basic (ResNet-18/34) | bottleneck (ResNet-50 and deeper)
     resnet_width: int = 64  # channels of the first stage (doubling per stage)
     resnet_stem: str = "imagenet"  # imagenet (7x7/2 conv + max pool) | small (3x3/1 conv)
+    # kind fusion: how the towers' outputs meet. concat (pooled features, concatenated, an
+    # MLP) | gated (a learned gate mixes the pooled features) | cross_attention (num_layers
+    # blocks in which the text tokens attend to the image tokens); hidden_size, num_heads,
+    # mlp_dim, num_layers and dropout size the fusion layers.
+    fusion: str = "concat"
+
+
+@dataclass
+class TowerConfig:
+    """One tower of a multimodal model: its encoder, where it starts, its projection."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # A ptft run (its image/ or transformer/ component, by the tower's kind), or a Hugging
+    # Face model "hf:DIR" / "hf:OWNER/NAME" / "hf:pkg:PACKAGE/DIR", whose config.json then
+    # sets model.*; None: a fresh initialisation.
+    init_from: str | None = None
+    projection_dim: int = 128  # two_tower: width of the shared embedding space
+    pooling: str = "mean"  # the text tower's pooling: mean (over real tokens) | cls
+
+
+def _image_tower() -> TowerConfig:
+    return TowerConfig(model=ModelConfig(kind="vit"))
+
+
+@dataclass
+class TowersConfig:
+    image: TowerConfig = field(default_factory=_image_tower)
+    text: TowerConfig = field(default_factory=TowerConfig)
 
 
 @dataclass
@@ -149,6 +182,13 @@ class ObjectiveConfig:
     # 0 = all at once; null = the measured default (tasks/vocab_loss.py: all at once).
     loss_chunk: int | None = None
     label_smoothing: float = 0.0  # image classification: mass spread evenly over the classes
+    # Two towers: clip (softmax over the global batch, both directions; Radford et al. 2021)
+    # | siglip (a sigmoid per pair; Zhai et al. 2023), with a learned temperature (initial
+    # value below; SigLIP's paper starts at 0.1) and, for siglip, a learned bias.
+    contrastive_loss: str = "clip"
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    siglip_bias: float = -10.0
 
 
 @dataclass
@@ -226,8 +266,10 @@ class FinetuneConfig:
     init_from: str | None = None
     load: list = field(default_factory=lambda: [".*"])
     dont_load: list = field(default_factory=list)
-    init_fresh: list = field(default_factory=lambda: ["^head/", "^lora/", "^mlm_head/",
-                                                       "^output_bias$"])
+    init_fresh: list = field(default_factory=lambda: [
+        "^head/", "^lora/", "^mlm_head/", "^output_bias$",
+        # multimodal: what a contrastive run adds to its towers, and the fusion layers
+        "^image_proj/", "^text_proj/", "^contrastive/", "^fusion/"])
     pooling: str = "auto"  # cls | mean | last | auto (cls for encoders, last for decoders)
     # Which parameters train. All of these combine.
     linear_probe: bool = False  # train the head only
@@ -251,6 +293,11 @@ class EvalConfig:
     metric: str = "auto"  # what early stopping and the best checkpoint follow; auto: macro_f1
     #                       (classification and multi-label), pearson (regression)
     early_stopping: int = 0  # stop after N evaluations without improvement; 0: never
+    # Two towers: zero-shot classification embeds each class name through every template
+    # (each holds one {} slot) and averages; the classes are these names, else the eval
+    # split's labels (data.label_column). Retrieval recall@1/5/10 runs on every evaluation.
+    prompts: list = field(default_factory=lambda: ["{}"])
+    zero_shot_classes: list | None = None
 
 
 @dataclass
@@ -274,6 +321,7 @@ class DistributedConfig:
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
+    towers: TowersConfig = field(default_factory=TowersConfig)  # model.kind two_tower | fusion
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -421,20 +469,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(with_hf_model(data))
 
 
-def from_dict(data: dict) -> Config:
-    model = dict(data.get("model") or {})
+def expand_model(model: dict | None, key: str = "model") -> dict:
+    """A model section with its preset's shape filled in (explicit keys win)."""
+    model = dict(model or {})
     preset = model.get("preset")
     if preset is not None:
         if preset not in PRESETS:
             close = difflib.get_close_matches(str(preset), list(PRESETS), n=1, cutoff=0.4)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"Unknown model.preset '{preset}'.{hint} "
+            raise ConfigError(f"Unknown {key}.preset '{preset}'.{hint} "
                               f"Presets: {', '.join(PRESETS)}.")
         model = {**PRESETS[preset], **model}
     if model.get("kind") == "resnet" and "num_layers" not in model:
         # A ResNet's layers are its blocks (what layer-wise rules and unfreezing count).
         model["num_layers"] = sum(model.get("resnet_stages") or [2, 2, 2, 2])
-    data = {**data, "model": model}
+    return model
+
+
+def from_dict(data: dict) -> Config:
+    data = {**data, "model": expand_model(data.get("model"))}
+    towers = data.get("towers")
+    if isinstance(towers, dict):
+        towers = dict(towers)
+        for name, kind in (("image", "vit"), ("text", "encoder")):
+            tower = towers.get(name)
+            if isinstance(tower, dict) and isinstance(tower.get("model", {}), dict):
+                model = expand_model(tower.get("model"), f"towers.{name}.model")
+                towers[name] = {**tower, "model": {"kind": kind, **model}}
+        data["towers"] = towers
     return _build(Config, data)
 
 
@@ -447,7 +509,10 @@ FINETUNE_TASKS = ("classification", "multi_label", "regression")
 # Supervised image classification is both: ptft pretrain trains an image component on one
 # labelled set, ptft finetune puts a new head on it for another.
 IMAGE_TASKS = ("image_classification",)
-TASKS = PRETRAIN_TASKS + FINETUNE_TASKS + IMAGE_TASKS
+# Image-text pairs: contrastive alignment of two towers (ptft pretrain; a tower may be locked
+# through finetune.freeze), and classification by the fused towers (ptft finetune).
+MULTIMODAL_TASKS = ("contrastive", "multimodal_classification")
+TASKS = PRETRAIN_TASKS + FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS
 
 
 def task_for(cfg: Config) -> str:
@@ -457,7 +522,17 @@ def task_for(cfg: Config) -> str:
         return cfg.train.task
     if cfg.model.kind in IMAGE_KINDS:
         return "image_classification"
+    if cfg.model.kind in MULTIMODAL_KINDS:
+        return "contrastive" if cfg.model.kind == "two_tower" else "multimodal_classification"
     return "mlm" if cfg.model.kind == "encoder" else "clm"
+
+
+def tower_model(cfg: Config, name: str) -> ModelConfig:
+    """The model config of tower `name` ('image' or 'text'), computing in the run's
+    model.dtype / model.param_dtype (one dtype policy for every part of a multimodal
+    model)."""
+    tower = getattr(cfg.towers, name).model
+    return dataclasses.replace(tower, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
 
 
 def pooling_for(cfg: Config) -> str:

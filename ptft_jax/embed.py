@@ -66,7 +66,7 @@ def _from_hf(spec: str) -> Encoder:
 
 
 def _from_run(run_dir: Path) -> Encoder:
-    from ptft_jax.checkpoint import inference_params
+    from ptft_jax.pretrained import inference_params
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     params, step_dir, _ = inference_params(run_dir, cfg)
     cfg.model.dropout = 0.0

@@ -14,7 +14,11 @@ import numpy as np
 
 METRIC_MODES = {"loss": "min", "mse": "min", "mae": "min", "accuracy": "max",
                 "macro_f1": "max", "micro_f1": "max", "macro_precision": "max",
-                "macro_recall": "max", "exact_match": "max", "pearson": "max"}
+                "macro_recall": "max", "exact_match": "max", "pearson": "max",
+                # two towers (tasks/contrastive.py)
+                "retrieval_mean": "max", "zero_shot_accuracy": "max",
+                "zero_shot_macro_f1": "max",
+                **{f"{d}_r{k}": "max" for d in ("i2t", "t2i") for k in (1, 5, 10)}}
 
 
 def metric_mode(name: str) -> str:

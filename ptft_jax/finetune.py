@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ptft_jax.config import PRETRAIN_TASKS, Config, task_for
+from ptft_jax.config import MULTIMODAL_KINDS, PRETRAIN_TASKS, Config, task_for
 from ptft_jax.lora import LORA_KEY, LoraSpec
 from ptft_jax.params import flatten
 
 _LAYER = re.compile(r"(^|/)layers_(\d+)/")
 _STACKED = re.compile(r"(^|/)layers/")
-# The subtrees a pretrained component lives under; what is outside them is the head.
-COMPONENTS = ("transformer/", "image/")
+# The subtrees a pretrained component lives under; what is outside them (heads, projections,
+# fusion layers) trains with the head.
+COMPONENTS = ("transformer/", "image/", "text/")
 
 
 @dataclass
@@ -56,11 +57,28 @@ def lora_spec(cfg: Config) -> LoraSpec | None:
                     targets=f.lora_targets)
 
 
+def depths(cfg: Config) -> dict[str, int]:
+    """Layers per component subtree: a multimodal model's towers count their own layers (layer
+    l of a tower of L is as far from its top as layer l of any L-layer model)."""
+    if cfg.model.kind in MULTIMODAL_KINDS:
+        return {"image/": cfg.towers.image.model.num_layers,
+                "text/": cfg.towers.text.model.num_layers}
+    return {"": cfg.model.num_layers}
+
+
+def depth_of(path: str, depth: dict[str, int]) -> int:
+    bare = path[len(LORA_KEY) + 1:] if path.startswith(LORA_KEY + "/") else path
+    for prefix, layers in depth.items():
+        if bare.startswith(prefix):
+            return layers
+    return max(depth.values())
+
+
 def num_phases(cfg: Config) -> int:
     f = cfg.finetune
     if f.unfreeze == "none":
         return 1
-    return math.ceil(cfg.model.num_layers / f.unfreeze_layers) + 1
+    return math.ceil(max(depths(cfg).values()) / f.unfreeze_layers) + 1
 
 
 def phase_at_step(cfg: Config, step: int) -> int:
@@ -104,7 +122,8 @@ def make_plan(cfg: Config, params, phase: int = 0) -> Plan:
     lora = lora_spec(cfg)
     if task_for(cfg) in PRETRAIN_TASKS:
         return Plan(0, 1, frozenset(paths), report=[f"trainable: all {len(paths)} tensors"])
-    f, L = cfg.finetune, cfg.model.num_layers
+    f, depth = cfg.finetune, depths(cfg)
+    L = max(depth.values())
     report = []
     trainable = set(paths)
     frozen = _matching(paths, f.freeze, "finetune.freeze")
@@ -121,34 +140,40 @@ def make_plan(cfg: Config, params, phase: int = 0) -> Plan:
         report.append(f"finetune.lora_rank={lora.rank}: the component's {len(adapted)} tensors "
                       f"freeze; adapters on {lora.targets!r} train")
 
-    # Unfreezing: the top `unfrozen` layers (and, in the last phase, the embeddings) train.
+    # Unfreezing: the top `unfrozen` layers of each component (and, in the last phase, the
+    # embeddings) train.
     phases = num_phases(cfg)
-    unfrozen = L if f.unfreeze == "none" else min(phase * f.unfreeze_layers, L)
     embeddings_train = f.unfreeze == "none" or phase == phases - 1
-    layer_trains = np.arange(L) >= L - unfrozen
+
+    def layer_trains(layers: int):
+        unfrozen = layers if f.unfreeze == "none" else min(phase * f.unfreeze_layers, layers)
+        return np.arange(layers) >= layers - unfrozen
+
     factors, masks = {}, {}
     rule_factors = _lr_rule_factors(sorted(paths), f.lr_multipliers)
     for p in sorted(trainable):
         where, layer = _place(p)
         base = rule_factors.get(p, 1.0)
+        Lp = depth_of(p, depth)
+        trains = layer_trains(Lp)
         if where == "layer":
-            if not layer_trains[layer]:
+            if not trains[layer]:
                 trainable.discard(p)
                 continue
-            factor = base * f.layer_decay ** (L - layer)
+            factor = base * f.layer_decay ** (Lp - layer)
         elif where == "embed":
             if not embeddings_train:
                 trainable.discard(p)
                 continue
-            factor = base * f.layer_decay ** (L + 1)
+            factor = base * f.layer_decay ** (Lp + 1)
         elif where == "stacked":
-            if not layer_trains.any():
+            if not trains.any():
                 trainable.discard(p)
                 continue
-            per_layer = base * f.layer_decay ** (L - np.arange(L)) * layer_trains
-            shape = (L,) + (1,) * (len(shapes[p]) - 1)
-            if not layer_trains.all():
-                masks[p] = layer_trains.astype(np.float32).reshape(shape)
+            per_layer = base * f.layer_decay ** (Lp - np.arange(Lp)) * trains
+            shape = (Lp,) + (1,) * (len(shapes[p]) - 1)
+            if not trains.all():
+                masks[p] = trains.astype(np.float32).reshape(shape)
             factor = per_layer.astype(np.float32).reshape(shape)
             if np.all(factor == 1.0):
                 factor = 1.0
@@ -157,8 +182,10 @@ def make_plan(cfg: Config, params, phase: int = 0) -> Plan:
         if not isinstance(factor, float) or factor != 1.0:
             factors[p] = factor
     if f.unfreeze != "none":
+        unfrozen = min(phase * f.unfreeze_layers, L)
         report.append(f"finetune.unfreeze={f.unfreeze}: phase {phase + 1} of {phases}, top "
                       f"{unfrozen} of {L} layer(s) unfrozen"
+                      + (" in each tower" if len(depth) > 1 else "")
                       + (", embeddings too" if embeddings_train else ""))
     for pattern, value in f.lr_multipliers:
         hits = sum(1 for p in trainable if re.search(pattern, p))

@@ -42,6 +42,9 @@ class Job:
     eval_examples: object = None  # data.labelled.Examples of the eval split, or None
     init_from: Callable | None = None  # (engine, state) -> state with pretrained params
     tokens_per_row: int = 0
+    # Training FLOPs of one row when every parameter trains (MFU); None: the loop derives them
+    # from the model (language models per token, image models per image).
+    flops_per_row: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +114,7 @@ def _save_tokenizer(tokenizer, run_dir: Path) -> None:
 def _init_from(cfg: Config, token_ids: TokenIds | None, label_names=None):
     """(engine, state) -> (state with the pretrained parameters, report), or None: what
     finetune.init_from names, restored through the load / dont_load / init_fresh rules."""
-    from ptft_jax.checkpoint import load_pretrained, load_pretrained_state  # noqa: light imports
+    from ptft_jax.pretrained import load_pretrained, load_pretrained_state  # noqa: light imports
     f = cfg.finetune
     if not f.init_from:
         return None

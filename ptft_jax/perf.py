@@ -146,3 +146,43 @@ def image_train_flops(cfg: ModelConfig, num_classes: int = 0) -> float:
                 forward += conv(out_size, 1, cin, cout)
             cin, size = cout, out_size
     return 3.0 * (forward + 2 * cin * num_classes)
+
+
+def text_tower_forward_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs of a text encoder over one row of `seq_len` tokens (no vocabulary head):
+    a third of the training count above."""
+    return train_flops_per_token(cfg, seq_len, vocab_projection=False) * seq_len / 3.0
+
+
+def multimodal_train_flops(cfg, frozen: tuple[str, ...] = ()) -> float:
+    """Training FLOPs of one image-text pair in a two-tower or fused model, counted like the
+    rest (3x the forward matmuls and convolutions). A tower in `frozen` ('image', 'text')
+    costs its forward pass only: nothing below the fusion layers needs a gradient."""
+    from ptft_jax.config import tower_model
+    from ptft_jax.models.vision import feature_size
+    image, text = tower_model(cfg, "image"), tower_model(cfg, "text")
+    T = cfg.data.seq_len
+    forward = {"image": image_train_flops(image) / 3.0,
+               "text": text_tower_forward_flops(text, T)}
+    total = sum(f * (1.0 if name in frozen else 3.0) for name, f in forward.items())
+    di, dt = feature_size(image), text.hidden_size
+    if cfg.model.kind == "two_tower":
+        p, b = cfg.towers.image.projection_dim, cfg.train.global_batch
+        # projections, then the [batch, batch] similarities both ways
+        return total + 3.0 * (2 * (di + dt) * p + 2 * 2 * b * p)
+    m = cfg.model
+    h, f = m.hidden_size, m.mlp_dim
+    if m.fusion == "concat":
+        fusion = 2 * (di + dt) * h
+    elif m.fusion == "gated":
+        fusion = 2 * (di * h + dt * h + (di + dt) * h)
+    else:
+        if image.kind == "vit":
+            n = (image.image_size // image.patch_size) ** 2 + (image.image_pooling == "cls")
+        else:  # the last stage's feature map
+            stride = (4 if image.resnet_stem == "imagenet" else 1) * \
+                2 ** (len(image.resnet_stages) - 1)
+            n = (-(-image.image_size // stride)) ** 2
+        per_layer = T * (2 * h * h + 2 * 2 * h * f) + n * 2 * 2 * h * h + 2 * 2 * T * n * h
+        fusion = 2 * n * di * h + 2 * T * dt * h + m.num_layers * per_layer
+    return total + 3.0 * fusion

@@ -16,8 +16,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from ptft_jax.checkpoint import BestCheckpointer, Checkpointer
-from ptft_jax.config import (FINETUNE_TASKS, IMAGE_TASKS, ConfigError, from_dict, pooling_for,
-                             task_for)
+from ptft_jax.config import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
+                             from_dict, pooling_for, task_for)
 from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.engine import build
@@ -33,16 +33,21 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
         raise ConfigError(f"{run_dir} is not a ptft run directory (no config.yaml); give the "
                           f"run_dir of a ptft finetune run.")
     cfg = from_dict(yaml.safe_load(config_path.read_text()))
-    if task_for(cfg) not in FINETUNE_TASKS + IMAGE_TASKS or \
-            not (run_dir / "labels.json").is_file():
+    kind = task_for(cfg)
+    has_labels = (run_dir / "labels.json").is_file()
+    if kind not in FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS or \
+            (kind != "contrastive" and not has_labels):
         raise ConfigError(f"{run_dir} was trained with train.task={task_for(cfg)}: it has no "
                           f"finetuned head to predict with. Give the run_dir of a ptft finetune "
                           f"run (one with labels.json).")
     if batch_size is not None:
         cfg.eval.batch_size = batch_size
     validate(cfg, jax.device_count())
-    labels = LabelSpace.load(run_dir / "labels.json")
-    if task_for(cfg) in IMAGE_TASKS:
+    labels = LabelSpace.load(run_dir / "labels.json") if has_labels else None
+    if kind in MULTIMODAL_TASKS:
+        from ptft_jax.jobs_multimodal import make_task
+        task = make_task(cfg, load_tokenizer(run_dir / "tokenizer.json"), labels)
+    elif kind in IMAGE_TASKS:
         from ptft_jax.tasks.image import ImageClassifyTask
         task = ImageClassifyTask(cfg.model, labels.names, cfg.augment)
         task.labels = labels
@@ -80,7 +85,12 @@ def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
     split = split or cfg.data.eval_split or "train"
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run_dir) / "data_cache"
     try:
-        if task_for(cfg) in IMAGE_TASKS:
+        if task_for(cfg) in MULTIMODAL_TASKS:
+            from ptft_jax.jobs_multimodal import pairs_split
+            examples, _ = pairs_split(cfg, Path(run_dir), split, corpus or cfg.data.eval_corpus,
+                                      engine.task.tokenizer, getattr(engine.task, "labels", None),
+                                      0)
+        elif task_for(cfg) in IMAGE_TASKS:
             from ptft_jax.jobs import image_split
             examples, _ = image_split(cfg, Path(run_dir), split,
                                       corpus or cfg.data.eval_corpus, engine.task.labels, 0)
@@ -239,11 +249,63 @@ def predict_images(run_dir, files: list[Path], batch_size: int | None = None,
     bar.close()
 
 
-def is_image_run(run_dir) -> bool:
+def run_task(run_dir) -> str | None:
     config_path = Path(run_dir) / "config.yaml"
     if not config_path.is_file():
-        return False
-    return task_for(from_dict(yaml.safe_load(config_path.read_text()))) in IMAGE_TASKS
+        return None
+    return task_for(from_dict(yaml.safe_load(config_path.read_text())))
+
+
+def is_image_run(run_dir) -> bool:
+    return run_task(run_dir) in IMAGE_TASKS
+
+
+def predict_pairs(run_dir, path: str | None, batch_size: int | None = None,
+                  progress: bool = True) -> Iterator[dict]:
+    """A fused classifier's label for each image-text pair of a .jsonl / .csv file (columns
+    `image`, a path relative to the file, and `text`)."""
+    from ptft_jax.data.pairs import FilePairs, PairExamples
+    from ptft_jax.data.images import convert
+    from ptft_jax.data.image_sources import BadImage
+    if path in (None, "-") or Path(path).suffix not in (".jsonl", ".csv"):
+        raise ConfigError("ptft predict on an image-text run needs --input FILE.jsonl (or .csv) "
+                          "with an 'image' path and a 'text' per row.")
+    if not Path(path).is_file():
+        raise ConfigError(f"--input '{path}' does not exist.")
+    engine, state, cfg, _ = load_run(run_dir, batch_size)
+    if task_for(cfg) != "multimodal_classification":
+        raise ConfigError(f"{run_dir} is a contrastive run: it has no classifier to predict "
+                          f"with (ptft eval reports its retrieval and zero-shot scores).")
+    try:
+        pairs = FilePairs(Path(path), "image", "text", None)
+        texts = pairs.texts()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    m = cfg.towers.image.model
+    images = np.zeros((len(pairs), m.image_size, m.image_size, m.channels), np.uint8)
+    for i, image in enumerate(pairs.read(0, len(pairs))):
+        if isinstance(image, BadImage):
+            raise ConfigError(f"{image.where} cannot be read as an image ({image.reason}).")
+        images[i] = convert(image, m.image_size, m.channels, True, image_where(pairs, i))
+    tokens = predict_examples(texts, engine.task.tokenizer, cfg.data.seq_len, "encoder")
+    examples = PairExamples(images, tokens, texts, None)
+    size = cfg.eval.batch_size
+    index = 0
+    for batch in tqdm(examples.batches(size, engine.rows_of(size)), unit="batch",
+                      desc="predict", disable=not progress, leave=False,
+                      total=examples.num_batches(size)):
+        out = np.asarray(jax.device_get(engine.step_fn.predict(state,
+                                                               engine.to_device(batch, size))))
+        for row, weight in zip(out, batch["weight"]):
+            if weight == 0:
+                continue
+            yield {"image": str(pairs.rows[index]["image"]), "text": texts[index],
+                   **_prediction(engine.task.labels, row)}
+            index += 1
+
+
+def image_where(pairs, i: int) -> str:
+    return f"{pairs.path} row {i + 1} ({pairs.rows[i]['image']})"
 
 
 def _prediction(labels: LabelSpace, row) -> dict:

@@ -213,4 +213,4 @@ class PmapStep:
 
     def predict(self, state, batch):
         out = self._predict(state.params, state.model_state, batch)
-        return out.reshape(-1, *out.shape[2:])
+        return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)

@@ -23,8 +23,8 @@ from jax.experimental import multihost_utils
 from ptft_jax import perf
 from ptft_jax.checkpoint import (BestCheckpointer, Checkpointer, CheckpointSaveFailed,
                                  committed_steps)
-from ptft_jax.config import (IMAGE_KINDS, IMAGE_TASKS, Config, ConfigError, FINETUNE_TASKS,
-                             task_for)
+from ptft_jax.config import (IMAGE_KINDS, IMAGE_TASKS, MULTIMODAL_KINDS, MULTIMODAL_TASKS,
+                             Config, ConfigError, FINETUNE_TASKS, task_for)
 from ptft_jax.integrity import DAMAGED_DIR, CheckpointDamaged
 from ptft_jax.safety import DivergenceGuard, SaveClock, StopOnSignal
 from ptft_jax.validation import validate
@@ -93,20 +93,31 @@ def pretrain(cfg: Config) -> dict:
     initialize_distributed(cfg.distributed)
     validate(cfg, jax.device_count())
     check_paths(cfg)
-    if task_for(cfg) in FINETUNE_TASKS:
+    if task_for(cfg) in FINETUNE_TASKS + ("multimodal_classification",):
         raise ConfigError(f"train.task '{task_for(cfg)}' is a finetuning task: run ptft "
                           f"finetune.")
-    return run(image_job(cfg) if task_for(cfg) in IMAGE_TASKS else pretrain_job(cfg))
+    return run(job_for(cfg))
 
 
 def finetune(cfg: Config) -> dict:
     initialize_distributed(cfg.distributed)
     validate(cfg, jax.device_count())
     check_paths(cfg)
-    if task_for(cfg) not in FINETUNE_TASKS + IMAGE_TASKS:
-        raise ConfigError(f"ptft finetune needs train.task to be one of "
-                          f"{', '.join(FINETUNE_TASKS + IMAGE_TASKS)} (got '{task_for(cfg)}').")
-    return run(image_job(cfg) if task_for(cfg) in IMAGE_TASKS else finetune_job(cfg))
+    tasks = FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS
+    if task_for(cfg) not in tasks:
+        raise ConfigError(f"ptft finetune needs train.task to be one of {', '.join(tasks)} "
+                          f"(got '{task_for(cfg)}').")
+    return run(job_for(cfg))
+
+
+def job_for(cfg: Config) -> Job:
+    task = task_for(cfg)
+    if task in IMAGE_TASKS:
+        return image_job(cfg)
+    if task in MULTIMODAL_TASKS:
+        from ptft_jax.jobs_multimodal import pairs_job
+        return pairs_job(cfg)
+    return finetune_job(cfg) if task in FINETUNE_TASKS else pretrain_job(cfg)
 
 
 def check_data_position(meta: dict, loader: BatchLoader) -> None:
@@ -132,9 +143,24 @@ def eval_metric(cfg: Config, task) -> tuple[str, str]:
         raise ConfigError(f"eval.metric: {e}") from None
 
 
+def gather_rows(tree):
+    """Device outputs as host NumPy arrays holding every row of the global batch (on
+    multi-host, every process's rows, in row order)."""
+    def one(x):
+        if jax.process_count() == 1:
+            return np.asarray(jax.device_get(x))
+        if getattr(x, "is_fully_addressable", True):  # pmap: this process's rows only
+            return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(one, tree)
+
+
 def evaluate(engine: Engine, state, examples, batch_size: int, progress: bool = False) -> dict:
     """The task's metrics over the whole split: one finite pass, every example once, the last
-    partial batch padded with rows of weight 0 (counted nowhere)."""
+    partial batch padded with rows of weight 0 (counted nowhere). A task that scores the
+    split as a whole (retrieval, zero-shot) has its own `evaluate_split`."""
+    if hasattr(engine.task, "evaluate_split"):
+        return engine.task.evaluate_split(engine, state, examples, batch_size, progress)
     rows = engine.rows_of(batch_size)
     batches = prefetch((engine.to_device(b, batch_size)
                         for b in examples.batches(batch_size, rows)), 2)
@@ -274,8 +300,9 @@ def run(job: Job) -> dict:
     batches = prefetch((engine.to_device(loader.batch(s)) for s in range(start_step, t.steps)),
                        cfg.data.prefetch)
     writer = MetricsWriter(run_dir, t.steps, start_step, is_main, t.progress)
-    images = cfg.model.kind in IMAGE_KINDS
-    size = (f"{perf.image_train_flops(cfg.model) / 3e9:.2f} GFLOPs/image" if images else
+    images = cfg.model.kind in IMAGE_KINDS + MULTIMODAL_KINDS  # throughput in examples/s
+    size = (f"{job.flops_per_row / 3e9:.2f} GFLOPs/pair (forward)" if job.flops_per_row else
+            f"{perf.image_train_flops(cfg.model) / 3e9:.2f} GFLOPs/image" if images else
             f"{perf.matmul_params(cfg.model) / 1e6:.2f}M matmul params")
     writer.info(f"{task.name} | {cfg.model.kind} {cfg.model.preset or ''} "
                 f"{size} | {job.describe()} | "
@@ -289,7 +316,7 @@ def run(job: Job) -> dict:
     all_train = len(engine.plan.trainable) == len(jax.tree.leaves(engine.abstract.params)) \
         and not engine.plan.grad_masks
     # Images: a "token" is an image (tokens_per_row = 1), so tokens_per_s is images/s.
-    flops_per_token = None if not all_train else \
+    flops_per_token = None if not all_train else job.flops_per_row if job.flops_per_row else \
         perf.image_train_flops(cfg.model, task.num_classes) if images else \
         perf.train_flops_per_token(
             cfg.model, job.tokens_per_row, vocab_projection=not finetuning,
@@ -323,7 +350,7 @@ def run(job: Job) -> dict:
         values = evaluate(engine, state, job.eval_examples, cfg.eval.batch_size,
                           progress=t.progress and is_main)
         writer.write(step, {f"eval/{k}": v for k, v in values.items()},
-                     shown=[f"eval/{k}" for k in task.shown])
+                     shown=[f"eval/{k}" for k in getattr(task, "eval_shown", task.shown)])
         if progress.improved(float(values[metric]), mode):
             progress.best_step = step
             best.save(step, engine.host_state(state), {"config": cfg.to_dict(), **job.meta,

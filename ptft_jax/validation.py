@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import re
 
-from ptft_jax.config import (FINETUNE_TASKS, IMAGE_KINDS, IMAGE_TASKS, PRETRAIN_TASKS,
-                             REMAT_POLICIES, TASKS, Config, ConfigError, resolve_mesh_shape,
-                             task_for)
+import dataclasses
+
+from ptft_jax.config import (FINETUNE_TASKS, FUSIONS, IMAGE_KINDS, IMAGE_TASKS,
+                             MULTIMODAL_KINDS, MULTIMODAL_TASKS, PRETRAIN_TASKS, REMAT_POLICIES,
+                             TASKS, Config, ConfigError, resolve_mesh_shape, task_for)
 
 
 def _one_of(value: str, options, key: str) -> None:
@@ -20,7 +22,7 @@ def _one_of(value: str, options, key: str) -> None:
 def validate(cfg: Config, num_devices: int) -> None:
     """Raises ConfigError naming the key at fault. Call before building anything expensive."""
     m, t, o = cfg.model, cfg.train, cfg.optim
-    _one_of(m.kind, ("encoder", "decoder") + IMAGE_KINDS, "model.kind")
+    _one_of(m.kind, ("encoder", "decoder") + IMAGE_KINDS + MULTIMODAL_KINDS, "model.kind")
     _one_of(m.norm, ("pre", "post"), "model.norm")
     _one_of(m.activation, ("gelu", "gelu_tanh", "relu"), "model.activation")
     _one_of(m.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
@@ -58,10 +60,11 @@ def validate(cfg: Config, num_devices: int) -> None:
     if d.prefetch < 1:
         raise ConfigError(f"data.prefetch ({d.prefetch}) must be at least 1: the number of "
                           f"batches placed on the devices ahead of the step (2 is usual).")
-    smallest = 128 if m.kind == "encoder" else 257  # a byte-level BPE starts from 256 bytes
+    text = cfg.towers.text.model if m.kind in MULTIMODAL_KINDS else m  # the text model
+    smallest = 128 if text.kind == "encoder" else 257  # a byte-level BPE starts from 256 bytes
     if d.tokenizer is None and d.tokenizer_vocab_size < smallest:
         raise ConfigError(f"data.tokenizer_vocab_size ({d.tokenizer_vocab_size}) is too small "
-                          f"to train a {'WordPiece' if m.kind == 'encoder' else 'byte-level BPE'}"
+                          f"to train a {'WordPiece' if text.kind == 'encoder' else 'byte-level BPE'}"
                           f" tokenizer; use at least {smallest} (8192 or more is usual).")
     if m.attention == "cudnn" and _backend() not in ("gpu", "cuda"):
         raise ConfigError(f"model.attention 'cudnn' needs an NVIDIA GPU; this machine's JAX "
@@ -69,15 +72,18 @@ def validate(cfg: Config, num_devices: int) -> None:
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by "
                           f"model.num_heads ({m.num_heads}).")
-    if cfg.data.seq_len > m.max_len:
-        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_len "
-                          f"({m.max_len}); lower data.seq_len or raise model.max_len.")
+    max_len_key = "towers.text.model.max_len" if m.kind in MULTIMODAL_KINDS else "model.max_len"
+    if cfg.data.seq_len > text.max_len:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds {max_len_key} "
+                          f"({text.max_len}); lower data.seq_len or raise {max_len_key}.")
     if (task_for(cfg) in IMAGE_TASKS) != (m.kind in IMAGE_KINDS):
         raise ConfigError(f"train.task '{task_for(cfg)}' does not fit model.kind '{m.kind}': "
                           f"image_classification needs an image encoder (model.kind vit or "
                           f"resnet, e.g. model.preset=vit-ti16), and text tasks a text one.")
     if m.kind in IMAGE_KINDS:
         _validate_images(cfg)
+    if (task_for(cfg) in MULTIMODAL_TASKS) or (m.kind in MULTIMODAL_KINDS):
+        _validate_multimodal(cfg)
     if task_for(cfg) == "mlm" and m.kind != "encoder":
         raise ConfigError("train.task 'mlm' needs model.kind 'encoder' (bidirectional); "
                           "use 'clm' for a decoder.")
@@ -126,7 +132,8 @@ def validate(cfg: Config, num_devices: int) -> None:
     if t.global_batch % t.grad_accum:
         raise ConfigError(f"train.global_batch ({t.global_batch}) is not divisible by "
                           f"train.grad_accum ({t.grad_accum}).")
-    if task_for(cfg) in FINETUNE_TASKS + IMAGE_TASKS and cfg.eval.batch_size % dp:
+    if task_for(cfg) in FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS and \
+            cfg.eval.batch_size % dp:
         raise ConfigError(f"eval.batch_size ({cfg.eval.batch_size}) must be divisible by {where}. "
                           f"Try eval.batch_size={_round_up(cfg.eval.batch_size, dp)}.")
     micro = t.global_batch // t.grad_accum
@@ -173,7 +180,7 @@ def _validate_finetune(cfg: Config) -> None:
                               f"task: one of {', '.join(FINETUNE_TASKS)}. (finetune.init_from "
                               f"works for both: pretraining continues from it.)")
         return
-    if cfg.data.label_column is None and task not in IMAGE_TASKS:
+    if cfg.data.label_column is None and task not in IMAGE_TASKS + ("contrastive",):
         raise ConfigError(f"train.task '{task}' needs labels: set data.label_column to the "
                           f"column that holds them.")
     if f.unfreeze == "adaptive" and cfg.data.eval_split is None:
@@ -221,30 +228,30 @@ def _check_rules(rules, key: str, value_type=None) -> None:
                               f"{rule[1]!r} (a string such as \"no\" would count as true).")
 
 
-def _validate_images(cfg: Config) -> None:
+def _validate_images(cfg: Config, prefix: str = "model") -> None:
     m, a = cfg.model, cfg.augment
-    _one_of(m.image_pooling, ("cls", "gap"), "model.image_pooling")
-    _one_of(m.resnet_block, ("basic", "bottleneck"), "model.resnet_block")
-    _one_of(m.resnet_stem, ("imagenet", "small"), "model.resnet_stem")
+    _one_of(m.image_pooling, ("cls", "gap"), f"{prefix}.image_pooling")
+    _one_of(m.resnet_block, ("basic", "bottleneck"), f"{prefix}.resnet_block")
+    _one_of(m.resnet_stem, ("imagenet", "small"), f"{prefix}.resnet_stem")
     if m.channels not in (1, 3):
-        raise ConfigError(f"model.channels ({m.channels}) must be 1 (grayscale) or 3 (RGB).")
+        raise ConfigError(f"{prefix}.channels ({m.channels}) must be 1 (grayscale) or 3 (RGB).")
     if m.image_size < 8 or m.patch_size < 1:
-        raise ConfigError(f"model.image_size ({m.image_size}) must be at least 8 and "
-                          f"model.patch_size ({m.patch_size}) at least 1.")
+        raise ConfigError(f"{prefix}.image_size ({m.image_size}) must be at least 8 and "
+                          f"{prefix}.patch_size ({m.patch_size}) at least 1.")
     if m.kind == "vit" and m.image_size % m.patch_size:
-        raise ConfigError(f"model.image_size ({m.image_size}) must be a multiple of "
-                          f"model.patch_size ({m.patch_size}) for a ViT.")
+        raise ConfigError(f"{prefix}.image_size ({m.image_size}) must be a multiple of "
+                          f"{prefix}.patch_size ({m.patch_size}) for a ViT.")
     if m.kind == "resnet":
         if m.scan_layers:
-            raise ConfigError("model.scan_layers stacks identical layers; a ResNet's stages "
-                              "differ in shape. Set model.scan_layers=false.")
+            raise ConfigError(f"{prefix}.scan_layers stacks identical layers; a ResNet's stages "
+                              f"differ in shape. Set {prefix}.scan_layers=false.")
         stages = m.resnet_stages
         if not stages or not all(isinstance(s, int) and s >= 1 for s in stages):
-            raise ConfigError(f"model.resnet_stages ({stages}) must be a list of block counts "
+            raise ConfigError(f"{prefix}.resnet_stages ({stages}) must be a list of block counts "
                               f">= 1, e.g. [2, 2, 2, 2] (ResNet-18).")
         if m.num_layers != sum(stages):
-            raise ConfigError(f"model.num_layers ({m.num_layers}) must equal the blocks of "
-                              f"model.resnet_stages ({sum(stages)}); leave it unset.")
+            raise ConfigError(f"{prefix}.num_layers ({m.num_layers}) must equal the blocks of "
+                              f"{prefix}.resnet_stages ({sum(stages)}); leave it unset.")
     for key, pair, low, high in (("augment.crop_scale", a.crop_scale, 0, 1),
                                  ("augment.crop_ratio", a.crop_ratio, 0, None)):
         ok = isinstance(pair, list) and len(pair) == 2 and \
@@ -274,3 +281,74 @@ def _validate_images(cfg: Config) -> None:
     if cfg.data.keep_labels is not None and not cfg.data.keep_labels:
         raise ConfigError("data.keep_labels is an empty list; list the classes to keep, or "
                           "null for all.")
+
+
+def _validate_multimodal(cfg: Config) -> None:
+    """Two towers or a fused model: each tower checked as a model of its own, and what the
+    pairing needs (equal projection widths, prompt templates with a slot, no microbatches for
+    a loss over the whole batch)."""
+    m, task, towers = cfg.model, task_for(cfg), cfg.towers
+    wanted = {"contrastive": "two_tower", "multimodal_classification": "fusion"}.get(task)
+    if wanted is None or m.kind != wanted:
+        raise ConfigError(f"train.task '{task}' does not fit model.kind '{m.kind}': contrastive "
+                          f"trains model.kind two_tower, multimodal_classification model.kind "
+                          f"fusion (both built from towers.image and towers.text).")
+    image, text = towers.image.model, towers.text.model
+    if image.kind not in IMAGE_KINDS:
+        raise ConfigError(f"towers.image.model.kind is '{image.kind}'; it must be an image "
+                          f"encoder: one of {', '.join(IMAGE_KINDS)} (e.g. "
+                          f"towers.image.model.preset=vit-ti16).")
+    if text.kind != "encoder":
+        raise ConfigError(f"towers.text.model.kind is '{text.kind}'; the text tower is a "
+                          f"bidirectional encoder (e.g. towers.text.model.preset=bert-tiny).")
+    for name, tower in (("image", image), ("text", text)):
+        if tower.hidden_size % tower.num_heads:
+            raise ConfigError(f"towers.{name}.model.hidden_size ({tower.hidden_size}) must be "
+                              f"divisible by towers.{name}.model.num_heads ({tower.num_heads}).")
+        if tower.remat not in REMAT_POLICIES:
+            _one_of(tower.remat, REMAT_POLICIES, f"towers.{name}.model.remat")
+    _validate_images(dataclasses.replace(cfg, model=image), prefix="towers.image.model")
+    _one_of(towers.text.pooling, ("mean", "cls"), "towers.text.pooling")
+    if task == "contrastive":
+        dims = (towers.image.projection_dim, towers.text.projection_dim)
+        if min(dims) < 1:
+            raise ConfigError(f"towers.image.projection_dim and towers.text.projection_dim "
+                              f"({dims[0]}, {dims[1]}) must be at least 1.")
+        if dims[0] != dims[1]:
+            raise ConfigError(f"towers.image.projection_dim ({dims[0]}) and "
+                              f"towers.text.projection_dim ({dims[1]}) differ: the two towers "
+                              f"project into one shared space, so set both to the same width.")
+        ob = cfg.objective
+        _one_of(ob.contrastive_loss, ("clip", "siglip"), "objective.contrastive_loss")
+        if not ob.temperature > 0:
+            raise ConfigError(f"objective.temperature ({ob.temperature}) must be positive "
+                              f"(CLIP starts at 0.07, SigLIP at 0.1).")
+        if cfg.train.grad_accum > 1:
+            raise ConfigError(f"train.grad_accum ({cfg.train.grad_accum}) would split the batch "
+                              f"into microbatches, and a contrastive loss needs every negative "
+                              f"of the global batch in one pass: set train.grad_accum=1 and "
+                              f"lower train.global_batch (or add devices).")
+        prompts = cfg.eval.prompts
+        if not isinstance(prompts, list) or not prompts or \
+                not all(isinstance(t, str) for t in prompts):
+            raise ConfigError("eval.prompts must be a list of templates such as "
+                              "['a photo of a {}.'].")
+        for template in prompts:
+            if template.count("{}") != 1:
+                raise ConfigError(f"eval.prompts: template {template!r} must hold exactly one "
+                                  f"{{}} slot, where the class name goes (e.g. 'an emoji of "
+                                  f"{{}}.').")
+        names = cfg.eval.zero_shot_classes
+        if names is not None and (not isinstance(names, list) or not names or
+                                  not all(isinstance(n, str) and n for n in names)):
+            raise ConfigError("eval.zero_shot_classes must be a non-empty list of class names, "
+                              "or null to take the eval split's labels.")
+    else:
+        _one_of(m.fusion, FUSIONS, "model.fusion")
+        if m.hidden_size % m.num_heads:
+            raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by "
+                              f"model.num_heads ({m.num_heads}) (the fusion layers).")
+    a = cfg.augment
+    if a.mixup or a.cutmix:
+        raise ConfigError("augment.mixup / augment.cutmix mix two images, which would break "
+                          "their image-text pairing; turn them off for image-text tasks.")

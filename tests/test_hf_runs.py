@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from ptft_jax.checkpoint import inference_checkpoint, read_params
+from ptft_jax.pretrained import inference_checkpoint, read_params
 from ptft_jax.config import ModelConfig, load_config
 from ptft_jax.convert import hf
 from ptft_jax.convert.hf_export import export_hf

@@ -10,8 +10,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ptft_jax import params as ptree
-from ptft_jax.checkpoint import (BestCheckpointer, Checkpointer, CheckpointMismatch,
-                                 load_pretrained)
+from ptft_jax.checkpoint import BestCheckpointer, Checkpointer, CheckpointMismatch
+from ptft_jax.pretrained import load_pretrained
 from ptft_jax.models.heads import Classifier
 from ptft_jax.models.transformer import LanguageModel
 from ptft_jax.state import TrainState

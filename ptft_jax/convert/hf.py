@@ -270,31 +270,55 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
 def with_hf_model(data: dict) -> dict:
     """With `finetune.init_from: hf:...`, the model's shape comes from its config.json and
     its tokenizer is the default data.tokenizer. A model key set to another value is an
-    error (the weights could not load), not a silent override."""
+    error (the weights could not load), not a silent override. A multimodal model's towers
+    (`towers.image.init_from`, `towers.text.init_from`) take theirs the same way."""
     spec = (data.get("finetune") or {}).get("init_from")
-    if not isinstance(spec, str) or not is_hf(spec):
-        return data
-    model = dict(data.get("model") or {})
+    if isinstance(spec, str) and is_hf(spec):
+        model, tokenizer = _hf_model_keys(spec, data.get("model"), "model",
+                                          "finetune.init_from")
+        data = {**data, "model": model}
+        data = _with_tokenizer(data, tokenizer)
+    towers = data.get("towers")
+    if isinstance(towers, dict):
+        for name in ("image", "text"):
+            tower = towers.get(name)
+            spec = tower.get("init_from") if isinstance(tower, dict) else None
+            if not isinstance(spec, str) or not is_hf(spec):
+                continue
+            model, tokenizer = _hf_model_keys(spec, tower.get("model"), f"towers.{name}.model",
+                                              f"towers.{name}.init_from")
+            towers = {**towers, name: {**tower, "model": model}}
+            data = _with_tokenizer({**data, "towers": towers}, tokenizer)
+    return data
+
+
+def _hf_model_keys(spec: str, model, key: str, source_key: str):
+    """(the model section with config.json's shape, the model's tokenizer path or None)."""
+    model = dict(model or {})
     if model.get("preset") is not None:
-        raise ConfigError(f"model.preset and finetune.init_from={spec} both set the model's "
-                          f"shape; drop model.preset (config.json sets it).")
+        raise ConfigError(f"{key}.preset and {source_key}={spec} both set the model's "
+                          f"shape; drop {key}.preset (config.json sets it).")
     try:
         source = open_model(spec)
         keys = source.model_keys()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model = {k: v for k, v in model.items() if not (v is None and k in keys)}  # null: take it
-    for key in SHAPE_KEYS:
-        if key in model and key in keys and model[key] != keys[key]:
-            raise ConfigError(f"model.{key}={model[key]!r} conflicts with {source.directory}/"
-                              f"config.json ({keys[key]!r}); remove model.{key}: "
-                              f"finetune.init_from=hf:... sets the model's shape.")
-    data = {**data, "model": {**keys, **model}}
-    tokenizer = source.tokenizer_path
-    if source.family != "vit" and (data.get("data") or {}).get("tokenizer") is None:
-        if tokenizer is None:
-            raise ConfigError(f"{source.directory} has neither tokenizer.json nor vocab.txt; "
-                              f"set data.tokenizer=PATH to the tokenizer the model was trained "
-                              f"with.")
-        data = merge_dicts(data, {"data": {"tokenizer": str(tokenizer)}})
-    return data
+    for name in SHAPE_KEYS:
+        if name in model and name in keys and model[name] != keys[name]:
+            raise ConfigError(f"{key}.{name}={model[name]!r} conflicts with {source.directory}/"
+                              f"config.json ({keys[name]!r}); remove {key}.{name}: "
+                              f"{source_key}=hf:... sets the model's shape.")
+    if source.family == "vit":
+        return {**keys, **model}, None
+    if source.tokenizer_path is None:
+        raise ConfigError(f"{source.directory} has neither tokenizer.json nor vocab.txt; "
+                          f"set data.tokenizer=PATH to the tokenizer the model was trained "
+                          f"with.")
+    return {**keys, **model}, str(source.tokenizer_path)
+
+
+def _with_tokenizer(data: dict, tokenizer: str | None) -> dict:
+    if tokenizer is None or (data.get("data") or {}).get("tokenizer") is not None:
+        return data
+    return merge_dicts(data, {"data": {"tokenizer": tokenizer}})

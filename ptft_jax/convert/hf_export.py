@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ptft_jax.checkpoint import inference_params
+from ptft_jax.pretrained import inference_params
 from ptft_jax.config import FINETUNE_TASKS, ConfigError, from_dict, pooling_for, task_for
 from ptft_jax.convert.hf_weights import export_tensors
 from ptft_jax.data.tokenizer import BPE_SPECIALS, WORDPIECE_SPECIALS, load_tokenizer

@@ -348,6 +348,10 @@ def open_images(corpus: str, split: str, image_column: str = "image",
                 label_column: str | None = "label"):
     """The image source `data.corpus` names (see module docstring)."""
     label_column = label_column or "label"
+    if corpus == "emoji" or Path(corpus).suffix in (".jsonl", ".csv"):
+        # Image-text pair sources serve as labelled image sources too (their text unused).
+        from ptft_jax.data.pairs import open_pairs
+        return open_pairs(corpus, split, image_column, None, label_column)
     if corpus.startswith("idx:"):
         return open_idx(corpus[4:], split)
     if corpus.startswith("hf:"):
@@ -362,5 +366,5 @@ def open_images(corpus: str, split: str, image_column: str = "image",
     if path.is_dir():
         return ImageFolder(path)
     raise ValueError(f"data.corpus '{corpus}' is not an image source: use idx:PATH (MNIST "
-                     f"format), a .npz file, a folder with one subfolder per class, hf:NAME or "
-                     f"tfds:NAME.")
+                     f"format), a .npz file, a folder with one subfolder per class, hf:NAME, "
+                     f"tfds:NAME, 'emoji', or a .jsonl / .csv of image paths.")

@@ -79,7 +79,8 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `jax.nn.dot_product_attention`. `mask` is a boolean
+    """Multi-head attention through `jax.nn.dot_product_attention`: self-attention, or
+    cross-attention from `x` to `kv` (the fusion layers). `mask` is a boolean
     [batch, 1, q, k] (True = may attend) or None. `model.attention`: auto and xla run XLA's
     attention (jax 0.10 picks xla for auto on every backend); cudnn runs cuDNN's fused kernel
     on NVIDIA GPUs, which takes the document mask as a dense bias."""
@@ -88,17 +89,18 @@ class Attention(nn.Module):
     out_std: float
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, kv=None):
         cfg = self.cfg
         d, h = cfg.hidden_size, cfg.num_heads
         k = d // h
 
-        def project(name):
+        def project(name, inputs):
             y = Projection(cfg, "bld,dhk->blhk", (d, h, k), ("embed", "heads", "kv"), (h, k),
-                           ("heads", "kv"), name=name)(x)
+                           ("heads", "kv"), name=name)(inputs)
             return constrain(y, ("act_batch", "act_len", "act_heads", "act_kv"))
 
-        q, k_, v = project("query"), project("key"), project("value")
+        source = x if kv is None else kv
+        q, k_, v = project("query", x), project("key", source), project("value", source)
         implementation = None if cfg.attention == "auto" else cfg.attention
         out = jax.nn.dot_product_attention(q, k_, v, mask=mask, is_causal=self.causal,
                                            implementation=implementation)

@@ -48,7 +48,9 @@ class ViT(nn.Module):
         self.layers = layer_stack(cfg, causal=False)
         self.final_norm = layer_norm(cfg, "final_norm")
 
-    def __call__(self, images, train: bool = False):
+    def __call__(self, images, train: bool = False, pooled: bool = True):
+        """Pooled features [batch, width], or with `pooled=False` every token [batch, tokens,
+        width] (what cross-attention fusion reads)."""
         cfg = self.cfg
         dtype, _ = dtypes(cfg)
         x = self.patch_embed(images.astype(dtype))
@@ -62,6 +64,8 @@ class ViT(nn.Module):
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
         x = run_layers(self.layers, x, None, train, cfg.scan_layers)
         x = self.final_norm(x)
+        if not pooled:
+            return x
         return x[:, 0] if cfg.image_pooling == "cls" else jnp.mean(x, axis=1)
 
 
@@ -120,7 +124,9 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None  # the pmap axis BatchNorm averages its statistics over
 
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def __call__(self, images, train: bool = False, pooled: bool = True):
+        """Globally pooled features [batch, width], or with `pooled=False` the last feature
+        map as tokens [batch, h * w, width]."""
         cfg = self.cfg
         dtype, _ = dtypes(cfg)
         x = images.astype(dtype)
@@ -143,6 +149,8 @@ class ResNet(nn.Module):
                 x = block(cfg, cfg.resnet_width * 2 ** stage, stride, self.bn_axis_name,
                           name=f"layers_{index}")(x, train)
                 index += 1
+        if not pooled:
+            return x.reshape(x.shape[0], -1, x.shape[-1])
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
 
 

@@ -17,7 +17,8 @@ from ptft_jax.tasks.base import Task, apply_model
 
 # Which metric early stopping and the best checkpoint follow when eval.metric is auto.
 DEFAULT_METRIC = {"classification": "macro_f1", "multi_label": "macro_f1",
-                  "regression": "pearson", "image_classification": "accuracy"}
+                  "regression": "pearson", "image_classification": "accuracy",
+                  "contrastive": "retrieval_mean", "multimodal_classification": "macro_f1"}
 
 
 class ClassifyTask(Task):
