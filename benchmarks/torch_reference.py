@@ -83,6 +83,8 @@ def time_case(cfg, host_batches: list[dict], compiled: bool, steps: int, warmup:
     ptft's rows."""
     if cfg.model.kind in ("vit", "resnet"):
         return time_image_case(cfg, host_batches, compiled, steps, warmup)
+    if cfg.model.kind == "two_tower":
+        return time_clip_case(cfg, host_batches, compiled, steps, warmup)
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,6 +189,53 @@ def time_image_case(cfg, host_batches: list[dict], compiled: bool, steps: int,
 
     result = _timed(step, batches, steps, warmup, device, cfg.train.global_batch)
     return {**result, "bf16": bf16, "model": source}
+
+
+def time_clip_case(cfg, host_batches: list[dict], compiled: bool, steps: int,
+                   warmup: int) -> dict:
+    """transformers' CLIPModel at the two towers' shapes (its text tower is causal and pools
+    the end token, ptft's is a BERT encoder pooled by mean: the same matmuls), with its own
+    symmetric contrastive loss over the batch, on ptft's pairs."""
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device == "cuda")
+    image, text = cfg.towers.image.model, cfg.towers.text.model
+    projection = cfg.towers.image.projection_dim
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+                         intermediate_size=text.mlp_dim, num_hidden_layers=text.num_layers,
+                         num_attention_heads=text.num_heads,
+                         max_position_embeddings=text.max_len, projection_dim=projection),
+        vision_config=dict(hidden_size=image.hidden_size, intermediate_size=image.mlp_dim,
+                           num_hidden_layers=image.num_layers,
+                           num_attention_heads=image.num_heads, image_size=image.image_size,
+                           patch_size=image.patch_size, num_channels=image.channels,
+                           projection_dim=projection),
+        projection_dim=projection)).to(device).train()
+    model.config._attn_implementation = "sdpa"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.optim.weight_decay)
+    forward = torch.compile(model) if compiled else model
+    batches = [(torch.as_tensor(b["image"], device=device).permute(0, 3, 1, 2),
+                torch.as_tensor(b["tokens"], dtype=torch.long, device=device),
+                torch.as_tensor(b["segment_ids"] != 0, dtype=torch.long, device=device))
+               for b in host_batches]
+
+    def step(batch):
+        images, ids, mask = batch
+        pixels = (images.float() / 255.0 - 0.5) / 0.5
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = forward(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                           return_loss=True).loss
+        loss.backward()
+        if cfg.optim.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    result = _timed(step, batches, steps, warmup, device, cfg.train.global_batch)
+    return {**result, "bf16": bf16, "model": "transformers CLIPModel"}
 
 
 def _timed(step, batches, steps: int, warmup: int, device: str, units: int) -> dict:

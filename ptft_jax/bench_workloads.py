@@ -7,7 +7,8 @@ mean 600 tokens) packed by the training Packer, with segment ids and restarting 
 attention carries the document mask (`rows: unmasked` drops the segment ids, to price it).
 Image classification steps on random uint8 images of the case's size with 1000 classes, the
 step `ptft pretrain` runs on images: flip augmentation and normalisation on device,
-label-smoothed cross-entropy.
+label-smoothed cross-entropy. Contrastive cases step on random image-text pairs (texts of
+random length, padded) through a two-tower model with CLIP's loss over the global batch.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ IMAGE_CLASSES = 1000  # ImageNet's, the head size the published image models tra
 class Workload:
     task: object
     host_batches: list[dict]
-    unit: str  # what throughput counts: "token" or "image"
+    unit: str  # what throughput counts: "token", "image" or "pair"
     units_per_step: int
     flops_per_unit: float
 
@@ -79,9 +80,43 @@ def image_classification(cfg) -> Workload:
                     perf.image_train_flops(cfg.model, IMAGE_CLASSES))
 
 
+def synthetic_pairs(cfg, n: int = 2, seed: int = 0) -> list[dict]:
+    """`n` global batches of random image-text pairs: uint8 images of the image tower's size,
+    token rows of random length (a quarter to all of data.seq_len), padded."""
+    rng = np.random.default_rng(seed)
+    image = cfg.towers.image.model
+    B, T, s, c = cfg.train.global_batch, cfg.data.seq_len, image.image_size, image.channels
+    vocab = cfg.towers.text.model.vocab_size
+    out = []
+    for _ in range(n):
+        lengths = rng.integers(max(1, T // 4), T + 1, B)
+        valid = np.arange(T)[None, :] < lengths[:, None]
+        out.append({"image": rng.integers(0, 256, (B, s, s, c), dtype=np.uint8),
+                    "tokens": np.where(valid, rng.integers(len(SPECIAL_IDS), vocab, (B, T)),
+                                       0).astype(np.int32),
+                    "segment_ids": valid.astype(np.int32),
+                    "positions": np.where(valid, np.arange(T), 0).astype(np.int32),
+                    "type_ids": np.zeros((B, T), np.int32),
+                    "weight": np.ones(B, np.float32)})
+    return out
+
+
+def contrastive(cfg) -> Workload:
+    from ptft_jax.config import tower_model
+    from ptft_jax.tasks.contrastive import ContrastiveTask
+    axis = "batch" if cfg.mesh.parallelism == "pmap" else None
+    task = ContrastiveTask(tower_model(cfg, "image"), tower_model(cfg, "text"),
+                           cfg.towers.image.projection_dim, cfg.towers.text.pooling,
+                           cfg.objective, cfg.augment, axis_name=axis)
+    return Workload(task, synthetic_pairs(cfg), "pair", cfg.train.global_batch,
+                    perf.multimodal_train_flops(cfg))
+
+
 def workload(cfg, rows: str = "packed") -> Workload:
     if cfg.train.task in ("mlm", "clm"):
         return language_model(cfg, rows)
     if cfg.train.task == "image_classification":
         return image_classification(cfg)
+    if cfg.train.task == "contrastive":
+        return contrastive(cfg)
     raise ValueError(f"no benchmark workload for train.task '{cfg.train.task}'")

@@ -35,11 +35,12 @@ from ptft_jax.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASES = REPO / "benchmarks" / "cases.yaml"
-CASE_KEYS = ("name", "preset", "objective", "seq_len", "image_size", "global_batch",
+CASE_KEYS = ("name", "preset", "text_preset", "objective", "seq_len", "image_size",
+             "global_batch",
              "parallelism", "mesh", "dtype", "remat", "scan", "grad_accum", "vocab_size",
              "torch", "rows", "loss_chunk", "overrides")
 ROWS = ("packed", "unmasked")
-OBJECTIVES = ("mlm", "clm", "image_classification")
+OBJECTIVES = ("mlm", "clm", "image_classification", "contrastive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +62,26 @@ class Case:
     seq_len: int | None = None  # language models
     image_size: int | None = None  # image models; None: the preset's
     overrides: tuple = ()  # other config keys ("key.sub=value")
+    text_preset: str | None = None  # contrastive: the text tower (preset: the image tower)
 
     def config(self, overrides: tuple[str, ...] = ()):
         per_objective = [f"data.seq_len={self.seq_len}"] if self.seq_len else []
-        if self.image_size:
-            per_objective.append(f"model.image_size={self.image_size}")
+        if self.objective == "contrastive":
+            # Two towers: `preset` is the image tower, `text_preset` the text one.
+            model = [f"towers.image.model.preset={self.preset}",
+                     f"towers.text.model.preset={self.text_preset}", "model.kind=two_tower",
+                     "towers.text.model.dropout=0.0", "towers.image.projection_dim=512",
+                     "towers.text.projection_dim=512"]
+            if self.image_size:
+                model.append(f"towers.image.model.image_size={self.image_size}")
+        else:
+            model = [f"model.preset={self.preset}"]
+            if self.image_size:
+                per_objective.append(f"model.image_size={self.image_size}")
         if self.objective == "image_classification":
             per_objective.append("augment.flip=true")
         cfg = load_config(None, [
-            f"model.preset={self.preset}", f"train.task={self.objective}",
+            *model, f"train.task={self.objective}",
             *per_objective, f"train.global_batch={self.global_batch}",
             f"mesh.parallelism={self.parallelism}", f"mesh.data={self.mesh.get('data', -1)}",
             f"mesh.fsdp={self.mesh.get('fsdp', 1)}", f"mesh.tensor={self.mesh.get('tensor', 1)}",

@@ -30,8 +30,18 @@ TINY_IMAGE = ("model.image_size=32", "model.num_layers=2", "model.hidden_size=64
               "model.resnet_width=8", "train.global_batch=16", "model.dtype=float32")
 
 
+TINY_PAIRS = ("towers.image.model.image_size=32", "towers.image.model.num_layers=2",
+              "towers.image.model.hidden_size=64", "towers.image.model.num_heads=2",
+              "towers.image.model.mlp_dim=128", "towers.text.model.num_layers=2",
+              "towers.text.model.hidden_size=64", "towers.text.model.num_heads=2",
+              "towers.text.model.mlp_dim=128", "towers.text.model.vocab_size=256",
+              "towers.image.projection_dim=32", "towers.text.projection_dim=32",
+              "data.seq_len=16", "train.global_batch=16", "model.dtype=float32")
+
+
 def tiny(case):
-    return TINY_IMAGE if case.objective == "image_classification" else TINY
+    return {"image_classification": TINY_IMAGE, "contrastive": TINY_PAIRS}.get(case.objective,
+                                                                              TINY)
 
 
 @pytest.mark.parametrize("case", _distinct_steps(ALL_CASES), ids=lambda c: c.name)
@@ -40,6 +50,8 @@ def test_every_kind_of_case_runs_two_steps(case):
                                           overrides=tiny(case))
     if case.objective == "image_classification":
         assert batches[0]["image"].dtype == np.uint8 and row["unit"] == "image"
+    elif case.objective == "contrastive":
+        assert row["unit"] == "pair" and batches[0]["tokens"].shape == (16, 16)
     else:
         assert ("segment_ids" in batches[0]) == (case.rows == "packed")
     assert row["steps_timed"] == 2 and row["step_ms_median"] > 0
@@ -74,7 +86,8 @@ def test_run_writes_jsonl_markdown_and_chart(tmp_path):
 def test_torch_reference_runs_a_step():
     from ptft_jax.bench_workloads import workload
     torch_ref = benchmark.load_torch_reference()
-    for name in ("bert-mini-mlm-s128", "gpt-tiny-clm-s256", "vit-b16-224", "resnet50-224"):
+    for name in ("bert-mini-mlm-s128", "gpt-tiny-clm-s256", "vit-b16-224", "resnet50-224",
+                 "clip-vit-ti16-bert-mini"):
         case = benchmark.load_cases(benchmark.DEFAULT_CASES, [], [name])[0]
         cfg = case.config(tiny(case))
         batches = workload(cfg).host_batches

@@ -15,9 +15,18 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path):
+    first = path.read_text().splitlines()[0]
+    if path.name.startswith("experiment"):
+        from ptft_jax import experiment
+        cfg = experiment.load_experiment(path)
+        stages = experiment.stage_dicts(cfg, Path("tokenizer.json"), 2048)
+        arms = experiment.plan(cfg, stages, Path("tokenizer.json"), 8)  # validates each stage
+        assert set(arms) == set(cfg.arms)
+        assert first.startswith("# ptft experiment pretrain-vs-end-to-end --config configs/" +
+                                path.name)
+        return
     cfg = load_config(path)
     validate(cfg, num_devices=8)
-    first = path.read_text().splitlines()[0]
     command = "finetune" if path.name.startswith("finetune") else "pretrain"
     assert first.startswith(f"# ptft {command} --config configs/" + path.name), \
         "a config's first line is the exact command that runs it"

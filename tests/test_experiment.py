@@ -1,6 +1,7 @@
 """`ptft experiment pretrain-vs-end-to-end`: equal budgets across arms, the refusals, and a
 tiny experiment run end to end through the CLI, interrupted mid-stage and resumed."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -81,12 +82,15 @@ def test_budgets_that_cannot_be_equal_are_refused(tmp_path):
 
 
 def test_experiment_runs_end_to_end_and_resumes_mid_stage(tmp_path):
-    path = _config(tmp_path, budget=8e9)
+    path = _config(tmp_path, budget=3e9)
     command = [sys.executable, "-m", "ptft_jax.cli", "experiment", "pretrain-vs-end-to-end",
                "--config", str(path)]
     root = tmp_path / "exp"
+    # One CPU device: the stages compile several times faster than on 8 fake ones (the
+    # sharded steps are tested elsewhere).
+    env = {**os.environ, "XLA_FLAGS": ""}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+                             text=True, env=env)
     # Interrupt as soon as some stage has saved a checkpoint short of its last step.
     interrupted = None
     deadline = time.time() + 600
@@ -107,7 +111,7 @@ def test_experiment_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     assert first.returncode == 130, out[-3000:]
     assert not (root / "results.jsonl").exists()
     done_before = {p: p.stat().st_mtime_ns for p in root.rglob("result.json")}
-    second = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert "resumed at step" in second.stdout
     for p, mtime in done_before.items():  # finished stages are not run again
@@ -116,7 +120,7 @@ def test_experiment_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     assert sorted(r["arm"] for r in rows) == ["a", "b", "c", "d_b", "d_c"]
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
-        assert r["curve"] and r["flops"] <= 8e9
+        assert r["curve"] and r["flops"] <= 3e9
     table = (root / "results.md").read_text()
     assert "| a: end to end from scratch |" in table and "±" in table
     assert (root / "accuracy_vs_flops.png").stat().st_size > 5000
