@@ -17,7 +17,8 @@ def _distinct_steps(cases):
     for c in cases:
         if c.name.endswith(("-dp8", "-fsdp8")):  # test_run_writes_jsonl_markdown_and_chart
             continue
-        key = (c.objective, c.preset.split("-")[0], c.parallelism, str(c.mesh), c.remat, c.scan,
+        family = "resnet" if c.preset.startswith("resnet") else c.preset.split("-")[0]
+        key = (c.objective, family, c.parallelism, str(c.mesh), c.remat, c.scan,
                c.grad_accum, c.rows, c.loss_chunk is not None)  # TINY sets the dtype
         seen.setdefault(key, c)
     return list(seen.values())

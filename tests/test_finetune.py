@@ -1,12 +1,10 @@
 """Finetuning strategies through the one loop: what trains in each phase, frozen parameters,
 LoRA, layer-wise decay, evaluation across device counts, early stopping and the best
 checkpoint."""
-import dataclasses
 import json
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from ptft_jax import params as ptree

@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,7 +13,7 @@ from ptft_jax.convert import hf
 from ptft_jax.convert.hf_weights import export_tensors, import_tensors
 from ptft_jax.models.heads import Classifier
 from ptft_jax.models.transformer import LanguageModel, Transformer
-from ptft_jax.params import flatten, stack_layers, unflatten
+from ptft_jax.params import stack_layers, unflatten
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())

@@ -8,11 +8,16 @@ import sys
 import pytest
 
 
+# The main job as a newcomer runs it: one CPU device (not the 8 fake ones the other tests
+# use), which also compiles several times faster.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": ""}
+
+
 def _ptft(*args, timeout=600, stdin=None):
     exe = shutil.which("ptft")
     cmd = [exe] if exe else [sys.executable, "-m", "ptft_jax.cli"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
-                          input=stdin, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          input=stdin, env=ENV)
 
 
 @pytest.mark.parametrize("config", ["pretrain_tiny_mlm", "pretrain_tiny_clm"])
@@ -52,7 +57,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     exe = shutil.which("ptft")
     cmd = [exe] if exe else [sys.executable, "-m", "ptft_jax.cli"]
     proc = subprocess.Popen([*cmd, *args, "train.steps=1000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=ENV)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

