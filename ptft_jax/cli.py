@@ -11,6 +11,7 @@
     ptft checkpoints verify RUN_DIR   (every step's checksums; exit 1 if one is damaged)
     ptft bench --set cpu [--cases NAME ...] [--steps N] [--profile]
     ptft experiment pretrain-vs-end-to-end --config FILE
+    ptft sweep --config FILE --space SPACE.yaml [--trials N] [--sampler grid|random|tpe]
 """
 from __future__ import annotations
 
@@ -282,6 +283,22 @@ def _experiment(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from ptft_jax.sweep.space import load_space
+    from ptft_jax.sweep.study import SweepOptions, prepare, resolve_options, run_sweep
+    import dataclasses
+    cli = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SweepOptions)}
+    _, from_space = load_space(args.space)
+    sweep = prepare(resolve_options(cli, from_space))
+    report = run_sweep(sweep)
+    best = (f"best: trial {report['best_trial']}, {sweep.metric} {report['best_value']:.4g} "
+            f"(config: {report['dir']}/best_config.yaml)" if report["best_trial"] is not None
+            else "no trial completed")
+    print(f"sweep {'interrupted' if report['interrupted'] else 'done'}: {report['trials']} "
+          f"trial(s); {best}; table and plots in {report['dir']}/trials.md")
+    return 130 if report["interrupted"] else 0
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     """The config file and `key.sub=value` overrides every config-driven command takes."""
     parser.add_argument("--config", "-c", help="a YAML config (see configs/)")
@@ -397,6 +414,32 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--config", "-c", required=True, help="an experiment config (see "
                                                          "configs/experiment_emoji.yaml)")
     x.set_defaults(func=_experiment)
+    sw = sub.add_parser("sweep", help="hyperparameter search over any config keys (grid, "
+                                      "random or TPE; pruning; a study several processes "
+                                      "and hosts share); every trial is a run directory")
+    sw.add_argument("--config", "-c", required=True, help="the config every trial starts from")
+    sw.add_argument("--space", "-s", required=True,
+                    help="a YAML of config keys to choices or ranges (see "
+                         "configs/sweep_fortunes_space.yaml); a sweep: section may set the "
+                         "options below")
+    sw.add_argument("--trials", type=int, help="complete + pruned trials to run (default: "
+                                               "the grid's size, else 20)")
+    sw.add_argument("--sampler", choices=("grid", "random", "tpe"),
+                    help="default tpe (Bayesian)")
+    sw.add_argument("--metric", help="the validation metric to optimise (default: the task's "
+                                     "eval.metric, e.g. macro_f1)")
+    sw.add_argument("--direction", choices=("maximize", "minimize"),
+                    help="default: the metric's (loss: minimize, the rest: maximize)")
+    sw.add_argument("--pruner", choices=("median", "halving", "none"),
+                    help="stop unpromising trials at an evaluation (default median)")
+    sw.add_argument("--storage", help="SQLAlchemy URL of the study (default: sqlite:///"
+                                      "<dir>/study.db); hosts that share it share the sweep")
+    sw.add_argument("--study-name", dest="study_name", help="default: the config's file stem")
+    sw.add_argument("--dir", help="where trials and the report go (default runs/sweep_<stem>)")
+    sw.add_argument("--workers", type=int, help="trial processes on this machine, each with "
+                                                "its own devices (GPUs: one each)")
+    sw.add_argument("--seed", type=int, help="the sampler's seed (default 0)")
+    sw.set_defaults(func=_sweep)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

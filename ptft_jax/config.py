@@ -217,13 +217,30 @@ class MeshConfig:
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = 1e-3
+    # adamw | adam (L2 decay on the gradient) | sgd (with momentum; L2 decay) | lamb (large-
+    # batch BERT pretraining) | lion (b1, b2; use a ~3-10x lower LR) | adafactor (factored
+    # second moments, update clipping). Every one takes the same decay rules, freezing and
+    # LR factors.
+    name: str = "adamw"
+    learning_rate: float = 1e-3  # the peak
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    # After warmup: cosine | linear (to end_lr_ratio * peak at train.steps) | constant |
+    # step (x decay_factor every decay_every steps) | plateau (constant, x plateau_factor
+    # when the validation metric eval.metric stalls for plateau_patience evaluations)
+    schedule: str = "cosine"
     end_lr_ratio: float = 0.1  # final LR as a fraction of the peak
-    b1: float = 0.9
-    b2: float = 0.999
+    decay_every: int = 1000
+    decay_factor: float = 0.1
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    plateau_cooldown: int = 0
+    plateau_threshold: float = 1e-4  # the metric must beat its best by this much (absolute)
+    plateau_min_scale: float = 0.0
+    b1: float = 0.9  # adamw, adam, lamb, lion
+    b2: float = 0.999  # adamw, adam, lamb, lion (Lion's paper: 0.99)
     eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
     weight_decay: float = 0.01
     clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
     # (path regex, decay?) first match wins; every parameter must match one rule.

@@ -8,7 +8,9 @@ the optimizer moments of parameters that keep training carried over.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -19,7 +21,7 @@ from jax.sharding import SingleDeviceSharding
 from ptft_jax.config import Config, resolve_mesh_shape
 from ptft_jax.finetune import Plan, lora_spec, make_plan
 from ptft_jax.mesh import LOGICAL_RULES, global_batch_array, make_mesh, process_rows
-from ptft_jax.optim import make_optimizer
+from ptft_jax.optim import hyperparams, make_optimizer, set_hyperparams
 from ptft_jax.params import flatten
 from ptft_jax.state import (TrainState, abstract_state, carry_opt_state, init_opt_state,
                             init_state, model_variables, state_shardings,
@@ -33,7 +35,7 @@ class Engine:
     task: object
     plan: Plan
     tx: object
-    schedule: object
+    learning_rate: object  # opt_state -> the LR of the coming update
     abstract: TrainState  # shapes only
     shardings: TrainState
     step_fn: object  # JitStep or PmapStep: (state, batch, key) -> (state, metrics)
@@ -53,6 +55,10 @@ class Engine:
         batch = self.task.example_batch(1, self.cfg.data.seq_len)
         state = init_state(self.task, self.tx, key, batch, self.plan.trainable, self.shardings,
                            self.plan.lora)
+        # The optimizer's hyperparameters are this config's (a reused engine's tx was made
+        # with another's).
+        state = state.replace(opt_state=set_hyperparams(
+            state.opt_state, hyperparams(self.cfg.optim, self.cfg.train.steps)))
         return self.place(state)
 
     def restore_target(self) -> TrainState:
@@ -124,8 +130,59 @@ def check_rules_match(params, rules, key: str) -> None:
                              f"drop the rule.")
 
 
+# ptft sweep: engines kept for the next trial in this process, by what their compiled step
+# depends on (None: off). A trial that differs only in what the optimizer state carries
+# (optim.hyperparams) or in what the loop does around the step reuses the compiled step.
+_REUSE: dict | None = None
+# Keys that never reach the compiled step: the optimizer's numeric hyperparameters are arrays
+# in its state (optim.py), the rest is the loop's business.
+NOT_COMPILED = ("run_dir", "train.seed", "train.steps", "train.log_every", "train.progress",
+                "eval", "checkpoint", "finetune.init_from", "finetune.unfreeze_every",
+                "finetune.unfreeze_patience", "data.shuffle_seed",
+                *(f"optim.{k}" for k in ("learning_rate", "warmup_steps", "end_lr_ratio",
+                                         "decay_every", "decay_factor", "weight_decay", "b1",
+                                         "b2", "momentum", "plateau_factor",
+                                         "plateau_patience", "plateau_cooldown",
+                                         "plateau_threshold", "plateau_min_scale")))
+
+
+@contextlib.contextmanager
+def reuse_engines():
+    """Within this block, `build` returns the engine (and compiled step) of an earlier call
+    whose config differs only in NOT_COMPILED keys."""
+    global _REUSE
+    _REUSE = {}
+    try:
+        yield
+    finally:
+        _REUSE = None
+
+
+def _reuse_key(cfg: Config, task, devices, phase: int) -> str:
+    tree = cfg.to_dict()
+    for dotted in NOT_COMPILED:
+        *parents, last = dotted.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(last, None)
+    labels = getattr(getattr(task, "labels", None), "names", None)
+    return json.dumps([tree, task.name, labels, phase,
+                       [d.id for d in (devices or jax.devices())]], sort_keys=True, default=str)
+
+
 def build(cfg: Config, task, devices=None, phase: int = 0) -> Engine:
-    """Builds the engine for `cfg` and `task` on `devices` (default: all) for a phase."""
+    """Builds the engine for `cfg` and `task` on `devices` (default: all) for a phase (or
+    reuses one, inside `reuse_engines`)."""
+    if _REUSE is not None:
+        key = _reuse_key(cfg, task, devices, phase)
+        if key not in _REUSE:
+            _REUSE[key] = _build(cfg, task, devices, phase)
+        return dataclasses.replace(_REUSE[key], cfg=cfg)
+    return _build(cfg, task, devices, phase)
+
+
+def _build(cfg: Config, task, devices=None, phase: int = 0) -> Engine:
     t = cfg.train
     lora = lora_spec(cfg)
     example = task.example_batch(1, cfg.data.seq_len)
@@ -133,21 +190,21 @@ def build(cfg: Config, task, devices=None, phase: int = 0) -> Engine:
                               jax.random.key(0))
     plan = make_plan(cfg, nn.unbox(boxed), phase)
     check_rules_match(nn.unbox(boxed), cfg.optim.weight_decay_rules, "optim.weight_decay_rules")
-    tx, schedule = make_optimizer(cfg.optim, t.steps, plan.lr_factors, plan.grad_masks)
+    tx, learning_rate = make_optimizer(cfg.optim, t.steps, plan.lr_factors, plan.grad_masks)
     abstract, logical_specs = abstract_state(task, tx, example, plan.trainable, lora)
-    static = dict(task=task, tx=tx, schedule=schedule, trainable=plan.trainable, lora=lora,
+    static = dict(task=task, tx=tx, learning_rate=learning_rate, trainable=plan.trainable, lora=lora,
                   grad_accum=t.grad_accum)
     if cfg.mesh.parallelism == "pmap":
         one = SingleDeviceSharding(jax.local_devices()[0])
         per_process = t.global_batch // jax.process_count()
         first = jax.process_index() * per_process
-        return Engine(cfg, task, plan, tx, schedule, abstract,
+        return Engine(cfg, task, plan, tx, learning_rate, abstract,
                       jax.tree.map(lambda _: one, abstract), PmapStep(**static),
                       slice(first, first + per_process), devices=devices)
     mesh = make_mesh(cfg.mesh, devices)
     shardings = state_shardings(abstract, logical_specs, tx, plan.trainable, mesh,
                                 LOGICAL_RULES)
     step_fn = JitStep(mesh, shardings, LOGICAL_RULES, **static)
-    return Engine(cfg, task, plan, tx, schedule, abstract, shardings, step_fn,
+    return Engine(cfg, task, plan, tx, learning_rate, abstract, shardings, step_fn,
                   process_rows(step_fn.batch_sharding, t.global_batch),
                   step_fn.batch_sharding, devices)

@@ -21,6 +21,19 @@ METRIC_MODES = {"loss": "min", "mse": "min", "mae": "min", "accuracy": "max",
                 **{f"{d}_r{k}": "max" for d in ("i2t", "t2i") for k in (1, 5, 10)}}
 
 
+_CLASSIFY = ("loss", "accuracy", "macro_f1", "macro_precision", "macro_recall")
+# The scalar metrics each task's evaluation reports (what eval.metric and ptft sweep's
+# --metric may name).
+TASK_METRICS = {"classification": _CLASSIFY, "image_classification": _CLASSIFY,
+                "multimodal_classification": _CLASSIFY,
+                "multi_label": ("loss", "macro_f1", "micro_f1", "exact_match"),
+                "regression": ("loss", "mse", "mae", "pearson"),
+                "mlm": ("loss", "accuracy"), "clm": ("loss", "accuracy"),
+                "contrastive": ("loss", "retrieval_mean", "zero_shot_accuracy",
+                                "zero_shot_macro_f1",
+                                *(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)))}
+
+
 def metric_mode(name: str) -> str:
     if name not in METRIC_MODES:
         raise ValueError(f"unknown metric '{name}'; choose one of: {', '.join(METRIC_MODES)}.")

@@ -62,9 +62,13 @@ def state_shardings(state: TrainState, logical_specs, tx, trainable, mesh: Mesh,
     check_divisible(state.params, param_sh)
     repl = NamedSharding(mesh, P())
     train_sh, _ = ptree.split(param_sh, trainable.__contains__)
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, state.opt_state, train_sh,
-                                   transform_non_params=lambda _: repl,
-                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    train_params, _ = ptree.split(state.params, trainable.__contains__)
+    # A per-parameter leaf of another shape (Adafactor's factored row / column statistics)
+    # is small by design: replicated.
+    opt_sh = optax.tree_map_params(
+        tx, lambda leaf, sh, param: sh if leaf.shape == param.shape else repl,
+        state.opt_state, train_sh, train_params, transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
     model_state_sh = nn.logical_to_mesh_sharding(state_specs, mesh, rules)
     return TrainState(step=repl, params=param_sh, opt_state=opt_sh, model_state=model_state_sh)
 

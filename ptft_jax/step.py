@@ -80,7 +80,7 @@ def accumulate(train_params, frozen, model_state, batch, example_ids, key, *, gr
     return grads, sums, model_state
 
 
-def train_step(state: TrainState, batch: dict, key, *, task, tx, schedule, trainable,
+def train_step(state: TrainState, batch: dict, key, *, task, tx, learning_rate, trainable,
                lora=None, grad_accum: int = 1, rules=None, axis_name: str | None = None,
                example_offset=0):
     """One optimizer step on `batch`. Under pmap, `axis_name` sums gradients across devices.
@@ -110,7 +110,8 @@ def train_step(state: TrainState, batch: dict, key, *, task, tx, schedule, train
         params, opt_state, model_state = jax.tree.map(
             lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
             (state.params, state.opt_state, state.model_state))
-    metrics = {"sums": sums, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+    metrics = {"sums": sums, "grad_norm": grad_norm,
+               "learning_rate": learning_rate(state.opt_state),
                "loss": loss, "skipped": 1 - finite.astype(jnp.int32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       model_state=model_state), metrics
@@ -136,7 +137,22 @@ def predict_step(params, model_state, batch, *, task, lora=None, rules=None):
         return task.predict(params, model_state, batch)
 
 
-class JitStep:
+COMPILES = [0]  # train steps compiled in this process (ptft sweep counts its reuse)
+
+
+class CompileOnce:
+    """The train step compiled ahead of time, once per step object: an engine reused by the
+    next trial of a sweep (engine.reuse_engines) reuses its compiled step."""
+    _compiled = None
+
+    def compile(self, state, batch, key):
+        if self._compiled is None:
+            self._compiled = self.lower(state, batch, key).compile()
+            COMPILES[0] += 1
+        return self._compiled
+
+
+class JitStep(CompileOnce):
     """`train_step` jitted once over a mesh, with explicit shardings and the state donated;
     `evaluate` and `predict` jitted likewise (params not donated).
 
@@ -185,7 +201,7 @@ def pmap_sharding() -> NamedSharding:
     return NamedSharding(Mesh(np.array(jax.local_devices()), ("batch",)), P("batch"))
 
 
-class PmapStep:
+class PmapStep(CompileOnce):
     """Pure data parallelism with `jax.pmap`: state replicated, batch split on a leading device
     axis, gradients and sums added with `psum`. The same pure steps as the jit path."""
 

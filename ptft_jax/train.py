@@ -30,6 +30,7 @@ from ptft_jax.safety import DivergenceGuard, SaveClock, StopOnSignal
 from ptft_jax.validation import validate
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.engine import Engine, build
+from ptft_jax.optim import get_hyperparam, hyperparams, plateau_step, set_hyperparams
 from ptft_jax.evaluation import metric_mode
 from ptft_jax.finetune import phase_at_step
 from ptft_jax.jobs import Job, finetune_job, image_job, pretrain_job
@@ -89,17 +90,17 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
                           f"new run_dir.")
 
 
-def pretrain(cfg: Config) -> dict:
+def pretrain(cfg: Config, on_eval=None) -> dict:
     initialize_distributed(cfg.distributed)
     validate(cfg, jax.device_count())
     check_paths(cfg)
     if task_for(cfg) in FINETUNE_TASKS + ("multimodal_classification",):
         raise ConfigError(f"train.task '{task_for(cfg)}' is a finetuning task: run ptft "
                           f"finetune.")
-    return run(job_for(cfg))
+    return run(job_for(cfg), on_eval)
 
 
-def finetune(cfg: Config) -> dict:
+def finetune(cfg: Config, on_eval=None) -> dict:
     initialize_distributed(cfg.distributed)
     validate(cfg, jax.device_count())
     check_paths(cfg)
@@ -107,7 +108,7 @@ def finetune(cfg: Config) -> dict:
     if task_for(cfg) not in tasks:
         raise ConfigError(f"ptft finetune needs train.task to be one of {', '.join(tasks)} "
                           f"(got '{task_for(cfg)}').")
-    return run(job_for(cfg))
+    return run(job_for(cfg), on_eval)
 
 
 def job_for(cfg: Config) -> Job:
@@ -188,6 +189,7 @@ class Progress:
     best: float | None = None
     best_step: int | None = None
     since_best: int = 0  # evaluations without improvement (reset when a phase begins)
+    plateau: dict | None = None  # optim.schedule plateau: reduce-on-plateau's state
 
     def improved(self, value: float, mode: str) -> bool:
         if self.best is None or (value > self.best if mode == "max" else value < self.best):
@@ -250,7 +252,9 @@ def abandon_on_save_failure(ckpt, best, writer):
         raise
 
 
-def run(job: Job) -> dict:
+def run(job: Job, on_eval=None) -> dict:
+    """Trains `job` to train.steps (or a stop). `on_eval(step, metrics)` is called after each
+    evaluation; a string it returns stops the run there, saved, with that reason."""
     cfg, task = job.cfg, job.task
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir)
@@ -267,6 +271,10 @@ def run(job: Job) -> dict:
         resumed = restore_newest_intact(ckpt, cfg, task)
         if resumed:
             start_step, meta, progress, engine, state = resumed
+            # The optimizer's hyperparameters are this config's (a resumed run may lower the
+            # LR, say); the plateau scale is the run's own and stays.
+            state = state.replace(opt_state=set_hyperparams(state.opt_state, {
+                k: v for k, v in hyperparams(cfg.optim, t.steps).items() if k != "lr_scale"}))
             if start_step >= t.steps:
                 raise ConfigError(f"{run_dir} already holds a checkpoint at step {start_step}, "
                                   f"at or past train.steps={t.steps}: nothing to do. Raise "
@@ -325,10 +333,13 @@ def run(job: Job) -> dict:
     paused = [0.0]  # seconds of the current log interval spent evaluating or compiling
 
     def compile_step(engine, state, batch):
-        t0 = time.perf_counter()
-        compiled = engine.step_fn.lower(state, batch, train_key).compile()
+        t0, reused = time.perf_counter(), engine.step_fn._compiled is not None
+        compiled = engine.step_fn.compile(state, batch, train_key)
         seconds = time.perf_counter() - t0
         paused[0] += seconds
+        if reused:
+            writer.info("compiled step reused (an earlier run in this process compiled it)")
+            return compiled, 0.0
         writer.info(f"compile {seconds:.1f}s (phase {engine.plan.phase + 1} of "
                     f"{engine.plan.num_phases})" if engine.plan.num_phases > 1 else
                     f"compile {seconds:.1f}s | MFU against {peak / 1e12:.2f} TFLOP/s "
@@ -421,6 +432,14 @@ def run(job: Job) -> dict:
             if at_eval:
                 t_eval = time.perf_counter()
                 last_eval = run_eval(step)
+                if cfg.optim.schedule == "plateau":  # the LR scale lives in the state
+                    progress.plateau, scale = plateau_step(cfg.optim, progress.plateau,
+                                                           float(last_eval[metric]), mode)
+                    if scale != get_hyperparam(state.opt_state, "lr_scale"):
+                        state = state.replace(opt_state=set_hyperparams(state.opt_state,
+                                                                        {"lr_scale": scale}))
+                        writer.info(f"{metric} has plateaued: the LR is now {scale:g} x the "
+                                    f"schedule's")
                 paused[0] += time.perf_counter() - t_eval  # not part of any step's time
                 phases_left = progress.phase < engine.plan.num_phases - 1
                 if cfg.finetune.unfreeze == "adaptive" and phases_left and \
@@ -438,6 +457,8 @@ def run(job: Job) -> dict:
                     stop_reason = (f"early stopping: {metric} has not improved for "
                                    f"{cfg.eval.early_stopping} evaluations (best "
                                    f"{progress.best:.4g} at step {progress.best_step})")
+                if on_eval is not None and stop_reason is None:
+                    stop_reason = on_eval(step, last_eval)
             if at_log:
                 interval_start = time.perf_counter()
                 paused[0] = 0.0

@@ -12,11 +12,36 @@ import dataclasses
 from ptft_jax.config import (FINETUNE_TASKS, FUSIONS, IMAGE_KINDS, IMAGE_TASKS,
                              MULTIMODAL_KINDS, MULTIMODAL_TASKS, PRETRAIN_TASKS, REMAT_POLICIES,
                              TASKS, Config, ConfigError, resolve_mesh_shape, task_for)
+from ptft_jax.optim import OPTIMIZERS, SCHEDULES
 
 
 def _one_of(value: str, options, key: str) -> None:
     if value not in options:
         raise ConfigError(f"'{key}' is '{value}'; it must be one of: {', '.join(options)}.")
+
+
+def _validate_optimizer(cfg: Config) -> None:
+    o = cfg.optim
+    for key in ("b1", "b2", "momentum"):
+        if not 0 <= getattr(o, key) < 1:
+            raise ConfigError(f"optim.{key} ({getattr(o, key)}) must be in [0, 1), e.g. 0.9.")
+    if o.nesterov and o.name != "sgd":
+        raise ConfigError(f"optim.nesterov is SGD's option; optim.name is '{o.name}'. Set "
+                          f"optim.name: sgd or drop optim.nesterov.")
+    if o.schedule == "step" and (o.decay_every < 1 or not 0 < o.decay_factor <= 1):
+        raise ConfigError(f"optim.schedule 'step' needs optim.decay_every >= 1 (steps) and "
+                          f"optim.decay_factor in (0, 1] (e.g. 0.1); got {o.decay_every} and "
+                          f"{o.decay_factor}.")
+    if o.schedule == "plateau":
+        if cfg.data.eval_split is None and cfg.data.eval_corpus is None or not cfg.eval.every:
+            raise ConfigError("optim.schedule 'plateau' lowers the LR when the validation "
+                              "metric stalls: set data.eval_split (or data.eval_corpus) and "
+                              "eval.every.")
+        if not 0 < o.plateau_factor < 1 or o.plateau_patience < 1 or o.plateau_cooldown < 0 \
+                or not o.plateau_threshold > 0 or not 0 <= o.plateau_min_scale < 1:
+            raise ConfigError("optim.plateau_factor must be in (0, 1), optim.plateau_patience "
+                              ">= 1 (evaluations), optim.plateau_cooldown >= 0, "
+                              "optim.plateau_threshold > 0, optim.plateau_min_scale in [0, 1).")
 
 
 def validate(cfg: Config, num_devices: int) -> None:
@@ -36,7 +61,8 @@ def validate(cfg: Config, num_devices: int) -> None:
                           "['<doc>', '<title>'].")
     _one_of(cfg.mesh.parallelism, ("jit", "pmap"), "mesh.parallelism")
     _one_of(t.task, ("auto",) + TASKS, "train.task")
-    _one_of(o.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    _one_of(o.name, OPTIMIZERS, "optim.name")
+    _one_of(o.schedule, SCHEDULES, "optim.schedule")
     for key, value in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
                        ("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim),
                        ("model.max_len", m.max_len), ("data.seq_len", cfg.data.seq_len),
@@ -112,6 +138,7 @@ def validate(cfg: Config, num_devices: int) -> None:
     if o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be "
                           "non-negative.")
+    _validate_optimizer(cfg)
     if cfg.checkpoint.every < 0:
         raise ConfigError("checkpoint.every must be >= 0 (0 saves only at the end).")
     if not cfg.checkpoint.every_minutes >= 0:  # also refuses NaN

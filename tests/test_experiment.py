@@ -82,7 +82,8 @@ def test_budgets_that_cannot_be_equal_are_refused(tmp_path):
 
 
 def test_experiment_runs_end_to_end_and_resumes_mid_stage(tmp_path):
-    path = _config(tmp_path, budget=3e9)
+    # Four evaluations: stages checkpoint every quarter, so the interrupt lands mid-stage.
+    path = _config(tmp_path, budget=3e9, evals=4)
     command = [sys.executable, "-m", "ptft_jax.cli", "experiment", "pretrain-vs-end-to-end",
                "--config", str(path)]
     root = tmp_path / "exp"
