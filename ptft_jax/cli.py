@@ -11,7 +11,7 @@
     ptft checkpoints verify RUN_DIR   (every step's checksums; exit 1 if one is damaged)
     ptft bench --set cpu [--cases NAME ...] [--steps N] [--profile]
     ptft experiment pretrain-vs-end-to-end --config FILE
-    ptft sweep --config FILE --space SPACE.yaml [--trials N] [--sampler grid|random|tpe]
+    ptft sweep --config FILE --space SPACE.yaml [key.sub=value ...] [--trials N] [--sampler ...]
 """
 from __future__ import annotations
 
@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "random or TPE; pruning; a study several processes "
                                       "and hosts share); every trial is a run directory")
     sw.add_argument("--config", "-c", required=True, help="the config every trial starts from")
+    sw.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config, "
+                                                 "e.g. train.steps=300")
     sw.add_argument("--space", "-s", required=True,
                     help="a YAML of config keys to choices or ranges (see "
                          "configs/sweep_fortunes_space.yaml); a sweep: section may set the "

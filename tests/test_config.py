@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ptft_jax.config import ConfigError, load_config, resolve_mesh_shape
 from ptft_jax.validation import validate
@@ -24,6 +25,16 @@ def test_every_shipped_config_loads_and_validates(path):
         assert set(arms) == set(cfg.arms)
         assert first.startswith("# ptft experiment pretrain-vs-end-to-end --config configs/" +
                                 path.name)
+        return
+    if path.name.startswith("sweep_"):  # a search space: its keys and every value it sets
+        from ptft_jax.sweep.space import extremes, load_space
+        from ptft_jax.sweep.study import config_with
+        words = first.split()
+        assert words[:3] == ["#", "ptft", "sweep"] and words[-1] == "configs/" + path.name
+        raw = yaml.safe_load(Path(words[words.index("--config") + 1]).read_text())
+        params, _ = load_space(path)
+        for values in extremes(params):
+            validate(config_with(raw, values), num_devices=8)
         return
     cfg = load_config(path)
     validate(cfg, num_devices=8)

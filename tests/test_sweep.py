@@ -15,8 +15,7 @@ from ptft_jax.config import ConfigError
 from ptft_jax.data.tokenizer import train_tokenizer
 from ptft_jax.step import COMPILES
 from ptft_jax.sweep.space import load_space
-from ptft_jax.sweep.study import (SweepOptions, open_study, prepare, resolve_options,
-                                  run_sweep)
+from ptft_jax.sweep.study import open_study, prepare, resolve_options, run_sweep
 from tests.test_finetune_job import _labelled
 
 
@@ -158,6 +157,7 @@ def test_two_workers_share_a_sqlite_study(tmp_path, base, monkeypatch):
     assert len(complete) == 4
     dirs = [r["run_dir"] for r in complete]
     assert len(set(dirs)) == 4
+    assert len({r["optim.learning_rate"] for r in complete}) == 4  # workers sample apart
     pids = set()
     for d in dirs:  # each trial ran once, to its end
         lines = (Path(d) / "metrics.jsonl").read_text().splitlines()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from ptft_jax.config import ConfigError, from_dict, merge_dicts, task_for
+from ptft_jax.config import ConfigError, from_dict, merge_dicts, parse_overrides, task_for
 from ptft_jax.sweep.space import Param, extremes, grid_size, load_space, overrides
 
 SAMPLERS = ("grid", "random", "tpe")
@@ -55,6 +55,7 @@ class SweepOptions:
     dir: str | None = None  # default: runs/sweep_<config stem>
     workers: int = 1
     seed: int = 0
+    overrides: list | None = None  # key.sub=value on the config, before the space's values
 
 
 def resolve_options(cli: dict, from_space: dict) -> SweepOptions:
@@ -135,7 +136,8 @@ def prepare(opts: SweepOptions) -> Sweep:
     path = Path(opts.config)
     if not path.is_file():
         raise ConfigError(f"--config '{path}' does not exist.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = merge_dicts(yaml.safe_load(path.read_text()) or {},
+                      parse_overrides(opts.overrides or []))
     params, _ = load_space(opts.space)
     for name, value, options in (("sampler", opts.sampler, SAMPLERS),
                                  ("pruner", opts.pruner, PRUNERS),
@@ -210,18 +212,26 @@ def make_storage(url: str):
                               grace_period=GRACE_S, heartbeat_stale_trial_callback=(
                                   RetryHeartbeatStaleTrialCallback(max_retry=2)))
     except Exception as e:  # SQLAlchemy's errors for a bad URL, driver or server
+        hint = (" Install the database's Python driver (PostgreSQL: pip install psycopg, or "
+                "psycopg2-binary with a postgresql+psycopg2:// URL)."
+                if isinstance(e, ImportError) else "")
         raise ConfigError(f"--storage '{url}' cannot be opened: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0]}") from None
+                          f"{str(e).splitlines()[0]}{hint}") from None
     finally:
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # the sweep logs its own lines
 
 
-def open_study(sweep: Sweep):
+def open_study(sweep: Sweep, worker: int = 0):
+    """The study, with this worker's sampler. Worker k of a sweep that finds n trials in the
+    study samples with seed + k + 10007 n: parallel workers, and a resumed sweep, do not draw
+    the configs already drawn, and a fresh sweep is reproducible (hosts that share a study:
+    give each its own --seed)."""
     import optuna
+    seed = sweep.opts.seed + worker + 10007 * _trial_count(sweep)
     samplers = {"grid": lambda: optuna.samplers.GridSampler(
                     {p.name: p.grid_values() for p in sweep.params}, seed=sweep.opts.seed),
-                "random": lambda: optuna.samplers.RandomSampler(seed=sweep.opts.seed),
-                "tpe": lambda: optuna.samplers.TPESampler(seed=sweep.opts.seed)}
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "tpe": lambda: optuna.samplers.TPESampler(seed=seed)}
     o = sweep.opts
     pruners = {"median": lambda: optuna.pruners.MedianPruner(
                    n_startup_trials=o.pruner_startup_trials,
@@ -237,6 +247,14 @@ def open_study(sweep: Sweep):
                           f"{study.direction.name.lower()}; this sweep would {sweep.direction}. "
                           f"Use another --study-name or --dir.")
     return study
+
+
+def _trial_count(sweep: Sweep) -> int:
+    import optuna
+    for summary in optuna.get_all_study_summaries(make_storage(sweep.storage)):
+        if summary.study_name == sweep.study_name:
+            return summary.n_trials
+    return 0
 
 
 def _check_same_space(study, sweep: Sweep) -> None:
@@ -392,7 +410,7 @@ def work(sweep: Sweep, worker: int = 0) -> None:
     from optuna.trial import TrialState
 
     from ptft_jax.engine import reuse_engines
-    study = open_study(sweep)
+    study = open_study(sweep, worker)
     prefix = f"[worker {worker}] " if sweep.opts.workers > 1 else ""
 
     def log(line):
