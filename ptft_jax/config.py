@@ -467,20 +467,27 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
+def read_yaml_mapping(path: str | Path, what: str, missing_hint: str = "") -> dict:
+    """A YAML file holding a mapping (empty: {}); a ConfigError naming `what` and the file
+    when it is missing, not YAML, or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist.{missing_hint}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{path}' must hold a mapping at the top level.")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- overrides; then model presets are expanded."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file '{path}' does not exist. Shipped configs are in "
-                              f"configs/ (for example configs/pretrain_tiny_mlm.yaml).")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
+        data = read_yaml_mapping(path, "Config file", " Shipped configs are in configs/ (for "
+                                 "example configs/pretrain_tiny_mlm.yaml).")
     data = merge_dicts(data, parse_overrides(overrides or []))
     from ptft_jax.convert.hf import with_hf_model  # the model keys of an hf: init_from
     return from_dict(with_hf_model(data))

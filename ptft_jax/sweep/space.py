@@ -22,9 +22,8 @@ import difflib
 import math
 from pathlib import Path
 
-import yaml
 
-from ptft_jax.config import Config, ConfigError
+from ptft_jax.config import Config, ConfigError, read_yaml_mapping
 
 KINDS = ("choices", "uniform", "log_uniform", "int", "bundles")
 
@@ -155,15 +154,7 @@ def parse_param(name: str, spec) -> Param:
 
 def load_space(path: str | Path) -> tuple[list[Param], dict]:
     """(parameters, the file's `sweep:` options)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--space '{path}' does not exist.")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--space '{path}' is not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"--space '{path}' must hold a mapping of config keys to ranges.")
+    doc = read_yaml_mapping(path, "--space")
     options = doc.pop("sweep", None) or {}
     if not isinstance(options, dict):
         raise ConfigError(f"--space '{path}': 'sweep' must be a mapping of options.")

@@ -29,9 +29,9 @@ import traceback
 import warnings
 from pathlib import Path
 
-import yaml
 
-from ptft_jax.config import ConfigError, from_dict, merge_dicts, parse_overrides, task_for
+from ptft_jax.config import (ConfigError, from_dict, merge_dicts, parse_overrides,
+                             read_yaml_mapping, task_for)
 from ptft_jax.sweep.space import Param, extremes, grid_size, load_space, overrides
 
 SAMPLERS = ("grid", "random", "tpe")
@@ -85,13 +85,8 @@ def _command_of(cfg) -> str:
 def config_with(raw: dict, values: dict):
     """The Config of `raw` (a config file's mapping) with dotted-key overrides applied."""
     from ptft_jax.convert.hf import with_hf_model
-    nested: dict = {}
-    for dotted, value in values.items():
-        node = nested
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+    from ptft_jax.params import unflatten
+    nested = unflatten({dotted.replace(".", "/"): v for dotted, v in values.items()})
     return from_dict(with_hf_model(merge_dicts(raw, nested)))
 
 
@@ -134,10 +129,7 @@ def prepare(opts: SweepOptions) -> Sweep:
     from ptft_jax.validation import validate
 
     path = Path(opts.config)
-    if not path.is_file():
-        raise ConfigError(f"--config '{path}' does not exist.")
-    raw = merge_dicts(yaml.safe_load(path.read_text()) or {},
-                      parse_overrides(opts.overrides or []))
+    raw = merge_dicts(read_yaml_mapping(path, "--config"), parse_overrides(opts.overrides or []))
     params, _ = load_space(opts.space)
     for name, value, options in (("sampler", opts.sampler, SAMPLERS),
                                  ("pruner", opts.pruner, PRUNERS),
@@ -227,7 +219,8 @@ def open_study(sweep: Sweep, worker: int = 0):
     the configs already drawn, and a fresh sweep is reproducible (hosts that share a study:
     give each its own --seed)."""
     import optuna
-    seed = sweep.opts.seed + worker + 10007 * _trial_count(sweep)
+    storage = make_storage(sweep.storage)
+    seed = sweep.opts.seed + worker + 10007 * _trial_count(storage, sweep.study_name)
     samplers = {"grid": lambda: optuna.samplers.GridSampler(
                     {p.name: p.grid_values() for p in sweep.params}, seed=sweep.opts.seed),
                 "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -238,7 +231,6 @@ def open_study(sweep: Sweep, worker: int = 0):
                    n_warmup_steps=0, n_min_trials=1),
                "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
                "none": lambda: optuna.pruners.NopPruner()}
-    storage = make_storage(sweep.storage)
     study = optuna.create_study(storage=storage, study_name=sweep.study_name,
                                 direction=sweep.direction, sampler=samplers[o.sampler](),
                                 pruner=pruners[o.pruner](), load_if_exists=True)
@@ -249,10 +241,10 @@ def open_study(sweep: Sweep, worker: int = 0):
     return study
 
 
-def _trial_count(sweep: Sweep) -> int:
+def _trial_count(storage, study_name: str) -> int:
     import optuna
-    for summary in optuna.get_all_study_summaries(make_storage(sweep.storage)):
-        if summary.study_name == sweep.study_name:
+    for summary in optuna.get_all_study_summaries(storage):
+        if summary.study_name == study_name:
             return summary.n_trials
     return 0
 
