@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import importlib.util
 import json
 import platform
@@ -156,13 +155,20 @@ def state_bytes_on_first_device(state) -> int:
                for shard in leaf.addressable_shards if shard.device == device)
 
 
-@functools.lru_cache(maxsize=None)
-def matmul_ceiling(dtype) -> float:
-    """Measured dense-matmul FLOP/s of one device in the compute dtype, for the whole system;
-    timed once per run (median of 20) so that every case is held to the same ceiling."""
-    n = 1024 if jax.default_backend() == "cpu" else 8192
-    per_device = perf.measure_matmul_flops(n=n, dtype=dtype, repeats=20)
-    return per_device if jax.default_backend() == "cpu" else per_device * jax.device_count()
+_CEILINGS: dict = {}
+
+
+def matmul_ceiling(dtype, again: bool = False) -> float:
+    """Measured dense-matmul FLOP/s of one device in the compute dtype, for the whole system
+    (the fastest of 20 timings); timed once per run so that every case is held to the same
+    ceiling, and timed `again` when a case beats it (it only ever rises)."""
+    if dtype not in _CEILINGS or again:
+        n = 1024 if jax.default_backend() == "cpu" else 8192
+        per_device = perf.measure_matmul_flops(n=n, dtype=dtype, repeats=20)
+        flops = per_device if jax.default_backend() == "cpu" else \
+            per_device * jax.device_count()
+        _CEILINGS[dtype] = max(flops, _CEILINGS.get(dtype, 0.0))
+    return _CEILINGS[dtype]
 
 
 def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
@@ -209,6 +215,8 @@ def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
     compute_dtype, _ = dtypes(cfg.model)
     table_peak = perf.device_peak_flops()
     ceiling = matmul_ceiling(jnp.dtype(compute_dtype))
+    if perf.mfu(per_s, work.flops_per_unit, ceiling) > 1:  # the machine was busy when timed
+        ceiling = matmul_ceiling(jnp.dtype(compute_dtype), again=True)
     row.update(step_ms_median=median * 1e3, step_ms_min=min(times) * 1e3,
                step_ms_max=max(times) * 1e3, steps_timed=len(times),
                unit=work.unit, units_per_step=work.units_per_step, units_per_s=per_s,
@@ -216,6 +224,8 @@ def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
                flops_per_unit=work.flops_per_unit, compute_dtype=str(compute_dtype),
                matmul_ceiling_flops=ceiling,
                mfu_vs_measured_ceiling=perf.mfu(per_s, work.flops_per_unit, ceiling))
+    # Still above 100%: the ceiling is wrong, and every table says so.
+    row["ceiling_too_low"] = row["mfu_vs_measured_ceiling"] > 1
     # The names earlier results and the language-model tables use.
     row[f"{work.unit}s_per_s"] = per_s
     if work.unit == "token":
@@ -318,12 +328,17 @@ def markdown_table(rows: list[dict], env: dict) -> str:
             f"{r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}", _throughput(r),
             _throughput(r, per_device=True),
             f"{r['mfu']:.1%}" if "mfu" in r else "n/a",
-            f"{r['mfu_vs_measured_ceiling']:.1%}",
+            _vs_ceiling(r),
             f"{r['state_bytes_per_device'] / 2**20:.1f}",
             _ms(r, "torch_eager"), _ms(r, "torch_compile"),
             _ratio(r, "torch_eager"), _ratio(r, "torch_compile")]) + " |")
     notes = memory_notes(rows)
     return head + "\n".join(lines) + ("\n\n" + notes if notes else "") + "\n"
+
+
+def _vs_ceiling(r) -> str:
+    value = f"{r['mfu_vs_measured_ceiling']:.1%}"
+    return value + " (ceiling too low)" if r.get("ceiling_too_low") else value
 
 
 def _throughput(r, per_device: bool = False) -> str:
@@ -443,7 +458,7 @@ def _summary_line(r: dict) -> str:
     parts = [f"[{r['case']}] compile {r['compile_s']:.1f}s", f"step {r['step_ms_median']:.1f} ms",
              _throughput(r),
              f"MFU {r['mfu']:.1%}" if "mfu" in r else
-             f"MFU vs measured ceiling {r['mfu_vs_measured_ceiling']:.1%}"]
+             f"MFU vs measured ceiling {_vs_ceiling(r)}"]
     for key in ("torch_eager", "torch_compile"):
         if key + "_step_ms_median" in r:
             parts.append(f"{key} {r[key + '_step_ms_median']:.1f} ms "

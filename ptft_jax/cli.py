@@ -54,7 +54,9 @@ def _train(args) -> int:
             + (f"{summary['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in summary else
                f"{summary.get('examples_per_s', 0):,.0f} examples/s"))
     if "mfu" in summary:
-        line += f" | MFU {summary['mfu']:.1%}"
+        line += f" | MFU {summary['mfu']:.1%}" + (
+            " (above 100%: the measured ceiling was too low)"
+            if summary.get("mfu_ceiling_too_low") else "")
     if summary.get("metric"):
         line += (f" | eval {summary['metric']} {summary.get('eval/' + summary['metric'], 0):.4f}"
                  f" (best {summary['best']:.4f} at step {summary['best_step']})")

@@ -304,7 +304,7 @@ def run(job: Job, on_eval=None) -> dict:
     best = BestCheckpointer(run_dir / "best", metric, mode) if evaluating else None
 
     # The MFU reference, timed before the input thread starts so nothing competes with it.
-    peak, peak_source = perf.system_peak_flops()
+    reference = perf.MfuReference()
     batches = prefetch((engine.to_device(loader.batch(s)) for s in range(start_step, t.steps)),
                        cfg.data.prefetch)
     writer = MetricsWriter(run_dir, t.steps, start_step, is_main, t.progress)
@@ -342,8 +342,8 @@ def run(job: Job, on_eval=None) -> dict:
             return compiled, 0.0
         writer.info(f"compile {seconds:.1f}s (phase {engine.plan.phase + 1} of "
                     f"{engine.plan.num_phases})" if engine.plan.num_phases > 1 else
-                    f"compile {seconds:.1f}s | MFU against {peak / 1e12:.2f} TFLOP/s "
-                    f"({peak_source})")
+                    f"compile {seconds:.1f}s | MFU against {reference.flops / 1e12:.2f} "
+                    f"TFLOP/s ({reference.source})")
         return compiled, seconds
 
     first = next(batches, None)
@@ -422,7 +422,12 @@ def run(job: Job, on_eval=None) -> dict:
                             step_time_s=elapsed / len(values),
                             examples_per_s=len(values) * B / elapsed)
                 if flops_per_token is not None:
-                    last["mfu"] = perf.mfu(tokens_per_s, flops_per_token, peak)
+                    last["mfu"] = reference.mfu(tokens_per_s, flops_per_token)
+                    if reference.too_low:
+                        last["mfu_ceiling_too_low"] = True
+                        warning = reference.warning_once(last["mfu"])
+                        if warning:
+                            writer.info(warning)
                 writer.write(step, last, shown=[*task.shown, "learning_rate", "step_time_s",
                                                 "examples_per_s" if images else "tokens_per_s",
                                                 "mfu", "skipped_steps"])
@@ -500,7 +505,7 @@ def run(job: Job, on_eval=None) -> dict:
     writer.close()
     return {"run_dir": str(run_dir), "steps": step, "start_step": start_step,
             "stopped_by_signal": stop.signal_name, "stop_reason": stop_reason,
-            "compile_seconds": compile_seconds, "peak_flops": peak,
+            "compile_seconds": compile_seconds, "peak_flops": reference.flops,
             "flops_per_token": flops_per_token, "phase": progress.phase,
             "best": progress.best, "best_step": progress.best_step, "metric": metric,
             "diverged": bool(stop_reason and stop_reason.startswith("diverged")),

@@ -59,3 +59,34 @@ def test_cpu_ceiling_is_measured():
     flops, source = perf.system_peak_flops()
     assert source == "measured dense-matmul ceiling"
     assert 1e8 < flops < 1e14
+
+
+def _timings(*flops):
+    """A ceiling measurement that returns these figures in turn (a machine busy, then idle)."""
+    figures = iter(flops)
+    return lambda: (next(figures), perf.MEASURED)
+
+
+def test_mfu_above_100_percent_retimes_the_ceiling():
+    # Timed while another process loaded the machine: 0.04 TFLOP/s, then 2 TFLOP/s idle.
+    reference = perf.MfuReference(_timings(0.04e12, 2e12))
+    value = reference.mfu(1000, 0.1e9)  # 0.1 TFLOP/s achieved
+    assert value == pytest.approx(0.05)
+    assert reference.flops == 2e12 and not reference.too_low
+    assert reference.warning_once(value) is None
+
+
+def test_mfu_still_above_100_percent_says_the_ceiling_is_wrong_once():
+    reference = perf.MfuReference(_timings(0.04e12, 0.05e12, 0.03e12))
+    value = reference.mfu(1000, 0.1e9)
+    assert value == pytest.approx(2.0) and reference.too_low
+    warning = reference.warning_once(value)
+    assert "above 100%" in warning and "unreliable" in warning
+    assert reference.mfu(1000, 0.1e9) == pytest.approx(2.0)  # the ceiling never falls
+    assert reference.warning_once(value) is None
+
+
+def test_datasheet_peak_is_not_retimed():
+    reference = perf.MfuReference(lambda: (1e12, "datasheet peak of H100"))
+    assert reference.mfu(1000, 0.5e9) == pytest.approx(0.5) and not reference.too_low
+
