@@ -203,6 +203,24 @@ def _fix_old_names(name: str) -> str:
                   re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
 
 
+# transformers 5 saves ViTs under new names (layers.N.attention.q_proj, mlp.fc1, ...), while
+# checkpoints on the Hub keep the 4.x names that ptft exports and transformers 5 still reads:
+# both are imported, through the 4.x names.
+_VIT_5X_NAMES = [(r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."),
+                 (r"\.attention\.q_proj\.", ".attention.attention.query."),
+                 (r"\.attention\.k_proj\.", ".attention.attention.key."),
+                 (r"\.attention\.v_proj\.", ".attention.attention.value."),
+                 (r"\.attention\.o_proj\.", ".attention.output.dense."),
+                 (r"\.mlp\.fc1\.", ".intermediate.dense."),
+                 (r"\.mlp\.fc2\.", ".output.dense.")]
+
+
+def _vit_4x_name(name: str) -> str:
+    for pattern, replacement in _VIT_5X_NAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
 def import_tensors(tensors: dict[str, np.ndarray], family: str, num_layers: int,
                    num_heads: int, where: str = "model.safetensors") -> tuple[dict, list[str]]:
     """HF tensors -> ({ptft path: array} in the unrolled layout, report lines). Raises
@@ -218,6 +236,7 @@ def import_tensors(tensors: dict[str, np.ndarray], family: str, num_layers: int,
                                         prefix + "embeddings.word_embeddings.weight")]
         type_embed = prefix + "embeddings.token_type_embeddings.weight"
     elif family == "vit":
+        tensors = {_vit_4x_name(k): v for k, v in tensors.items()}
         prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
         backbone = [(prefix + hf, pt, lay) for hf, pt, lay in _vit_pairs(num_layers)]
         heads, ignored, tied, type_embed = VIT_HEADS, VIT_IGNORED, [], None

@@ -71,7 +71,12 @@ class ViT(nn.Module):
 
 def _conv(cfg: ModelConfig, features: int, kernel: int, stride: int, name: str):
     dtype, param_dtype = dtypes(cfg)
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+    # (k - 1) / 2 pixels on every side, as torchvision's and transformers' ResNets pad: the
+    # same output sizes as "SAME", but a strided conv then sees the same pixels as theirs
+    # ("SAME" pads only the far side of an even input) and their weights compute the same.
+    pad = (kernel - 1) // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)),
                    use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
                    kernel_init=nn.with_logical_partitioning(
                        nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
@@ -136,7 +141,7 @@ class ResNet(nn.Module):
             x = _conv(cfg, cfg.resnet_width, 7, 2, "stem_conv")(x)
         x = nn.relu(_norm(cfg, train, "stem_bn", self.bn_axis_name)(x))
         if cfg.resnet_stem != "small":
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         x = constrain(x, IMAGE_ACT)
         block = ResNetBlock
         if cfg.remat != "none":
