@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from ptft_jax.config import ModelConfig
 
-INIT_STD = 0.02  # BERT and GPT-2 both draw weights from N(0, 0.02^2)
+INIT_STD = 0.02  # BERT's and GPT-2's weight scale; ViT's positions use it too
+RECIPES = ("bert", "gpt2", "vit")
 
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -33,6 +34,49 @@ def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
 
 def normal(std: float, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation: each model family starts as its published recipe says. A from-scratch model
+# trains as its reference does only if it starts like it: one N(0, 0.02) for every kernel
+# (BERT's scale) made a width-192 ViT learn at a fraction of the speed of the same ViT with
+# PyTorch's or the ViT paper's initialisation (issue 23; benchmarks/vit_init.py measures it).
+
+
+def init_recipe(cfg: ModelConfig) -> str:
+    """The published initialisation a model follows: 'vit' for ViTs, 'gpt2' for pre-norm
+    Transformers (GPT-2's), 'bert' for post-norm ones (BERT's)."""
+    if cfg.kind == "vit":
+        return "vit"
+    return "gpt2" if cfg.norm == "pre" else "bert"
+
+
+def kernel_init(cfg: ModelConfig, in_axis=-2, out_axis=-1, residual: bool = False,
+                recipe: str | None = None):
+    """A matmul kernel's initialiser by the model's recipe (`init_recipe`, or `recipe`):
+
+    - vit (Dosovitskiy et al. 2021, google-research/vision_transformer): Xavier-uniform,
+      Var = 2 / (fan_in + fan_out), the fans taken over `in_axis` and `out_axis` (a
+      [width, heads, head_dim] kernel has fan_out heads * head_dim);
+    - bert (Devlin et al. 2019, google-research/bert): truncated normal, std 0.02, cut at 2 std;
+    - gpt2 (Radford et al. 2019): normal, std 0.02; a `residual` projection (attention out,
+      MLP out) scaled by 1 / sqrt(2 * layers), as the paper describes.
+    """
+    recipe = recipe or init_recipe(cfg)
+    if recipe == "vit":
+        return nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
+    if recipe == "gpt2":
+        return nn.initializers.normal(INIT_STD / (2 * cfg.num_layers) ** 0.5 if residual
+                                      else INIT_STD)
+    return nn.initializers.truncated_normal(INIT_STD)
+
+
+def embedding_init(cfg: ModelConfig, axes: tuple[str, ...], std: float = INIT_STD):
+    """Token, position and type tables: BERT's truncated normal, else a normal of `std`
+    (GPT-2 draws token embeddings with std 0.02 and positions with 0.01)."""
+    init = nn.initializers.truncated_normal(std) if init_recipe(cfg) == "bert" else \
+        nn.initializers.normal(std)
+    return nn.with_logical_partitioning(init, axes)
 
 
 def zeros(axes: tuple[str, ...]):
@@ -66,13 +110,13 @@ class Projection(nn.Module):
     kernel_axes: tuple[str, ...]
     bias_shape: tuple[int, ...]
     bias_axes: tuple[str, ...]
-    std: float = INIT_STD
+    init: Any  # the kernel's initialiser (kernel_init)
 
     @nn.compact
     def __call__(self, x):
         dtype, param_dtype = dtypes(self.cfg)
-        kernel = self.param("kernel", normal(self.std, self.kernel_axes), self.kernel_shape,
-                            param_dtype)
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.init, self.kernel_axes),
+                            self.kernel_shape, param_dtype)
         bias = self.param("bias", zeros(self.bias_axes), self.bias_shape, param_dtype)
         return jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype)) + \
             bias.astype(dtype)
@@ -86,7 +130,7 @@ class Attention(nn.Module):
     on NVIDIA GPUs, which takes the document mask as a dense bias."""
     cfg: ModelConfig
     causal: bool
-    out_std: float
+    recipe: str | None = None  # kernel_init's; None: the model's own
 
     @nn.compact
     def __call__(self, x, mask, kv=None):
@@ -96,7 +140,8 @@ class Attention(nn.Module):
 
         def project(name, inputs):
             y = Projection(cfg, "bld,dhk->blhk", (d, h, k), ("embed", "heads", "kv"), (h, k),
-                           ("heads", "kv"), name=name)(inputs)
+                           ("heads", "kv"), kernel_init(cfg, 0, (1, 2), recipe=self.recipe),
+                           name=name)(inputs)
             return constrain(y, ("act_batch", "act_len", "act_heads", "act_kv"))
 
         source = x if kv is None else kv
@@ -105,28 +150,35 @@ class Attention(nn.Module):
         out = jax.nn.dot_product_attention(q, k_, v, mask=mask, is_causal=self.causal,
                                            implementation=implementation)
         out = Projection(cfg, "blhk,hkd->bld", (h, k, d), ("heads", "kv", "embed"), (d,),
-                         ("embed",), self.out_std, name="out")(out)
+                         ("embed",), kernel_init(cfg, (0, 1), 2, residual=True,
+                                                 recipe=self.recipe), name="out")(out)
         return constrain(out, ("act_batch", "act_len", "act_embed"))
 
 
 def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str,
-          std: float = INIT_STD) -> nn.Dense:
-    """A dense layer whose kernel carries logical `axes` (in, out) and whose bias the out axis."""
+          init=None) -> nn.Dense:
+    """A dense layer whose kernel carries logical `axes` (in, out) and whose bias the out axis;
+    its kernel starts by the model's recipe (`kernel_init`) unless `init` says otherwise."""
     dtype, param_dtype = dtypes(cfg)
+    init = kernel_init(cfg) if init is None else init
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=normal(std, axes), bias_init=zeros((axes[1],)), name=name)
+                    kernel_init=nn.with_logical_partitioning(init, axes),
+                    bias_init=zeros((axes[1],)), name=name)
 
 
 class Mlp(nn.Module):
     cfg: ModelConfig
-    out_std: float
+    recipe: str | None = None  # kernel_init's; None: the model's own
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        h = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi")(x)
+        # (The ViT paper's code draws these biases from N(0, 1e-6): zeros here, as good as.)
+        h = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi",
+                  kernel_init(cfg, recipe=self.recipe))(x)
         h = constrain(_ACTIVATIONS[cfg.activation](h), ("act_batch", "act_len", "act_mlp"))
-        out = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "wo", self.out_std)(h)
+        out = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "wo",
+                    kernel_init(cfg, residual=True, recipe=self.recipe))(h)
         return constrain(out, ("act_batch", "act_len", "act_embed"))
 
 
@@ -142,11 +194,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, mask, train: bool = False):
         cfg = self.cfg
-        # GPT-2 scales the residual projections by 1/sqrt(2 * layers) at init.
-        out_std = INIT_STD / (2 * cfg.num_layers) ** 0.5 if cfg.norm == "pre" else INIT_STD
         dropout = nn.Dropout(cfg.dropout, deterministic=not train or cfg.dropout == 0)
-        attn = Attention(cfg, self.causal, out_std, name="attn")
-        mlp = Mlp(cfg, out_std, name="mlp")
+        attn = Attention(cfg, self.causal, name="attn")
+        mlp = Mlp(cfg, name="mlp")
         if cfg.norm == "pre":
             x = x + dropout(attn(layer_norm(cfg, "attn_norm")(x), mask))
             x = x + dropout(mlp(layer_norm(cfg, "mlp_norm")(x)))

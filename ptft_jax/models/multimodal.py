@@ -24,8 +24,7 @@ import jax.numpy as jnp
 
 from ptft_jax.config import ModelConfig
 from ptft_jax.models.heads import pool
-from ptft_jax.models.layers import (INIT_STD, Attention, Mlp, _ACTIVATIONS, constrain, dense,
-                                    layer_norm)
+from ptft_jax.models.layers import Attention, Mlp, _ACTIVATIONS, constrain, dense, layer_norm
 from ptft_jax.models.transformer import Transformer
 from ptft_jax.models.vision import feature_size, image_encoder
 
@@ -98,12 +97,12 @@ class CrossBlock(nn.Module):
     @nn.compact
     def __call__(self, x, image_tokens, train: bool = False):
         cfg = self.cfg
-        out_std = INIT_STD / (2 * cfg.num_layers) ** 0.5
         dropout = nn.Dropout(cfg.dropout, deterministic=not train or cfg.dropout == 0)
         kv = layer_norm(cfg, "kv_norm")(image_tokens)
-        x = x + dropout(Attention(cfg, False, out_std, name="attn")(
+        # Pre-norm blocks: GPT-2's initialisation, residual projections scaled down.
+        x = x + dropout(Attention(cfg, False, recipe="gpt2", name="attn")(
             layer_norm(cfg, "attn_norm")(x), None, kv=kv))
-        x = x + dropout(Mlp(cfg, out_std, name="mlp")(layer_norm(cfg, "mlp_norm")(x)))
+        x = x + dropout(Mlp(cfg, recipe="gpt2", name="mlp")(layer_norm(cfg, "mlp_norm")(x)))
         return constrain(x, ("act_batch", "act_len", "act_embed"))
 
 

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from ptft_jax.config import ModelConfig
-from ptft_jax.models.layers import (INIT_STD, Block, _ACTIVATIONS, constrain, dense, dtypes,
-                                    layer_norm, normal, zeros)
+from ptft_jax.models.layers import (Block, _ACTIVATIONS, constrain, dense, dtypes,
+                                    embedding_init, init_recipe, layer_norm, zeros)
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
@@ -69,14 +69,17 @@ class Transformer(nn.Module):
         self.causal = cfg.kind == "decoder"
         self.token_embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                     param_dtype=param_dtype,
-                                    embedding_init=normal(INIT_STD, ("vocab", "embed")))
+                                    embedding_init=embedding_init(cfg, ("vocab", "embed")))
+        # GPT-2's released code draws positions with std 0.01, BERT's with its 0.02.
+        position_std = 0.01 if init_recipe(cfg) == "gpt2" else 0.02
         self.position_embed = nn.Embed(cfg.max_len, cfg.hidden_size, dtype=dtype,
                                        param_dtype=param_dtype,
-                                       embedding_init=normal(INIT_STD, ("pos", "embed")))
+                                       embedding_init=embedding_init(cfg, ("pos", "embed"),
+                                                                     position_std))
         if cfg.type_vocab_size:
             self.type_embed = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dtype,
                                        param_dtype=param_dtype,
-                                       embedding_init=normal(INIT_STD, ("type", "embed")))
+                                       embedding_init=embedding_init(cfg, ("type", "embed")))
         # Post-norm models normalise the embeddings; pre-norm models normalise the output.
         self.norm = layer_norm(cfg, "embed_norm" if cfg.norm == "post" else "final_norm")
         self.dropout = nn.Dropout(cfg.dropout)

@@ -17,14 +17,25 @@ import jax
 import jax.numpy as jnp
 
 from ptft_jax.config import ModelConfig
-from ptft_jax.models.layers import INIT_STD, constrain, dense, dtypes, layer_norm, normal, zeros
+from ptft_jax.models.layers import (INIT_STD, constrain, dense, dtypes, layer_norm, normal,
+                                    zeros)
 from ptft_jax.models.transformer import _REMAT_POLICIES, layer_stack, run_layers
 
 IMAGE_ACT = ("act_batch", None, None, None)
+# A ViT's classifier head: U(+-1 / sqrt(width)), PyTorch's nn.Linear default, where the ViT
+# paper's code starts it at zero. Measured (benchmarks/init_parity.py, issue 23): from scratch
+# on small image sets, a zero head made the whole ViT learn far slower (its body gets no
+# gradient until the head has grown), slower than the same ViT at PyTorch's defaults.
+VIT_HEAD_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 class ViT(nn.Module):
-    """Patch embedding, class token (or mean pooling), learned positions, pre-norm blocks."""
+    """Patch embedding, class token (or mean pooling), learned positions, pre-norm blocks.
+
+    Initialised as the ViT paper's code does (google-research/vision_transformer and
+    big_vision's vit.py): the patch embedding LeCun-normal, the class token zero, positions
+    N(0, 1 / width), every block kernel Xavier-uniform (layers.kernel_init). One deviation, in
+    `ImageClassifier`: the head is not zero (see VIT_HEAD_INIT)."""
     cfg: ModelConfig
 
     def setup(self):
@@ -40,7 +51,9 @@ class ViT(nn.Module):
                                    bias_init=zeros(("embed",)))
         grid = cfg.image_size // p
         tokens = grid * grid + (cfg.image_pooling == "cls")
-        self.pos_embed = self.param("pos_embed", normal(INIT_STD, (None, "embed")),
+        # big_vision's learned positions: std 1 / sqrt(width), as large as a patch's share
+        # of the token. (BERT's 0.02 made them nearly invisible beside the patch embedding.)
+        self.pos_embed = self.param("pos_embed", normal(d ** -0.5, (None, "embed")),
                                     (tokens, d), param_dtype)
         if cfg.image_pooling == "cls":
             self.cls = self.param("cls", zeros((None, "embed")), (1, d), param_dtype)
@@ -182,7 +195,9 @@ class ImageClassifier(nn.Module):
     def setup(self):
         self.image = image_encoder(self.cfg, self.bn_axis_name)
         self.head_dropout = nn.Dropout(self.cfg.dropout)
-        self.head = dense(self.cfg, self.num_classes, ("embed", None), "head")
+        self.head = dense(self.cfg, self.num_classes, ("embed", None), "head",
+                          VIT_HEAD_INIT if self.cfg.kind == "vit" else
+                          nn.initializers.normal(INIT_STD))
 
     def __call__(self, images, train: bool = False):
         x = self.image(images, train)
