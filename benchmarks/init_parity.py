@@ -293,16 +293,17 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = sorted({(r["data"], r["model"]) for r in rows})
+    colours = {init: f"C{i}" for i, init in enumerate(sorted({r["init"] for r in rows}))}
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (data, model) in zip(axes[0], panels):
         inits = sorted({r["init"] for r in rows if (r["data"], r["model"]) == (data, model)})
-        for i, init in enumerate(inits):
+        for init in inits:
             curves = np.array([np.convolve(r["losses"], np.ones(10) / 10, "valid")
                                for r in rows if (r["data"], r["model"], r["init"]) ==
                                (data, model, init)])
             steps = np.arange(10, 10 + curves.shape[1])
-            ax.plot(steps, curves.mean(0), label=init, color=f"C{i}")
-            ax.fill_between(steps, curves.min(0), curves.max(0), color=f"C{i}", alpha=0.2)
+            ax.plot(steps, curves.mean(0), label=init, color=colours[init])
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=colours[init], alpha=0.2)
         ax.set(title=f"{model} on {data}", xlabel="step", ylabel="training loss (10-step mean)",
                yscale="log")
         ax.legend(fontsize=8)
