@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from ptft_jax.config import ModelConfig
 
 INIT_STD = 0.02  # BERT's and GPT-2's weight scale; ViT's positions use it too
-RECIPES = ("bert", "gpt2", "vit")
 
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
