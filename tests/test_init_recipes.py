@@ -85,3 +85,7 @@ def test_resnet_follows_he_et_al():
     # Every BatchNorm starts as scale 1, bias 0: no block starts switched off.
     scales = [v for k, v in p.items() if k.endswith("/scale")]
     assert len(scales) > 10 and all((s == 1).all() for s in scales)
+    # The head as torchvision's fc (nn.Linear's default): U(+-1/sqrt(width)), std 1/sqrt(3w).
+    width = 32 * 8
+    assert np.abs(p["head/kernel"]).max() <= width ** -.5
+    assert _std(p, "head/kernel") == pytest.approx((3 * width) ** -.5, rel=0.1)

@@ -17,16 +17,17 @@ import jax
 import jax.numpy as jnp
 
 from ptft_jax.config import ModelConfig
-from ptft_jax.models.layers import (INIT_STD, constrain, dense, dtypes, layer_norm, normal,
+from ptft_jax.models.layers import (constrain, dense, dtypes, layer_norm, normal,
                                     zeros)
 from ptft_jax.models.transformer import _REMAT_POLICIES, layer_stack, run_layers
 
 IMAGE_ACT = ("act_batch", None, None, None)
-# A ViT's classifier head: U(+-1 / sqrt(width)), PyTorch's nn.Linear default, where the ViT
-# paper's code starts it at zero. Measured (benchmarks/init_parity.py, issue 23): from scratch
-# on small image sets, a zero head made the whole ViT learn far slower (its body gets no
-# gradient until the head has grown), slower than the same ViT at PyTorch's defaults.
-VIT_HEAD_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# An image classifier's head: U(+-1 / sqrt(width)), PyTorch's nn.Linear default. For ResNet
+# that is torchvision's recipe. For ViT it is a deviation: the ViT paper's code starts the
+# head at zero, and measured (benchmarks/init_parity.py, issue 23), from scratch on small
+# image sets a zero head made the whole ViT learn far slower (its body gets no gradient until
+# the head has grown), slower than the same ViT at PyTorch's defaults.
+HEAD_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 class ViT(nn.Module):
@@ -35,7 +36,7 @@ class ViT(nn.Module):
     Initialised as the ViT paper's code does (google-research/vision_transformer and
     big_vision's vit.py): the patch embedding LeCun-normal, the class token zero, positions
     N(0, 1 / width), every block kernel Xavier-uniform (layers.kernel_init). One deviation, in
-    `ImageClassifier`: the head is not zero (see VIT_HEAD_INIT)."""
+    `ImageClassifier`: the head is not zero (see HEAD_INIT)."""
     cfg: ModelConfig
 
     def setup(self):
@@ -196,9 +197,7 @@ class ImageClassifier(nn.Module):
     def setup(self):
         self.image = image_encoder(self.cfg, self.bn_axis_name)
         self.head_dropout = nn.Dropout(self.cfg.dropout)
-        self.head = dense(self.cfg, self.num_classes, ("embed", None), "head",
-                          VIT_HEAD_INIT if self.cfg.kind == "vit" else
-                          nn.initializers.normal(INIT_STD))
+        self.head = dense(self.cfg, self.num_classes, ("embed", None), "head", HEAD_INIT)
 
     def __call__(self, images, train: bool = False):
         x = self.image(images, train)
