@@ -19,13 +19,13 @@ from pathlib import Path
 
 import jax
 
-from ptft_jax import integrity
-from ptft_jax.benchmark import device_slug, environment
-from ptft_jax.checkpoint import Checkpointer
-from ptft_jax.config import load_config
-from ptft_jax.engine import build
-from ptft_jax.jobs import lm_task
+from ptft_jax.bench.benchmark import device_slug, environment
+from ptft_jax.ckpt import integrity
+from ptft_jax.ckpt.checkpoint import Checkpointer
+from ptft_jax.config.load import load_config
+from ptft_jax.jobs.lm import lm_task
 from ptft_jax.tasks.lm import MlmSpec
+from ptft_jax.train.engine import build
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

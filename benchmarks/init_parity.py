@@ -91,7 +91,7 @@ def lr_factor(step: int) -> float:
 
 
 def ptft_config(model: str, size: int):
-    from ptft_jax.config import load_config
+    from ptft_jax.config.load import load_config
     overrides = [f"model.preset={PRESETS[model]}", f"model.image_size={size}", "model.channels=1",
                  "model.dropout=0.0", "model.dtype=float32", "train.task=image_classification",
                  f"train.steps={RECIPE['steps']}", f"train.global_batch={RECIPE['batch']}",
@@ -108,10 +108,11 @@ def ptft_config(model: str, size: int):
 def train_ptft(model: str, data, seed: int) -> dict:
     """ptft's own initialisation (engine.init with the seed), trained by its jitted step."""
     import jax
+
     from ptft_jax.data.augment import normalize
-    from ptft_jax.engine import build
     from ptft_jax.tasks.base import apply_model
     from ptft_jax.tasks.image import ImageClassifyTask
+    from ptft_jax.train.engine import build
     x, y, tx, ty = data
     cfg = ptft_config(model, x.shape[1])
     task = ImageClassifyTask(cfg.model, [str(i) for i in range(10)], cfg.augment)
@@ -323,7 +324,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     torch.set_num_threads(2)
-    from ptft_jax.benchmark import device_slug, environment
+    from ptft_jax.bench.benchmark import device_slug, environment
     env = environment()
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / device_slug(env)
     out.mkdir(parents=True, exist_ok=True)

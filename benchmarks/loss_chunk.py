@@ -21,11 +21,11 @@ from pathlib import Path
 
 import jax
 
-from ptft_jax import benchmark
-from ptft_jax.engine import build
-from ptft_jax.jobs import lm_task
+from ptft_jax.bench import benchmark
+from ptft_jax.jobs.lm import lm_task
 from ptft_jax.tasks.lm import MlmSpec
 from ptft_jax.tasks.vocab_loss import positions_per_chunk
+from ptft_jax.train.engine import build
 
 CASES = {"clm": "gpt-mini-clm-s256", "mlm": "bert-mini-mlm-s128"}
 

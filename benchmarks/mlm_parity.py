@@ -36,8 +36,8 @@ EVAL_EVERY = 50
 def prepare(preset: str, data_dir: Path, steps: int | None = None):
     """(config, job) of the main job at `preset`: the tokenizer and the token cache are
     built once in `data_dir` and shared by every run."""
-    from ptft_jax.config import load_config
-    from ptft_jax.jobs import pretrain_job
+    from ptft_jax.config.load import load_config
+    from ptft_jax.jobs.lm import pretrain_job
     cfg = load_config(str(CONFIG), [f"model.preset={preset}", "model.vocab_size=null",
                                     "model.max_len=128", "model.dropout=0.0",
                                     "model.dtype=float32", f"run_dir={data_dir}",
@@ -113,8 +113,9 @@ def ptft_as_bert(cfg, params):
     """ptft's parameters in a BertForMaskedLM, through ptft's own HF export."""
     import torch
     import transformers
+
     from ptft_jax.convert.hf_weights import export_tensors
-    from ptft_jax.params import flatten, unstack_layers
+    from ptft_jax.core.params import flatten, unstack_layers
     flat = {p: np.asarray(v) for p, v in flatten(unstack_layers(params)).items()}
     tensors = export_tensors(flat, "bert", cfg.model.num_layers)
     model = transformers.BertForMaskedLM(hf_config(cfg))
@@ -134,7 +135,8 @@ def ptft_as_bert(cfg, params):
 
 def train_ptft(cfg, job, seed: int, held_batches) -> dict:
     import jax
-    from ptft_jax.engine import build
+
+    from ptft_jax.train.engine import build
     held, order = splits(len(job.train_rows), seed, cfg.train.steps, cfg.train.global_batch)
     engine = build(cfg, job.task, jax.devices()[:1])
     state = engine.init(jax.random.key(seed))
@@ -152,7 +154,8 @@ def train_ptft(cfg, job, seed: int, held_batches) -> dict:
 def train_torch(cfg, job, seed: int, held_batches, run_dir: Path) -> dict:
     import torch
     import transformers
-    from ptft_jax.optim import make_schedule
+
+    from ptft_jax.train.optim import make_schedule
     torch.manual_seed(seed)
     model = transformers.BertForMaskedLM(hf_config(cfg))
     held, order = splits(len(job.train_rows), seed, cfg.train.steps, cfg.train.global_batch)
@@ -246,7 +249,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     torch.set_num_threads(2)
-    from ptft_jax.benchmark import device_slug, environment
+    from ptft_jax.bench.benchmark import device_slug, environment
     env = environment()
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / device_slug(env)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.run ...` is `ptft bench ...` (see ptft_jax/benchmark.py)."""
+"""`python -m benchmarks.run ...` is `ptft bench ...` (see ptft_jax/bench/benchmark.py)."""
 import sys
 
 from ptft_jax.cli import main

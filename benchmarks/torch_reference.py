@@ -159,7 +159,7 @@ def time_image_case(cfg, host_batches: list[dict], compiled: bool, steps: int,
     torch.set_num_threads(os.cpu_count())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device == "cuda")
-    from ptft_jax.bench_workloads import IMAGE_CLASSES
+    from ptft_jax.bench.workloads import IMAGE_CLASSES
     forward, model, source = build_image_model(cfg.model, IMAGE_CLASSES)
     model.to(device).train()
     if device == "cuda":

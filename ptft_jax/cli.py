@@ -20,7 +20,8 @@ import logging
 import os
 import sys
 
-from ptft_jax.config import ConfigError, load_config
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import ConfigError
 
 
 def _repo_file(relative: str):
@@ -29,8 +30,8 @@ def _repo_file(relative: str):
 
 
 def _train(args) -> int:
-    from ptft_jax.checkpoint import CheckpointMismatch, CheckpointSaveFailed
-    from ptft_jax.train import finetune, pretrain
+    from ptft_jax.ckpt.checkpoint import CheckpointMismatch, CheckpointSaveFailed
+    from ptft_jax.jobs.entry import finetune, pretrain
     cfg = load_config(args.config, args.overrides)
     try:
         summary = (pretrain if args.command == "pretrain" else finetune)(cfg)
@@ -67,7 +68,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from ptft_jax.predict import evaluate_run
+    from ptft_jax.infer.predict import evaluate_run
     result = evaluate_run(args.run_dir, args.split, args.corpus, args.batch_size,
                           progress=sys.stderr.isatty())
     confusion = result.pop("confusion", None)
@@ -81,13 +82,13 @@ def _eval(args) -> int:
 
 def _export(args) -> int:
     if args.format == "hf":
-        from ptft_jax.convert.hf_export import export_hf
+        from ptft_jax.infer.export import export_hf
         result = export_hf(args.run_dir, args.out_dir)
         print(f"exported {result['source']} to {result['out_dir']} as {result['architecture']}: "
               f"{result['tensors']} tensors, {result['parameters']:,} parameters"
               + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
         return 0
-    from ptft_jax.predict import export_run
+    from ptft_jax.infer.predict import export_run
     result = export_run(args.run_dir, args.out_dir)
     print(f"exported {result['source']} to {result['out_dir']}: {result['parameters']:,} "
           f"parameters" + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
@@ -97,8 +98,8 @@ def _export(args) -> int:
 def _embed(args) -> int:
     from pathlib import Path
 
-    from ptft_jax.embed import embed, load_encoder, write
-    from ptft_jax.predict import read_inputs
+    from ptft_jax.infer.embed import embed, load_encoder, write
+    from ptft_jax.infer.predict import read_inputs
     if args.output and args.output != "-" and not Path(args.output).parent.is_dir():
         return _error("embed", f"--output {args.output}: folder {Path(args.output).parent} "
                                f"does not exist.")
@@ -116,8 +117,8 @@ def _embed(args) -> int:
 
 
 def _predict(args) -> int:
-    from ptft_jax.predict import (image_files, is_image_run, predict_images, predict_pairs,
-                                  predict_run, read_inputs, run_task, write_jsonl)
+    from ptft_jax.infer.predict import (image_files, is_image_run, predict_images, predict_pairs,
+                                        predict_run, read_inputs, run_task, write_jsonl)
     if run_task(args.run_dir) in ("contrastive", "multimodal_classification"):
         rows = predict_pairs(args.run_dir, args.input, args.batch_size,
                              progress=sys.stderr.isatty())
@@ -137,7 +138,7 @@ def _predict(args) -> int:
 def _checkpoints_verify(args) -> int:
     from pathlib import Path
 
-    from ptft_jax.integrity import verify_run
+    from ptft_jax.ckpt.integrity import verify_run
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         return _error("checkpoints", f"{run_dir} is not a folder; give a ptft run directory.")
@@ -261,13 +262,13 @@ def _bench(args) -> int:
                                    f"{args.fake_cpu_devices}").strip()
     from pathlib import Path
 
-    from ptft_jax import benchmark
+    from ptft_jax.bench import benchmark
     if args.pipeline:
-        from ptft_jax import bench_pipeline
+        from ptft_jax.bench import pipeline as bench_pipeline
         bench_pipeline.run_pipeline(args.cases or [], Path(args.cases_file), Path(args.out))
         return 0
     if args.finetune:
-        from ptft_jax import bench_finetune
+        from ptft_jax.bench import finetune as bench_finetune
         bench_finetune.run(args.cases or [], Path(args.cases_file), Path(args.out), args.steps,
                            args.warmup, with_torch=not args.no_torch)
         return 0
@@ -278,7 +279,7 @@ def _bench(args) -> int:
 
 
 def _experiment(args) -> int:
-    from ptft_jax import experiment
+    from ptft_jax.studies import experiment
     rows = experiment.run(args.config)
     print(f"experiment done: {len(rows)} run(s); table, plot and JSONL in "
           f"{experiment.load_experiment(args.config).dir}")
@@ -286,9 +287,10 @@ def _experiment(args) -> int:
 
 
 def _sweep(args) -> int:
-    from ptft_jax.sweep.space import load_space
-    from ptft_jax.sweep.study import SweepOptions, prepare, resolve_options, run_sweep
     import dataclasses
+
+    from ptft_jax.studies.sweep.space import load_space
+    from ptft_jax.studies.sweep.study import SweepOptions, prepare, resolve_options, run_sweep
     cli = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SweepOptions)}
     _, from_space = load_space(args.space)
     sweep = prepare(resolve_options(cli, from_space))

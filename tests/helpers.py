@@ -2,11 +2,11 @@
 import jax
 import numpy as np
 
-from ptft_jax.config import load_config
+from ptft_jax.config.load import load_config
 from ptft_jax.data.packing import Packer
-from ptft_jax.engine import build
-from ptft_jax.jobs import lm_task
+from ptft_jax.jobs.lm import lm_task
 from ptft_jax.tasks.lm import MlmSpec
+from ptft_jax.train.engine import build
 
 VOCAB = 256
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # as our WordPiece tokenizer lays them out; 4 = [MASK]
@@ -69,9 +69,9 @@ def mean_gradients(engine, state, host_batch, key=None):
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from ptft_jax import params as ptree
-    from ptft_jax.mesh import LOGICAL_RULES
-    from ptft_jax.step import accumulate
+    from ptft_jax.core import params as ptree
+    from ptft_jax.core.mesh import LOGICAL_RULES
+    from ptft_jax.train.step import accumulate
     key = jax.random.key(1) if key is None else key
     cfg = engine.cfg
 

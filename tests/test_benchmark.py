@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from ptft_jax import benchmark
+from ptft_jax.bench import benchmark
 
 ALL_CASES = benchmark.load_cases(benchmark.DEFAULT_CASES,
                                  ["cpu", "image-cpu", "memory", "accelerator"], [])
@@ -85,7 +85,7 @@ def test_run_writes_jsonl_markdown_and_chart(tmp_path):
                     importlib.util.find_spec("transformers") is None,
                     reason="the PyTorch reference is optional (torch, transformers)")
 def test_torch_reference_runs_a_step():
-    from ptft_jax.bench_workloads import workload
+    from ptft_jax.bench.workloads import workload
     torch_ref = benchmark.load_torch_reference()
     for name in ("bert-mini-mlm-s128", "gpt-tiny-clm-s256", "vit-b16-224", "resnet50-224",
                  "clip-vit-ti16-bert-mini"):
@@ -107,7 +107,7 @@ def test_packed_rows_carry_documents_apart():
 
 
 def test_pipeline_case_moves_batches_to_the_device(tmp_path):
-    from ptft_jax import bench_pipeline
+    from ptft_jax.bench import pipeline as bench_pipeline
     row = bench_pipeline.run_pipeline_case({"name": "tiny", "seq_len": 64, "global_batch": 8,
                                            "packing": "pack"}, tmp_path,
                                           num_tokens=100_000, batches=3)
@@ -115,7 +115,7 @@ def test_pipeline_case_moves_batches_to_the_device(tmp_path):
 
 
 def test_finetune_cases_run_and_lora_trains_a_sliver(tmp_path):
-    from ptft_jax import bench_finetune
+    from ptft_jax.bench import finetune as bench_finetune
     names = ["bert-mini-full", "bert-mini-linear_probe", "bert-mini-gradual_phase1",
              "bert-mini-lora8", "bert-base-full", "bert-base-lora8"]
     rows = bench_finetune.run(names, benchmark.DEFAULT_CASES, tmp_path, steps=2, warmup=0,

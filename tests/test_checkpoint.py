@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from ptft_jax.checkpoint import Checkpointer, CheckpointMismatch
+from ptft_jax.ckpt.checkpoint import Checkpointer, CheckpointMismatch
 from tests.helpers import batches, engine_for, host_params, run_steps, tiny_config
 
 

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ptft_jax.config import ConfigError, load_config, resolve_mesh_shape
-from ptft_jax.validation import validate
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import ConfigError, resolve_mesh_shape
+from ptft_jax.config.validate import validate
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -18,7 +19,7 @@ def test_configs_exist():
 def test_every_shipped_config_loads_and_validates(path):
     first = path.read_text().splitlines()[0]
     if path.name.startswith("experiment"):
-        from ptft_jax import experiment
+        from ptft_jax.studies import experiment
         cfg = experiment.load_experiment(path)
         stages = experiment.stage_dicts(cfg, Path("tokenizer.json"), 2048)
         arms = experiment.plan(cfg, stages, Path("tokenizer.json"), 8)  # validates each stage
@@ -27,8 +28,8 @@ def test_every_shipped_config_loads_and_validates(path):
                                 path.name)
         return
     if path.name.startswith("sweep_"):  # a search space: its keys and every value it sets
-        from ptft_jax.sweep.space import extremes, load_space
-        from ptft_jax.sweep.study import config_with
+        from ptft_jax.studies.sweep.space import extremes, load_space
+        from ptft_jax.studies.sweep.study import config_with
         words = first.split()
         assert words[:3] == ["#", "ptft", "sweep"] and words[-1] == "configs/" + path.name
         raw = yaml.safe_load(Path(words[words.index("--config") + 1]).read_text())

@@ -113,9 +113,9 @@ def test_two_processes_match_one_process(small_corpus, tmp_path):
 LOADER_SCRIPT = """
 import json, sys
 import numpy as np
-from ptft_jax.config import DistributedConfig, MeshConfig
+from ptft_jax.config.schema import DistributedConfig, MeshConfig
 from ptft_jax.data.loader import BatchLoader
-from ptft_jax.mesh import batch_sharding, initialize_distributed, make_mesh, process_rows
+from ptft_jax.core.mesh import batch_sharding, initialize_distributed, make_mesh, process_rows
 
 port, process_id, out = sys.argv[1:4]
 initialize_distributed(DistributedConfig(enabled=True, coordinator_address=f"127.0.0.1:{port}",
@@ -204,6 +204,6 @@ def test_two_processes_stop_together_when_one_sees_a_non_finite_loss(tmp_path):
     losses = _losses(run)
     assert all(np.isfinite(losses[s]) for s in saved)
     assert len(saved) < 24  # it stopped early, at the epoch's step that holds the bad row
-    from ptft_jax.integrity import check_step
+    from ptft_jax.ckpt.integrity import check_step
     for step in saved:
         check_step(run / "checkpoints" / str(step))

@@ -3,7 +3,7 @@ with a padded last batch."""
 import jax.numpy as jnp
 import numpy as np
 
-from ptft_jax import evaluation
+from ptft_jax.tasks import metrics
 from ptft_jax.tasks.base import add_sums
 
 
@@ -23,9 +23,9 @@ def test_classification_metrics_match_a_hand_computed_confusion_matrix():
     labels = rng.integers(0, c, n).astype(np.int32)
     total = None
     for lg, lb, w in _batches(n, 8, logits, labels):  # 3 batches, the last with 1 real row
-        total = add_sums(total, evaluation.classification_sums(jnp.asarray(lg), jnp.asarray(lb),
+        total = add_sums(total, metrics.classification_sums(jnp.asarray(lg), jnp.asarray(lb),
                                                                jnp.asarray(w), c))
-    got = evaluation.classification_metrics(total, list("abcd"))
+    got = metrics.classification_metrics(total, list("abcd"))
     confusion = np.zeros((c, c), int)
     nll = 0.0
     for x, y in zip(logits, labels):
@@ -53,9 +53,9 @@ def test_regression_metrics_match_numpy():
     p, t = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
     total = None
     for bp, bt, w in _batches(n, 8, p, t):
-        total = add_sums(total, evaluation.regression_sums(jnp.asarray(bp), jnp.asarray(bt),
+        total = add_sums(total, metrics.regression_sums(jnp.asarray(bp), jnp.asarray(bt),
                                                            jnp.asarray(w)))
-    got = evaluation.regression_metrics(total)
+    got = metrics.regression_metrics(total)
     np.testing.assert_allclose(got["mse"], np.mean((p - t) ** 2), rtol=1e-5)
     np.testing.assert_allclose(got["mae"], np.mean(np.abs(p - t)), rtol=1e-5)
     np.testing.assert_allclose(got["pearson"], np.corrcoef(p, t)[0, 1], rtol=1e-4)
@@ -68,11 +68,11 @@ def test_multi_label_counts_match_a_loop():
     labels = (rng.random((n, c)) > 0.5).astype(np.float32)
     total = None
     for lg, lb, w in _batches(n, 5, logits, labels):
-        total = add_sums(total, evaluation.multi_label_sums(jnp.asarray(lg), jnp.asarray(lb),
+        total = add_sums(total, metrics.multi_label_sums(jnp.asarray(lg), jnp.asarray(lb),
                                                             jnp.asarray(w)))
     predicted = logits > 0
     np.testing.assert_array_equal(total["true_pos"], (predicted & (labels == 1)).sum(0))
     np.testing.assert_array_equal(total["false_pos"], (predicted & (labels == 0)).sum(0))
     np.testing.assert_array_equal(total["false_neg"], (~predicted & (labels == 1)).sum(0))
-    got = evaluation.multi_label_metrics(total, ["x", "y", "z"])
+    got = metrics.multi_label_metrics(total, ["x", "y", "z"])
     assert got["exact_match"] == np.mean(np.all(predicted == (labels == 1), axis=1))

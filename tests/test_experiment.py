@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ptft_jax import experiment
-from ptft_jax.config import ConfigError
+from ptft_jax.config.schema import ConfigError
+from ptft_jax.studies import experiment
 from tests.test_multimodal import _write_pairs
 
 TOWERS = {"image": {"model": {"preset": "vit-mini4", "image_size": 8, "patch_size": 4,

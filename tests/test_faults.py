@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptft_jax import integrity
-from ptft_jax.params import flatten
-from ptft_jax.checkpoint import Checkpointer
-from ptft_jax.config import ConfigError, load_config
-from ptft_jax.jobs import pretrain_job
-from ptft_jax.train import pretrain, restore_newest_intact
+from ptft_jax.ckpt import integrity
+from ptft_jax.ckpt.checkpoint import Checkpointer
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import ConfigError
+from ptft_jax.core.params import flatten
+from ptft_jax.jobs.entry import pretrain
+from ptft_jax.jobs.lm import pretrain_job
+from ptft_jax.train.loop import restore_newest_intact
 from tests.test_resume import _arrays
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,13 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from ptft_jax import params as ptree
-from ptft_jax.checkpoint import BestCheckpointer, Checkpointer
+from ptft_jax.ckpt.checkpoint import BestCheckpointer, Checkpointer
+from ptft_jax.core import params as ptree
 from ptft_jax.data.labelled import Examples, LabelSpace
-from ptft_jax.engine import build
-from ptft_jax.jobs import Job
 from ptft_jax.tasks.classify import ClassifyTask
-from ptft_jax.train import evaluate, run
+from ptft_jax.train.engine import build
+from ptft_jax.train.evaluate import evaluate
+from ptft_jax.train.job import Job
+from ptft_jax.train.loop import run
 from tests.helpers import VOCAB, host_params, run_steps, tiny_config
 
 LABELS = LabelSpace("classification", ("a", "b", "c"))

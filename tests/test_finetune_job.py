@@ -8,12 +8,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ptft_jax import params as ptree
-from ptft_jax.config import load_config
+from ptft_jax.config.load import load_config
+from ptft_jax.core import params as ptree
 from ptft_jax.data.corpus import BUNDLED
-from ptft_jax.engine import build
-from ptft_jax.jobs import finetune_job
-from ptft_jax.train import pretrain
+from ptft_jax.jobs.entry import pretrain
+from ptft_jax.jobs.labelled import finetune_job
+from ptft_jax.train.engine import build
 from tests.helpers import host_params
 from tests.test_main_job import _ptft
 
@@ -106,8 +106,8 @@ def test_finetune_eval_and_predict_end_to_end(tmp_path, pretrained):
 
 
 def test_lora_run_exports_merged_weights_that_predict_the_same(tmp_path, pretrained):
-    from ptft_jax.predict import export_run, predict_run
-    from ptft_jax.train import finetune
+    from ptft_jax.infer.predict import export_run, predict_run
+    from ptft_jax.jobs.entry import finetune
     pre = pretrained
     train, _ = _labelled(tmp_path)
     run = tmp_path / "lora"

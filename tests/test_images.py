@@ -10,17 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ptft_jax.config import ConfigError, load_config
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import ConfigError
+from ptft_jax.config.validate import validate
 from ptft_jax.data.augment import augment
 from ptft_jax.data.cache import CorruptCache, StaleCache
 from ptft_jax.data.image_sources import open_images
 from ptft_jax.data.images import ImageCache, prepare_image_cache
-from ptft_jax.engine import build
 from ptft_jax.models.vision import ImageClassifier
 from ptft_jax.tasks.image import ImageClassifyTask
-from ptft_jax.validation import validate
+from ptft_jax.train.engine import build
 from tests.helpers import host_params, mean_gradients, run_steps
 
 
@@ -351,13 +353,14 @@ FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "hf"
 def test_hf_vit_imports_with_parity(name):
     """ViTForImageClassification / ViTModel from safetensors: the same logits (or normalised
     class token) as transformers computed, within 1e-4."""
-    from ptft_jax.convert.hf import open_model
+    from ptft_jax.config.hf import open_model
+    from ptft_jax.convert.hf import flat_params
+    from ptft_jax.core.params import unflatten
     from ptft_jax.models.vision import ViT
-    from ptft_jax.params import unflatten
     source = open_model(f"hf:{FIXTURES / name}")
     cfg = load_config(None, [f"finetune.init_from=hf:{FIXTURES / name}"]).model
     assert cfg.kind == "vit" and cfg.activation == ("gelu" if name == "vit_cls" else "gelu_tanh")
-    flat, report = source.flat_params()
+    flat, report = flat_params(source)
     expected = np.load(FIXTURES / name / "expected.npz")
     pixels = expected["pixels_nhwc"]
     if name == "vit_cls":
@@ -430,9 +433,9 @@ def test_vit_sharded_gradients_equal_one_device():
 def test_image_run_resumes_exactly(idx_dir, tmp_path):
     """A ResNet run resumed from its step-2 checkpoint ends bit-identical to the run that
     went on: parameters, optimizer state and BatchNorm statistics, augmentation on."""
-    from ptft_jax.checkpoint import committed_steps
-    from ptft_jax.integrity import check_step
-    from ptft_jax.train import pretrain
+    from ptft_jax.ckpt.checkpoint import committed_steps
+    from ptft_jax.ckpt.integrity import check_step
+    from ptft_jax.jobs.entry import pretrain
     common = [f"data.corpus=idx:{idx_dir}", "model.preset=resnet18-small",
               "model.resnet_width=8", "model.resnet_stages=[1,1]", "model.image_size=8",
               "model.channels=1", "train.global_batch=8", "train.progress=false",

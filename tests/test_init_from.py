@@ -7,14 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ptft_jax import params as ptree
-from ptft_jax.checkpoint import BestCheckpointer, Checkpointer, CheckpointMismatch
-from ptft_jax.pretrained import load_pretrained
+from ptft_jax.ckpt.checkpoint import BestCheckpointer, Checkpointer, CheckpointMismatch
+from ptft_jax.ckpt.pretrained import load_pretrained
+from ptft_jax.core import params as ptree
+from ptft_jax.core.state import TrainState
 from ptft_jax.models.heads import Classifier
 from ptft_jax.models.transformer import LanguageModel
-from ptft_jax.state import TrainState
 from tests.helpers import tiny_config
 
 TOKENS = jnp.zeros((1, 16), jnp.int32)

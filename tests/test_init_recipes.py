@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from ptft_jax.config import ModelConfig, PRESETS
+from ptft_jax.config.schema import PRESETS, ModelConfig
+from ptft_jax.core.params import flatten
 from ptft_jax.models.transformer import LanguageModel
 from ptft_jax.models.vision import ImageClassifier
-from ptft_jax.params import flatten
 
 WIDTH, LAYERS = 128, 3
 

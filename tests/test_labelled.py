@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from ptft_jax.config import DataConfig
+from ptft_jax.config.schema import DataConfig
 from ptft_jax.data.labelled import Examples, LabelSpace, open_examples, predict_examples
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import load_tokenizer, train_tokenizer

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptft_jax import lora
-from ptft_jax import params as ptree
+from ptft_jax.core import lora
+from ptft_jax.core import params as ptree
 from ptft_jax.models.transformer import LanguageModel
 from tests.helpers import tiny_config
 

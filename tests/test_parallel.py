@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from ptft_jax.models.transformer import LanguageModel
-from tests.helpers import (batches, engine_for, host_params, mean_gradients, run_steps,
-                           tiny_config)
+from tests.helpers import batches, engine_for, host_params, mean_gradients, run_steps, tiny_config
 
 # float32 on CPU; sharded reductions sum in a different order, so compare with a tolerance.
 RTOL, ATOL = 2e-4, 2e-5

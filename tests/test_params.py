@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from ptft_jax.config import OptimConfig
+from ptft_jax.config.schema import OptimConfig
+from ptft_jax.core.params import flatten, match_rules
 from ptft_jax.models.transformer import LanguageModel
-from ptft_jax.optim import make_optimizer, make_schedule
-from ptft_jax.params import flatten, match_rules
+from ptft_jax.train.optim import make_optimizer, make_schedule
 from tests.helpers import tiny_config
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ptft_jax import params as ptree
+from ptft_jax.core import params as ptree
 
 TINY = ["data.seq_len=64", "model.max_len=64", "train.global_batch=8", "train.progress=false",
         "train.log_every=2", "optim.warmup_steps=0"]

@@ -4,8 +4,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ptft_jax.config import ConfigError, load_config
-from ptft_jax.train import pretrain
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import ConfigError
+from ptft_jax.jobs.entry import pretrain
 
 
 def _cfg(run_dir, corpus, *extra):
@@ -51,7 +52,7 @@ def test_finished_run_directory_is_not_overwritten(tmp_path, small_corpus):
 def test_resume_with_another_model_shape_fails_before_training(tmp_path, small_corpus):
     run = tmp_path / "run"
     pretrain(_cfg(run, small_corpus, "train.steps=3"))
-    from ptft_jax.checkpoint import CheckpointMismatch
+    from ptft_jax.ckpt.checkpoint import CheckpointMismatch
     with pytest.raises(CheckpointMismatch, match="mlp/wi/kernel"):
         pretrain(_cfg(run, small_corpus, "train.steps=6", "model.mlp_dim=256"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3"]

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ptft_jax.config import DataConfig
+from ptft_jax.config.schema import DataConfig
 from ptft_jax.data import sources
 from ptft_jax.data.corpus import read_documents
 from ptft_jax.data.opening import open_documents

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ptft_jax.config import ConfigError
+from ptft_jax.config.schema import ConfigError
 from ptft_jax.data.tokenizer import train_tokenizer
-from ptft_jax.step import COMPILES
-from ptft_jax.sweep.space import load_space
-from ptft_jax.sweep.study import open_study, prepare, resolve_options, run_sweep
+from ptft_jax.studies.sweep.space import load_space
+from ptft_jax.studies.sweep.study import open_study, prepare, resolve_options, run_sweep
+from ptft_jax.train.step import COMPILES
 from tests.test_finetune_job import _labelled
 
 
@@ -202,15 +202,15 @@ def test_the_command_line_refuses_bad_input_with_one_line(tmp_path, base, capsys
 
 
 def test_reduce_on_plateau_lowers_the_lr_in_a_run_and_keeps_it_on_resume(tmp_path, base):
-    from ptft_jax import train
-    from ptft_jax.sweep.study import config_with
+    from ptft_jax.jobs import entry
+    from ptft_jax.studies.sweep.study import config_with
     raw = yaml.safe_load(base[1].read_text())
     run = tmp_path / "run"
 
     def finetune(steps):
         # An LR too small to change a prediction: every evaluation after the first is a
         # plateau (patience 1), and each halves the LR.
-        train.finetune(config_with(raw, {
+        entry.finetune(config_with(raw, {
             "run_dir": str(run), "train.steps": steps, "train.log_every": 2,
             "optim.learning_rate": 1e-9, "optim.warmup_steps": 0, "optim.schedule": "plateau",
             "optim.plateau_patience": 1, "eval.metric": "accuracy"}))

@@ -21,23 +21,34 @@ import jax
 import numpy as np
 import pytest
 
-from ptft_jax.config import load_config, tower_model
-from ptft_jax.convert import hf
+from ptft_jax.config import hf
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import tower_model
+from ptft_jax.convert.hf import flat_params
 from ptft_jax.convert.hf_weights import import_tensors
+from ptft_jax.core.params import flatten, match_rules, unflatten
 from ptft_jax.data.labelled import LabelSpace
-from ptft_jax.engine import build
-from ptft_jax.jobs import lm_task
-from ptft_jax.params import flatten, match_rules, unflatten
+from ptft_jax.jobs.lm import lm_task
 from ptft_jax.tasks.classify import ClassifyTask
 from ptft_jax.tasks.contrastive import ContrastiveTask
 from ptft_jax.tasks.image import ImageClassifyTask
 from ptft_jax.tasks.lm import MlmSpec, mask_positions
+from ptft_jax.train.engine import build
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss  # noqa: E402
-from tests.torch_parity import (OVERRIDES, STEPS, assert_curves_agree, decay_flags,  # noqa: E402
-                                document_mask, packed_rows, ptft_losses, torch_losses)
+
+from tests.torch_parity import (  # noqa: E402
+    OVERRIDES,
+    STEPS,
+    assert_curves_agree,
+    decay_flags,
+    document_mask,
+    packed_rows,
+    ptft_losses,
+    torch_losses,
+)
 
 RTOL = 1e-4
 VOCAB, SEQ, BATCH = 96, 32, 8
@@ -62,7 +73,7 @@ def _hf_config(model, tmp_path, family: str, prefix: str = "model", *overrides):
     keys = opened.model_keys()
     cfg = load_config(None, [f"{prefix}.{k}={v}" for k, v in keys.items()] + OVERRIDES + [
         f"data.seq_len={SEQ}", f"train.global_batch={BATCH}", *overrides])
-    flat, _ = opened.flat_params()
+    flat, _ = flat_params(opened)
     return cfg, flat
 
 

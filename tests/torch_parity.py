@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import torch
 
-from ptft_jax import params as ptree
 from ptft_jax.convert.hf_weights import import_tensors
-from ptft_jax.params import match_rules, unflatten
-from ptft_jax.state import init_opt_state
+from ptft_jax.core import params as ptree
+from ptft_jax.core.params import match_rules, unflatten
+from ptft_jax.core.state import init_opt_state
 
 STEPS = 30
 # The shared optimizer: a peak LR high enough that 30 steps move the loss a long way.

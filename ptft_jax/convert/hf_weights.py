@@ -332,9 +332,9 @@ def check_backbone_shapes(flat: dict, keys: dict, where: str) -> None:
     model keys) gives it; a mismatch is named with both shapes."""
     import jax
 
-    from ptft_jax.config import ModelConfig
+    from ptft_jax.config.schema import ModelConfig
+    from ptft_jax.core.params import flatten
     from ptft_jax.models.transformer import Transformer
-    from ptft_jax.params import flatten
     cfg = ModelConfig(**{k: v for k, v in keys.items() if k != "dropout"})
     if cfg.kind == "vit":
         from ptft_jax.models.vision import ViT

@@ -22,7 +22,7 @@ import dm_pix as pix
 import jax
 import jax.numpy as jnp
 
-from ptft_jax.config import AugmentConfig
+from ptft_jax.config.schema import AugmentConfig
 
 
 def normalize(images, aug: AugmentConfig):

@@ -44,12 +44,13 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from ptft_jax.data.fs import atomic_write, fsync_dir, write_tmp
 from ptft_jax.data.tokenizer import load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ def prepare_cache(documents: Documents, tokenizer_path: str | Path, cache_dir: s
               "dtype": token_dtype(vocab_size).name}
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cache_dir / PARTIAL_DIR
-    with _exclusive(cache_dir):
+    with exclusive(cache_dir):
         finished = _reusable_cache(cache_dir, inputs, overwrite)
         if finished is not None:
             if _same_inputs(_read_plan(partial), inputs):  # a merge died after its commit
@@ -296,7 +297,7 @@ def _same_inputs(a: dict, b: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive(cache_dir: Path):
+def exclusive(cache_dir: Path):
     """Holds a lock on the folder, so two prepares never write the same files at once."""
     with open(cache_dir / LOCK_FILE, "w") as lock:
         try:
@@ -349,7 +350,7 @@ def _start_or_resume_plan(partial: Path, inputs: dict, shard_docs: int,
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     plan = {**inputs, "shard_docs": shard_docs}
-    _atomic_write(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+    atomic_write(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
     return plan
 
 
@@ -391,7 +392,7 @@ class _ShardWriter:
         ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
         tokens = np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(lengths.sum()))
-        _atomic_write(_shard_path(self.partial, shard),
+        atomic_write(_shard_path(self.partial, shard),
                       lambda f: np.savez(f, tokens=tokens, lengths=lengths))
         return stop - start, len(tokens)
 
@@ -471,13 +472,13 @@ def _merge(cache_dir: Path, plan: dict) -> None:
             f.write(tokens.astype(plan["dtype"], copy=False).tobytes())
             lengths.append(shard_lengths)
 
-    tokens_tmp = _write_tmp(cache_dir / TOKENS_FILE, write_tokens)
+    tokens_tmp = write_tmp(cache_dir / TOKENS_FILE, write_tokens)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths or [[]]))]).astype(np.int64)
-    offsets_tmp = _write_tmp(cache_dir / OFFSETS_FILE, lambda f: np.save(f, offsets))
+    offsets_tmp = write_tmp(cache_dir / OFFSETS_FILE, lambda f: np.save(f, offsets))
     # The old meta.json goes first: from here until the new one lands, the folder reads as
     # unfinished, never as a complete cache whose files do not match its meta.
     (cache_dir / META_FILE).unlink(missing_ok=True)
-    _fsync_dir(cache_dir)
+    fsync_dir(cache_dir)
     os.replace(tokens_tmp, cache_dir / TOKENS_FILE)
     os.replace(offsets_tmp, cache_dir / OFFSETS_FILE)
     _commit_meta(cache_dir, plan, num_tokens=int(offsets[-1]))
@@ -487,29 +488,4 @@ def _commit_meta(cache_dir: Path, plan: dict, num_tokens: int) -> None:
     meta = {**plan, "num_tokens": num_tokens,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "complete": True}
-    _atomic_write(cache_dir / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-
-
-def _write_tmp(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Writes `path`.tmp and flushes it to disk; the caller renames it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """`path` appears whole or not at all, even if the process is killed mid-write."""
-    os.replace(_write_tmp(path, write), path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes renames in `path` durable (survive a power loss, not only a killed process)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(cache_dir / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))

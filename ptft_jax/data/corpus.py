@@ -1,7 +1,7 @@
 """The bundled corpora, and reading a whole corpus into memory; `sources.py` has the sources."""
 from __future__ import annotations
 
-from ptft_jax.config import DataConfig
+from ptft_jax.config.schema import DataConfig
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.sources import BUNDLED
 

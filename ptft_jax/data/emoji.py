@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptft_jax.data.image_sources import BadImage, _digest, _stat
+from ptft_jax.data.image_io import BadImage, digest, file_key
 
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -94,7 +94,7 @@ class EmojiPairs:
         return len(self.emoji)
 
     def fingerprint(self) -> str:
-        return _digest("emoji", self.split, _stat(self.font)[1:], _stat(self.emoji_test)[1:])
+        return digest("emoji", self.split, file_key(self.font)[1:], file_key(self.emoji_test)[1:])
 
     def texts(self) -> list[str]:
         return [e.field(self.text_column) if self.text_column else "" for e in self.emoji]

@@ -10,50 +10,15 @@ or of `BadImage` for a file that cannot be decoded.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import io
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ptft_jax.data.image_io import BadImage, as_array, decode, digest, file_key
+from ptft_jax.data.opening import open_hub_images, require_image_columns
+from ptft_jax.data.pairs import open_pairs
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-_READER_VERSION = 1
-
-
-@dataclass
-class BadImage:
-    where: str  # file or row
-    reason: str
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps([_READER_VERSION, *parts], default=str).encode()) \
-        .hexdigest()[:24]
-
-
-def _stat(path: Path):
-    st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
-
-
-def decode(data: bytes, where: str) -> np.ndarray | BadImage:
-    """Encoded image bytes -> uint8 [h, w, c] (c = 1, 3 or 4 as stored; the cache converts)."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return pil_to_array(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        return BadImage(where, f"{type(e).__name__}: {e}")
-
-
-def pil_to_array(im) -> np.ndarray:
-    if im.mode not in ("L", "RGB", "RGBA"):
-        im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-    a = np.asarray(im, np.uint8)
-    return a[..., None] if a.ndim == 2 else a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +70,7 @@ class IdxImages:
         return len(self._load())
 
     def fingerprint(self) -> str:
-        return _digest("idx", _stat(self.images_path), _stat(self.labels_path))
+        return digest("idx", file_key(self.images_path), file_key(self.labels_path))
 
     def labels(self) -> list:
         labels = read_idx(self.labels_path)
@@ -186,7 +151,7 @@ class NumpyImages:
         return len(self._load()[0])
 
     def fingerprint(self) -> str:
-        return _digest("npz", _stat(self.path), self.image_key, self.label_key)
+        return digest("npz", file_key(self.path), self.image_key, self.label_key)
 
     def labels(self) -> list:
         return self._load()[1].tolist()
@@ -221,7 +186,7 @@ class ImageFolder:
         return len(self.files)
 
     def fingerprint(self) -> str:
-        return _digest("folder", [(str(f.relative_to(self.root)), *_stat(f)[1:])
+        return digest("folder", [(str(f.relative_to(self.root)), *file_key(f)[1:])
                                   for f, _ in self.files])
 
     def labels(self) -> list:
@@ -243,61 +208,32 @@ class ImageFolder:
 # Hugging Face datasets and TensorFlow Datasets
 
 
-def _as_array(value, where: str):
-    """An image cell (PIL image, encoded bytes, {'bytes': ...} or an array) -> uint8 array."""
-    if isinstance(value, dict) and value.get("bytes") is not None:
-        return decode(value["bytes"], where)
-    if isinstance(value, (bytes, bytearray)):
-        return decode(bytes(value), where)
-    if hasattr(value, "getbands"):  # a PIL image
-        return pil_to_array(value)
-    a = np.asarray(value)
-    if a.dtype != np.uint8 or a.ndim not in (2, 3):
-        return BadImage(where, f"not a uint8 image array ({a.dtype} {a.shape})")
-    return a[..., None] if a.ndim == 2 else a
-
-
 class HubImages:
     def __init__(self, spec: str, split: str, image_column: str, label_column: str):
         self.spec, self.split = spec, split
         self.image_column, self.label_column = image_column, label_column
-        self._ds, self.name = _open_hub_images(spec, split, image_column, label_column)
+        self._ds, self.name = open_hub_images(spec, split, image_column, label_column)
 
     def __len__(self) -> int:
         return len(self._ds)
 
     def fingerprint(self) -> str:
-        return _digest("hf", self._ds._fingerprint, self.image_column, self.label_column)
+        return digest("hf", self._ds._fingerprint, self.image_column, self.label_column)
 
     def labels(self) -> list:
         return list(self._ds[self.label_column])
 
     def read(self, start: int, stop: int) -> list:
         column = self._ds.select(range(start, stop))[self.image_column]
-        return [_as_array(v, f"{self.name} row {start + i}") for i, v in enumerate(column)]
+        return [as_array(v, f"{self.name} row {start + i}") for i, v in enumerate(column)]
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_ds"}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._ds, _ = _open_hub_images(self.spec, self.split, self.image_column,
+        self._ds, _ = open_hub_images(self.spec, self.split, self.image_column,
                                        self.label_column)
-
-
-def _require(columns, where: str, image_column: str, label_column: str) -> None:
-    for key, column in (("data.image_column", image_column), ("data.label_column", label_column)):
-        if column not in columns:
-            raise ValueError(f"{where} has no column '{column}' ({key}). Its columns: "
-                             f"{', '.join(map(str, columns)) or '(none)'}. Set {key}=<one of "
-                             f"them>.")
-
-
-def _open_hub_images(spec, split, image_column, label_column):
-    from ptft_jax.data.opening import load_hub_split
-    ds, name = load_hub_split(spec, split, (None, None))
-    _require(ds.column_names, name, image_column, label_column)
-    return ds, name
 
 
 class TfdsImages:
@@ -309,14 +245,14 @@ class TfdsImages:
     def _open(self):
         from ptft_jax.data.opening import tfds_builder, tfds_data_source
         builder, features, self.name = tfds_builder(self.spec, self.split, (None, None))
-        _require(list(features.keys()), self.name, self.image_column, self.label_column)
+        require_image_columns(list(features.keys()), self.name, self.image_column, self.label_column)
         self._source, self._identity = tfds_data_source(builder, self.split)
 
     def __len__(self) -> int:
         return len(self._source)
 
     def fingerprint(self) -> str:
-        return _digest("tfds", self._identity, self.image_column, self.label_column)
+        return digest("tfds", self._identity, self.image_column, self.label_column)
 
     def labels(self) -> list:
         out = []
@@ -333,7 +269,7 @@ class TfdsImages:
             raise ValueError(f"{self.name}: tfds needs {e.name} to decode feature "
                              f"'{self.image_column}' (an encoded image). Install tensorflow-cpu, "
                              f"or store the images as a uint8 Tensor feature.") from None
-        return [_as_array(r[self.image_column], f"{self.name} row {start + i}")
+        return [as_array(r[self.image_column], f"{self.name} row {start + i}")
                 for i, r in enumerate(records)]
 
     def __getstate__(self):
@@ -350,7 +286,6 @@ def open_images(corpus: str, split: str, image_column: str = "image",
     label_column = label_column or "label"
     if corpus == "emoji" or Path(corpus).suffix in (".jsonl", ".csv"):
         # Image-text pair sources serve as labelled image sources too (their text unused).
-        from ptft_jax.data.pairs import open_pairs
         return open_pairs(corpus, split, image_column, None, label_column)
     if corpus.startswith("idx:"):
         return open_idx(corpus[4:], split)

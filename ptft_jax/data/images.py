@@ -33,9 +33,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ptft_jax.data.cache import (CacheError, CorruptCache, MissingCache, StaleCache,
-                                 _atomic_write, _exclusive, _fsync_dir, _write_tmp)
-from ptft_jax.data.image_sources import BadImage
+from ptft_jax.data.cache import CacheError, CorruptCache, MissingCache, StaleCache, exclusive
+from ptft_jax.data.fs import atomic_write, fsync_dir, write_tmp
+from ptft_jax.data.image_io import BadImage
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def prepare_image_cache(source, cache_dir, size: int, channels: int, resize: boo
         return ImageCache.open(cache_dir, inputs)
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cache_dir / PARTIAL_DIR
-    with _exclusive(cache_dir):
+    with exclusive(cache_dir):
         if (cache_dir / META_FILE).exists():  # finished while we waited
             return ImageCache.open(cache_dir, inputs)
         partial.mkdir(exist_ok=True)
@@ -176,7 +176,7 @@ def prepare_image_cache(source, cache_dir, size: int, channels: int, resize: boo
                 raise StaleCache(f"{cache_dir} holds an unfinished image cache of other inputs "
                                  f"({plan.get('source')}). {_FIX}.")
         else:
-            _atomic_write(plan_path, lambda f: f.write(json.dumps(inputs).encode()))
+            atomic_write(plan_path, lambda f: f.write(json.dumps(inputs).encode()))
         n = len(source)
         shards = [s for s in range(-(-n // shard_images))
                   if not _shard_path(partial, s).exists()]
@@ -240,7 +240,7 @@ class _ShardWork:
             images[i] = convert(image, self.size, self.channels, self.resize,
                                 f"{self.source.name} image {start + i}")
         path = _shard_path(self.partial, shard)
-        tmp = _write_tmp(path, lambda f: np.savez(f, images=images,
+        tmp = write_tmp(path, lambda f: np.savez(f, images=images,
                                                    bad=np.asarray(json.dumps(bad))))
         os.replace(tmp, path)
 
@@ -286,16 +286,16 @@ def _merge(cache_dir: Path, partial: Path, inputs: dict, raw_labels: list,
                 count += len(block)
             if len(pending):
                 chunk.append(pending)
-    os.replace(_write_tmp(cache_dir / IMAGES_FILE, write_images), cache_dir / IMAGES_FILE)
+    os.replace(write_tmp(cache_dir / IMAGES_FILE, write_images), cache_dir / IMAGES_FILE)
     labels = [raw_labels[i] for i in kept]
-    _atomic_write(cache_dir / LABELS_FILE, lambda f: f.write(json.dumps(labels).encode()))
-    _atomic_write(cache_dir / KEPT_FILE, lambda f: np.save(f, kept))
+    atomic_write(cache_dir / LABELS_FILE, lambda f: f.write(json.dumps(labels).encode()))
+    atomic_write(cache_dir / KEPT_FILE, lambda f: np.save(f, kept))
     meta = {**inputs, "num_images": count, "skipped": len(bad_all),
             "skipped_examples": [b[1] for b in bad_all[:20]], "crc32": crcs,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"), "complete": True}
-    _atomic_write(cache_dir / META_FILE, lambda f: f.write(json.dumps(meta).encode()))
-    _fsync_dir(cache_dir)
+    atomic_write(cache_dir / META_FILE, lambda f: f.write(json.dumps(meta).encode()))
+    fsync_dir(cache_dir)
 
 
 class ImageExamples:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ptft_jax.config import DataConfig
-from ptft_jax.data.sources import (BUNDLED, BUNDLED_LABELLED, EXTENSIONS, ColumnFiles,
-                                   Documents, HubDataset, TextFiles, TfdsSource, _not_utf8,
-                                   _require_columns, _require_text_type, _some)
+from ptft_jax.config.schema import DataConfig
+from ptft_jax.data.sources import (BUNDLED, BUNDLED_LABELLED, EXTENSIONS, ColumnFiles, Documents,
+                                   HubDataset, TextFiles, TfdsSource, not_utf8, require_columns,
+                                   require_text_type, some_paths)
+
 
 def open_documents(cfg: DataConfig, split: str | None = None) -> Documents:
     """The documents of `cfg.corpus` (split defaults to `cfg.split`). Raises ValueError, naming
@@ -53,7 +54,7 @@ def open_documents(cfg: DataConfig, split: str | None = None) -> Documents:
     for path in paths:
         columns = _peek_columns(path, fmt)
         if columns is not None:  # None: a whole-file JSON document, checked once loaded
-            _require_columns(columns, str(path), cfg.text_column, cfg.label_column)
+            require_columns(columns, str(path), cfg.text_column, cfg.label_column)
     return ColumnFiles(paths, fmt, corpus, cfg.text_column, cfg.label_column)
 
 
@@ -78,7 +79,7 @@ def _open_bundled_labelled(corpus: str, split: str, text_column: str,
     if split not in files:
         raise ValueError(f"data.corpus '{corpus}' has the splits {', '.join(files)}; "
                          f"asked for '{split}'.")
-    _require_columns(["text", "label"], corpus, text_column, label_column)
+    require_columns(["text", "label"], corpus, text_column, label_column)
     return ColumnFiles([files[split]], "jsonl", f"{corpus}[{split}]", text_column, label_column)
 
 
@@ -119,7 +120,7 @@ def _local_files(corpus: str, fmt: str) -> tuple[list[Path], str]:
         unknown = [p for p, f in formats.items() if f is None]
         if unknown:
             raise ValueError(f"data.corpus '{corpus}': cannot tell the format of "
-                             f"{_some(unknown)} from the extension. Set data.format to one of "
+                             f"{some_paths(unknown)} from the extension. Set data.format to one of "
                              f"{', '.join(EXTENSIONS)}, or narrow the glob.")
         found = sorted(set(formats.values()))
         if len(found) > 1:
@@ -156,7 +157,7 @@ def _peek_columns(path: Path, fmt: str) -> list[str] | None:
                         return None
                     return list(record) if isinstance(record, dict) else None
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, f"near the start: {e.reason}") from None
+        raise not_utf8(path, f"near the start: {e.reason}") from None
     return None
 
 
@@ -177,8 +178,8 @@ def _open_hub(spec: str, split: str, text_column: str, label_column: str | None)
     downloads) the split into the HF cache. When the hub cannot be reached, only the local
     cache is tried, so an offline machine fails in seconds instead of retrying for minutes."""
     ds, name = load_hub_split(spec, split, (text_column, label_column))
-    _require_columns(ds.column_names, name, text_column, label_column)
-    _require_text_type(ds, name, text_column)
+    require_columns(ds.column_names, name, text_column, label_column)
+    require_text_type(ds, name, text_column)
     return HubDataset(ds, name, text_column, label_column)
 
 
@@ -212,7 +213,7 @@ def load_hub_split(spec: str, split: str, columns) -> tuple:
         if builder.info.splits:
             _require_split(split, list(builder.info.splits), f"hf:{spec}")
         if builder.info.features:
-            _require_columns(list(builder.info.features), name, *columns)
+            require_columns(list(builder.info.features), name, *columns)
         builder.download_and_prepare()
         try:
             ds = builder.as_dataset(split=split)
@@ -296,7 +297,7 @@ def tfds_builder(spec: str, split: str, columns) -> tuple:
     name = f"tfds:{spec}[{split}]"
     _require_split(split, list(builder.info.splits), f"tfds:{spec}")
     features = builder.info.features
-    _require_columns(list(features.keys()), f"tfds:{spec}", *columns)
+    require_columns(list(features.keys()), f"tfds:{spec}", *columns)
     return builder, features, name
 
 
@@ -307,3 +308,21 @@ def tfds_data_source(builder, split: str) -> tuple:
     identity = (builder.info.full_name, split, str(builder.data_dir),
                 info_file.stat().st_mtime_ns if info_file.exists() else 0)
     return source, identity
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub datasets of images (image_sources.py, pairs.py)
+
+
+def require_image_columns(columns, where: str, image_column: str, label_column: str) -> None:
+    for key, column in (("data.image_column", image_column), ("data.label_column", label_column)):
+        if column not in columns:
+            raise ValueError(f"{where} has no column '{column}' ({key}). Its columns: "
+                             f"{', '.join(map(str, columns)) or '(none)'}. Set {key}=<one of "
+                             f"them>.")
+
+
+def open_hub_images(spec, split, image_column, label_column):
+    ds, name = load_hub_split(spec, split, (None, None))
+    require_image_columns(ds.column_names, name, image_column, label_column)
+    return ds, name

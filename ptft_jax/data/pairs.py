@@ -24,7 +24,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ptft_jax.data.image_sources import (BadImage, _digest, _stat, decode, _as_array)
+from ptft_jax.data.emoji import EmojiPairs
+from ptft_jax.data.image_io import BadImage, as_array, decode, digest, file_key
+from ptft_jax.data.opening import open_hub_images, require_image_columns
 
 
 class PairRecords:
@@ -86,7 +88,7 @@ class NpzPairs:
         return self.n
 
     def fingerprint(self) -> str:
-        return _digest("npz-pairs", _stat(self.path), self.columns)
+        return digest("npz-pairs", file_key(self.path), self.columns)
 
     def texts(self) -> list[str]:
         return _check_texts([str(t) for t in self._load()[self.columns[1]]], self.name)
@@ -99,7 +101,7 @@ class NpzPairs:
 
     def read(self, start: int, stop: int) -> list:
         images = self._load()[self.columns[0]]
-        return [_as_array(images[i], f"{self.name} row {i}") for i in range(start, stop)]
+        return [as_array(images[i], f"{self.name} row {i}") for i in range(start, stop)]
 
     def __getstate__(self):
         return {**self.__dict__, "_arrays": None}
@@ -142,8 +144,8 @@ class FilePairs:
         files = []
         for i in range(len(self)):
             f = self._file(i)
-            files.append(_stat(f)[1:] if f.exists() else None)
-        return _digest("file-pairs", _stat(self.path), self.columns, files)
+            files.append(file_key(f)[1:] if f.exists() else None)
+        return digest("file-pairs", file_key(self.path), self.columns, files)
 
     def texts(self) -> list[str]:
         if self.columns[1] is None:
@@ -175,16 +177,15 @@ class HubPairs:
         self._open()
 
     def _open(self):
-        from ptft_jax.data.image_sources import _open_hub_images, _require
-        self._data = _open_hub_images(self.spec, self.split, self.columns[0],
+        self._data = open_hub_images(self.spec, self.split, self.columns[0],
                                       self.columns[2] or self.columns[0])
-        _require(self._data.column_names, self.name, self.columns[0], self.columns[1])
+        require_image_columns(self._data.column_names, self.name, self.columns[0], self.columns[1])
 
     def __len__(self) -> int:
         return len(self._data)
 
     def fingerprint(self) -> str:
-        return _digest("hf-pairs", self.spec, self.split, self._data._fingerprint, self.columns)
+        return digest("hf-pairs", self.spec, self.split, self._data._fingerprint, self.columns)
 
     def texts(self) -> list[str]:
         return _check_texts(list(self._data[self.columns[1]]), self.name)
@@ -195,7 +196,7 @@ class HubPairs:
 
     def read(self, start: int, stop: int) -> list:
         cells = self._data[start:stop][self.columns[0]]
-        return [_as_array(v, f"{self.name} row {start + i}") for i, v in enumerate(cells)]
+        return [as_array(v, f"{self.name} row {start + i}") for i, v in enumerate(cells)]
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_data"}
@@ -209,7 +210,6 @@ def open_pairs(corpus: str, split: str, image_column: str, text_column: str,
                label_column: str | None):
     """The pair source `data.corpus` names (see the module docstring)."""
     if corpus == "emoji" or corpus.startswith("emoji:"):
-        from ptft_jax.data.emoji import EmojiPairs
         return EmojiPairs(split, text_column, label_column)
     if corpus.startswith("hf:"):
         return HubPairs(corpus[3:], split, image_column, text_column, label_column)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 log = logging.getLogger(__name__)
 
 _CORPORA = Path(__file__).with_name("corpora")
@@ -142,7 +141,7 @@ class TextFiles(Documents):
         first_doc = np.concatenate([[0], np.cumsum([len(s) for s in starts])]).astype(np.int64)
         if first_doc[-1] == 0:
             raise ValueError(f"data.corpus '{self.name}' holds no text: every line of "
-                             f"{_some(self.paths)} is blank.")
+                             f"{some_paths(self.paths)} is blank.")
         _log_dropped(self.name, blank, int(first_doc[-1]) + blank, "blank lines")
         return starts, ends, first_doc
 
@@ -204,7 +203,7 @@ def _line_spans(data: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, i
             str(window, "utf-8")
         except UnicodeDecodeError as e:
             line = int(np.searchsorted(starts, lo + e.start, side="right"))
-            raise _not_utf8(path, f"line {line}: {e.reason}") from None
+            raise not_utf8(path, f"line {line}: {e.reason}") from None
         # A line is kept when any of its bytes (the segment up to the next line) is not space.
         keep[first:last] = np.logical_or.reduceat(~_ASCII_SPACE[window], starts[first:last] - lo)
         first = last
@@ -336,8 +335,8 @@ class ColumnFiles(_ArrowDocuments):
                 _check_utf8(path)
             raise ValueError(f"data.corpus '{self.name}': could not read the files as "
                              f"{self.format} ({type(cause).__name__}: {cause}).") from None
-        _require_columns(ds.column_names, self.name, self.text_column, self.label_column)
-        _require_text_type(ds, self.name, self.text_column)
+        require_columns(ds.column_names, self.name, self.text_column, self.label_column)
+        require_text_type(ds, self.name, self.text_column)
         return ds
 
 
@@ -460,7 +459,7 @@ def _log_dropped(name: str, dropped: int, total: int, what: str) -> None:
                     total, total - dropped)
 
 
-def _not_utf8(path: Path, detail: str) -> ValueError:
+def not_utf8(path: Path, detail: str) -> ValueError:
     fixed = path.name.replace(".", ".utf8.", 1)
     return ValueError(f"{path}: not UTF-8 text ({detail}). Convert it, e.g. "
                       f"`iconv -f latin1 -t utf-8 {path.name} > {fixed}`, and point data.corpus "
@@ -477,12 +476,12 @@ def _check_utf8(path: Path) -> None:
             try:
                 decoder.decode(block)
             except UnicodeDecodeError as e:
-                raise _not_utf8(path, f"near byte {offset + e.start}: {e.reason}") from None
+                raise not_utf8(path, f"near byte {offset + e.start}: {e.reason}") from None
             offset += len(block)
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, f"at the end: {e.reason}") from None
+        raise not_utf8(path, f"at the end: {e.reason}") from None
 
 
 def _plain(value):
@@ -496,12 +495,12 @@ def _as_list(values) -> list:
     return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
 
-def _some(paths: list[Path], shown: int = 3) -> str:
+def some_paths(paths: list[Path], shown: int = 3) -> str:
     names = ", ".join(str(p) for p in paths[:shown])
     return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
-def _require_columns(columns: list[str], where: str, text_column: str,
+def require_columns(columns: list[str], where: str, text_column: str,
                      label_column: str | None) -> None:
     for key, column in (("data.text_column", text_column), ("data.label_column", label_column)):
         if column is not None and column not in columns:
@@ -511,7 +510,7 @@ def _require_columns(columns: list[str], where: str, text_column: str,
                                          else "."))
 
 
-def _require_text_type(dataset, where: str, column: str) -> None:
+def require_text_type(dataset, where: str, column: str) -> None:
     import datasets
     feature = dataset.features[column]
     if not (isinstance(feature, datasets.Value)

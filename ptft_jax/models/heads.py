@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ptft_jax.config import ModelConfig
+from ptft_jax.config.schema import ModelConfig
 from ptft_jax.models.layers import constrain, dense
 from ptft_jax.models.transformer import Transformer
 

@@ -1,7 +1,7 @@
 """Transformer building blocks shared by the encoder (BERT-style) and decoder (GPT-style).
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) and
-activations are constrained with `act_*` names; `ptft_jax.mesh.LOGICAL_RULES` maps both to mesh
+activations are constrained with `act_*` names; `ptft_jax.core.mesh.LOGICAL_RULES` maps both to mesh
 axes. Parameters are stored in `param_dtype`; matmuls run in `dtype`.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptft_jax.config import ModelConfig
+from ptft_jax.config.schema import ModelConfig
 
 INIT_STD = 0.02  # BERT's and GPT-2's weight scale; ViT's positions use it too
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,
@@ -175,7 +175,7 @@ class Mlp(nn.Module):
         # (The ViT paper's code draws these biases from N(0, 1e-6): zeros here, as good as.)
         h = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "wi",
                   kernel_init(cfg, recipe=self.recipe))(x)
-        h = constrain(_ACTIVATIONS[cfg.activation](h), ("act_batch", "act_len", "act_mlp"))
+        h = constrain(ACTIVATIONS[cfg.activation](h), ("act_batch", "act_len", "act_mlp"))
         out = dense(cfg, cfg.hidden_size, ("mlp", "embed"), "wo",
                     kernel_init(cfg, residual=True, recipe=self.recipe))(h)
         return constrain(out, ("act_batch", "act_len", "act_embed"))

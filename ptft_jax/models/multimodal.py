@@ -22,9 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptft_jax.config import ModelConfig
+from ptft_jax.config.schema import ModelConfig
 from ptft_jax.models.heads import pool
-from ptft_jax.models.layers import Attention, Mlp, _ACTIVATIONS, constrain, dense, layer_norm
+from ptft_jax.models.layers import ACTIVATIONS, Attention, Mlp, constrain, dense, layer_norm
 from ptft_jax.models.transformer import Transformer
 from ptft_jax.models.vision import feature_size, image_encoder
 
@@ -113,7 +113,7 @@ class Fusion(nn.Module):
     @nn.compact
     def __call__(self, image, text, segment_ids=None, train: bool = False):
         cfg = self.cfg
-        act = _ACTIVATIONS[cfg.activation]
+        act = ACTIVATIONS[cfg.activation]
         width = cfg.hidden_size
         if cfg.fusion == "concat":
             x = jnp.concatenate([image.astype(text.dtype), text], axis=-1)

@@ -11,11 +11,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptft_jax.config import ModelConfig
-from ptft_jax.models.layers import (Block, _ACTIVATIONS, constrain, dense, dtypes,
-                                    embedding_init, init_recipe, layer_norm, zeros)
+from ptft_jax.config.schema import ModelConfig
+from ptft_jax.models.layers import (ACTIVATIONS, Block, constrain, dense, dtypes, embedding_init,
+                                    init_recipe, layer_norm, zeros)
 
-_REMAT_POLICIES = {
+CHECKPOINT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -36,7 +36,7 @@ def layer_stack(cfg: ModelConfig, causal: bool):
     block = Block
     if cfg.remat != "none":
         # `train` (argument 3, counting self) is a Python bool: static for remat.
-        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
+        block = nn.remat(Block, policy=CHECKPOINT_POLICIES[cfg.remat],
                          prevent_cse=not cfg.scan_layers, static_argnums=(3,))
     if cfg.scan_layers:
         stack = nn.scan(block, variable_axes={"params": 0},
@@ -139,7 +139,7 @@ class MlmHead(nn.Module):
         # wrong gradients for this norm on a (data 2, fsdp 2, tensor 2) mesh, while the loss
         # stayed right. tests/test_parallel.py catches it.
         act = ("act_batch", "act_len", "act_embed")
-        x = constrain(_ACTIVATIONS[cfg.activation](x), act)
+        x = constrain(ACTIVATIONS[cfg.activation](x), act)
         return constrain(layer_norm(cfg, "norm", axis_name="mlp")(x), act)
 
 

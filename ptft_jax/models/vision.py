@@ -16,10 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptft_jax.config import ModelConfig
-from ptft_jax.models.layers import (constrain, dense, dtypes, layer_norm, normal,
-                                    zeros)
-from ptft_jax.models.transformer import _REMAT_POLICIES, layer_stack, run_layers
+from ptft_jax.config.schema import ModelConfig
+from ptft_jax.models.layers import constrain, dense, dtypes, layer_norm, normal, zeros
+from ptft_jax.models.transformer import CHECKPOINT_POLICIES, layer_stack, run_layers
 
 IMAGE_ACT = ("act_batch", None, None, None)
 # An image classifier's head: U(+-1 / sqrt(width)), PyTorch's nn.Linear default. For ResNet
@@ -160,7 +159,7 @@ class ResNet(nn.Module):
         x = constrain(x, IMAGE_ACT)
         block = ResNetBlock
         if cfg.remat != "none":
-            block = nn.remat(ResNetBlock, policy=_REMAT_POLICIES[cfg.remat],
+            block = nn.remat(ResNetBlock, policy=CHECKPOINT_POLICIES[cfg.remat],
                              static_argnums=(2,))
         index = 0
         for stage, count in enumerate(cfg.resnet_stages):

@@ -59,7 +59,7 @@ class Task(abc.ABC):
         (randomness keyed per example does not depend on microbatches or devices)."""
 
     def predicted_positions(self, seq_len: int) -> int:
-        """Positions per row the output head runs on (FLOPs accounting; see perf.py)."""
+        """Positions per row the output head runs on (FLOPs accounting; see models/flops.py)."""
         return seq_len
 
     @abc.abstractmethod

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptft_jax import evaluation
-from ptft_jax.config import ModelConfig
+from ptft_jax.config.schema import ModelConfig
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.models.heads import Classifier
+from ptft_jax.tasks import metrics
 from ptft_jax.tasks.base import Task, apply_model
 
 # Which metric early stopping and the best checkpoint follow when eval.metric is auto.
@@ -49,21 +49,21 @@ class ClassifyTask(Task):
         weights = batch["weight"]
         kind = self.labels.kind
         if kind == "classification":
-            sums = evaluation.classification_sums(logits, batch["label"], weights,
+            sums = metrics.classification_sums(logits, batch["label"], weights,
                                                   self.labels.num_outputs)
         elif kind == "multi_label":
-            sums = evaluation.multi_label_sums(logits, batch["label"], weights)
+            sums = metrics.multi_label_sums(logits, batch["label"], weights)
         else:
-            sums = evaluation.regression_sums(logits[:, 0], batch["label"], weights)
+            sums = metrics.regression_sums(logits[:, 0], batch["label"], weights)
         return sums, model_state
 
     def metrics(self, sums) -> dict:
         kind, names = self.labels.kind, list(self.labels.names)
         if kind == "classification":
-            return evaluation.classification_metrics(sums, names)
+            return metrics.classification_metrics(sums, names)
         if kind == "multi_label":
-            return evaluation.multi_label_metrics(sums, names)
-        return evaluation.regression_metrics(sums)
+            return metrics.multi_label_metrics(sums, names)
+        return metrics.regression_metrics(sums)
 
     def predict(self, params, model_state, batch):
         """Probabilities (or the regression value) per example: what `ptft predict` writes."""

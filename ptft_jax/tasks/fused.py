@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptft_jax import evaluation
-from ptft_jax.config import AugmentConfig, ModelConfig
+from ptft_jax.config.schema import AugmentConfig, ModelConfig
 from ptft_jax.data.augment import augment, normalize
 from ptft_jax.models.multimodal import FusionClassifier
+from ptft_jax.tasks import metrics
 from ptft_jax.tasks.base import Task, apply_model
 
 
@@ -57,11 +57,11 @@ class FusedClassifyTask(Task):
             inputs = (images, *inputs[1:])
         logits, model_state = apply_model(self.model, params, model_state, *inputs,
                                           train=train, rngs=rngs)
-        return evaluation.classification_sums(logits, batch["label"], batch["weight"],
+        return metrics.classification_sums(logits, batch["label"], batch["weight"],
                                               self.num_classes), model_state
 
     def metrics(self, sums) -> dict:
-        return evaluation.classification_metrics(sums, list(self.class_names))
+        return metrics.classification_metrics(sums, list(self.class_names))
 
     def predict(self, params, model_state, batch):
         logits, _ = apply_model(self.model, params, model_state, *self.model_inputs(batch),

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptft_jax import evaluation
-from ptft_jax.config import AugmentConfig, ModelConfig
+from ptft_jax.config.schema import AugmentConfig, ModelConfig
 from ptft_jax.data.augment import augment, normalize
 from ptft_jax.models.vision import ImageClassifier
+from ptft_jax.tasks import metrics
 from ptft_jax.tasks.base import Task, apply_model
 
 
@@ -52,7 +52,7 @@ class ImageClassifyTask(Task):
         if not train:
             logits, model_state = apply_model(self.model, params, model_state,
                                               *self.model_inputs(batch), train=False)
-            return evaluation.classification_sums(logits, labels, weights,
+            return metrics.classification_sums(logits, labels, weights,
                                                    self.num_classes), model_state
         targets = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
         with jax.named_scope("augment"):  # what profiles attribute its ops to
@@ -62,13 +62,13 @@ class ImageClassifyTask(Task):
                 self.label_smoothing / self.num_classes
         logits, model_state = apply_model(self.model, params, model_state, images,
                                           train=True, rngs=rngs)
-        sums = evaluation.classification_sums(logits, labels, weights, self.num_classes)
+        sums = metrics.classification_sums(logits, labels, weights, self.num_classes)
         loss = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
         sums["loss_sum"] = jnp.sum(loss * weights)
         return sums, model_state
 
     def metrics(self, sums) -> dict:
-        return evaluation.classification_metrics(sums, list(self.class_names))
+        return metrics.classification_metrics(sums, list(self.class_names))
 
     def predict(self, params, model_state, batch):
         logits, _ = apply_model(self.model, params, model_state, *self.model_inputs(batch),

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptft_jax.config import ModelConfig, ObjectiveConfig
+from ptft_jax.config.schema import ModelConfig, ObjectiveConfig
 from ptft_jax.models.transformer import LanguageModel
 from ptft_jax.tasks.base import Task, apply_model
 from ptft_jax.tasks.vocab_loss import ModelFns, token_sums

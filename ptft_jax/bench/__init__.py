@@ -1,0 +1,3 @@
+"""`ptft bench`: benchmark.py (step time, throughput, MFU, compile and memory for the cases),
+workloads.py (what each case trains), finetune.py and pipeline.py (finetuning strategies,
+the input pipeline), profiling.py (where a step's time goes)."""

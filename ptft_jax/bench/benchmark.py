@@ -1,0 +1,468 @@
+"""`ptft bench`: step time, throughput, MFU, compile time and memory for the cases in
+`benchmarks/cases.yaml`, side by side with a PyTorch reference when one is installed.
+
+Measured honestly: compile time apart (`lower().compile()`), warm-up steps discarded, each timed
+step ends in `block_until_ready` on the new state, and the median, min and max of N steps are
+reported. Each case steps on what training feeds (bench/workloads.py: packed rows with their
+document mask for language models, uint8 images augmented on device for image models). The
+input pipeline has its own benchmark (bench/pipeline.py). FLOPs follow `ptft_jax.models.flops` (PaLM
+convention) and count only what the step computes (masked LM: the head at its masked slots).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from ptft_jax.bench.workloads import synthetic_batches, workload  # noqa: F401 (re-export)
+from ptft_jax.config.load import load_config
+from ptft_jax.config.schema import ConfigError
+from ptft_jax.config.validate import validate
+from ptft_jax.models.layers import dtypes
+from ptft_jax.train import peak
+from ptft_jax.train.engine import build
+
+# The source checkout: `benchmarks/` lies beside `ptft_jax/`.
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CASES = REPO / "benchmarks" / "cases.yaml"
+CASE_KEYS = ("name", "preset", "text_preset", "objective", "seq_len", "image_size",
+             "global_batch",
+             "parallelism", "mesh", "dtype", "remat", "scan", "grad_accum", "vocab_size",
+             "torch", "rows", "loss_chunk", "overrides")
+ROWS = ("packed", "unmasked")
+OBJECTIVES = ("mlm", "clm", "image_classification", "contrastive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    preset: str
+    objective: str  # one of OBJECTIVES
+    global_batch: int
+    parallelism: str
+    mesh: dict
+    dtype: str
+    remat: str
+    scan: bool
+    grad_accum: int
+    vocab_size: int | None
+    torch: bool
+    rows: str = "packed"
+    loss_chunk: int | None = None  # objective.loss_chunk; None: the default
+    seq_len: int | None = None  # language models
+    image_size: int | None = None  # image models; None: the preset's
+    overrides: tuple = ()  # other config keys ("key.sub=value")
+    text_preset: str | None = None  # contrastive: the text tower (preset: the image tower)
+
+    def config(self, overrides: tuple[str, ...] = ()):
+        per_objective = [f"data.seq_len={self.seq_len}"] if self.seq_len else []
+        if self.objective == "contrastive":
+            # Two towers: `preset` is the image tower, `text_preset` the text one.
+            model = [f"towers.image.model.preset={self.preset}",
+                     f"towers.text.model.preset={self.text_preset}", "model.kind=two_tower",
+                     "towers.text.model.dropout=0.0", "towers.image.projection_dim=512",
+                     "towers.text.projection_dim=512"]
+            if self.image_size:
+                model.append(f"towers.image.model.image_size={self.image_size}")
+        else:
+            model = [f"model.preset={self.preset}"]
+            if self.image_size:
+                per_objective.append(f"model.image_size={self.image_size}")
+        if self.objective == "image_classification":
+            per_objective.append("augment.flip=true")
+        cfg = load_config(None, [
+            *model, f"train.task={self.objective}",
+            *per_objective, f"train.global_batch={self.global_batch}",
+            f"mesh.parallelism={self.parallelism}", f"mesh.data={self.mesh.get('data', -1)}",
+            f"mesh.fsdp={self.mesh.get('fsdp', 1)}", f"mesh.tensor={self.mesh.get('tensor', 1)}",
+            f"model.dtype={self.dtype}", f"model.remat={self.remat}",
+            f"model.scan_layers={str(self.scan).lower()}", f"train.grad_accum={self.grad_accum}",
+            "model.dropout=0.0", "train.steps=1000", "optim.warmup_steps=10",
+            *([f"model.vocab_size={self.vocab_size}"] if self.vocab_size else []),
+            *([f"model.max_len={max(self.seq_len, 128)}"] if self.preset == "gpt-tiny" else []),
+            *([f"objective.loss_chunk={self.loss_chunk}"] if self.loss_chunk is not None
+              else []),
+            *self.overrides, *overrides])
+        return cfg
+
+
+def load_cases(path: Path, sets: list[str], names: list[str]) -> list[Case]:
+    if not path.is_file():
+        raise ConfigError(f"No benchmark cases file at {path}; pass --cases-file.")
+    doc = yaml.safe_load(path.read_text())
+    defaults, all_sets = doc.get("defaults", {}), doc["sets"]
+    for s in sets:
+        if s not in all_sets:
+            raise ConfigError(f"No benchmark set '{s}' in {path}; sets: {', '.join(all_sets)}.")
+    by_name = {}
+    for set_name, cases in all_sets.items():
+        for raw in cases:
+            unknown = set(raw) - set(CASE_KEYS)
+            if unknown:
+                raise ConfigError(f"{path}: case {raw.get('name')} has unknown keys {unknown}; "
+                                  f"valid: {', '.join(CASE_KEYS)}.")
+            case = Case(**{**defaults, **raw})
+            case = dataclasses.replace(case, overrides=tuple(case.overrides or ()))
+            if case.rows not in ROWS:
+                raise ConfigError(f"{path}: case {case.name} has rows: {case.rows}; use one of "
+                                  f"{', '.join(ROWS)}.")
+            if case.objective not in OBJECTIVES:
+                raise ConfigError(f"{path}: case {case.name} has objective: {case.objective}; "
+                                  f"use one of {', '.join(OBJECTIVES)}.")
+            by_name[raw["name"]] = (set_name, case)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ConfigError(f"No benchmark case(s) {missing} in {path}; cases: "
+                          f"{', '.join(by_name)}.")
+    chosen = [c for n, (s, c) in by_name.items() if s in sets or n in names]
+    if not chosen:
+        raise ConfigError("No cases chosen: pass --set NAME or --cases NAME ...")
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def timed_steps(step, state, batches, key, warmup: int, steps: int):
+    """Runs `warmup` untimed then `steps` timed steps; returns (state, seconds per step)."""
+    for i in range(warmup):
+        state, metrics = step(state, batches[i % len(batches)], key)
+    jax.block_until_ready(state)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batches[i % len(batches)], key)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return state, times
+
+
+def state_bytes_on_first_device(state) -> int:
+    """Bytes of the train state held by the first device: its one shard of every leaf (under
+    pmap, its copy of the replicated state)."""
+    device = jax.devices()[0]
+    return sum(shard.data.nbytes for leaf in jax.tree.leaves(state)
+               for shard in leaf.addressable_shards if shard.device == device)
+
+
+_CEILINGS: dict = {}
+
+
+def matmul_ceiling(dtype, again: bool = False) -> float:
+    """Measured dense-matmul FLOP/s of one device in the compute dtype, for the whole system
+    (the fastest of 20 timings); timed once per run so that every case is held to the same
+    ceiling, and timed `again` when a case beats it (it only ever rises)."""
+    if dtype not in _CEILINGS or again:
+        n = 1024 if jax.default_backend() == "cpu" else 8192
+        per_device = peak.measure_matmul_flops(n=n, dtype=dtype, repeats=20)
+        flops = per_device if jax.default_backend() == "cpu" else \
+            per_device * jax.device_count()
+        _CEILINGS[dtype] = max(flops, _CEILINGS.get(dtype, 0.0))
+    return _CEILINGS[dtype]
+
+
+def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
+                 overrides: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
+    """(result row, the host batches it stepped on) for one case."""
+    cfg = case.config(overrides)
+    validate(cfg, jax.device_count())
+    work = workload(cfg, case.rows)
+    engine = build(cfg, work.task)
+    key = jax.random.key(0)
+    state = engine.init(key)
+    batches = [engine.to_device(b) for b in work.host_batches]
+
+    t0 = time.perf_counter()
+    compiled = engine.step_fn.lower(state, batches[0], key).compile()
+    compile_s = time.perf_counter() - t0
+    row: dict = {"compile_s": compile_s}
+    memory = compiled.memory_analysis()
+    if isinstance(memory, (list, tuple)):
+        memory = memory[0] if memory else None
+    if memory is not None:
+        row.update(mem_arguments_bytes=memory.argument_size_in_bytes,
+                   mem_outputs_bytes=memory.output_size_in_bytes,
+                   mem_temporaries_bytes=memory.temp_size_in_bytes)
+    row["state_bytes_per_device"] = state_bytes_on_first_device(state)
+
+    state, times = timed_steps(compiled, state, batches, key, warmup, steps)
+    if profile_dir is not None:
+        from ptft_jax.bench import profiling
+        trace_dir = profile_dir / case.name
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            state, _ = timed_steps(compiled, state, batches, key, 0, 3)
+        summary = profiling.summarize(trace_dir, compiled.as_text(), steps=3)
+        (trace_dir / "summary.md").write_text(profiling.markdown(summary, case.name))
+        row["profile"] = str(trace_dir)
+        row["profile_ms_by_category"] = dict(summary["categories"])
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        row["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+
+    median = statistics.median(times)
+    per_s = work.units_per_step / median
+    compute_dtype, _ = dtypes(cfg.model)
+    table_peak = peak.device_peak_flops()
+    ceiling = matmul_ceiling(jnp.dtype(compute_dtype))
+    if peak.mfu(per_s, work.flops_per_unit, ceiling) > 1:  # the machine was busy when timed
+        ceiling = matmul_ceiling(jnp.dtype(compute_dtype), again=True)
+    row.update(step_ms_median=median * 1e3, step_ms_min=min(times) * 1e3,
+               step_ms_max=max(times) * 1e3, steps_timed=len(times),
+               unit=work.unit, units_per_step=work.units_per_step, units_per_s=per_s,
+               units_per_s_per_device=per_s / jax.device_count(),
+               flops_per_unit=work.flops_per_unit, compute_dtype=str(compute_dtype),
+               matmul_ceiling_flops=ceiling,
+               mfu_vs_measured_ceiling=peak.mfu(per_s, work.flops_per_unit, ceiling))
+    # Still above 100%: the ceiling is wrong, and every table says so.
+    row["ceiling_too_low"] = row["mfu_vs_measured_ceiling"] > 1
+    # The names earlier results and the language-model tables use.
+    row[f"{work.unit}s_per_s"] = per_s
+    if work.unit == "token":
+        row.update(tokens_per_s_per_device=per_s / jax.device_count(),
+                   flops_per_token=work.flops_per_unit)
+    if table_peak is not None:
+        row["mfu"] = peak.mfu(per_s, work.flops_per_unit, table_peak * jax.device_count())
+    return row, work.host_batches
+
+
+def load_torch_reference():
+    """benchmarks/torch_reference.py, if PyTorch and transformers are installed; else None."""
+    if importlib.util.find_spec("torch") is None or \
+            importlib.util.find_spec("transformers") is None:
+        return None
+    path = REPO / "benchmarks" / "torch_reference.py"
+    spec = importlib.util.spec_from_file_location("ptft_torch_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Context and reports
+
+
+def environment() -> dict:
+    import flax
+    import optax
+    env = {"machine": _cpu_name(), "isa": instruction_set(), "platform": jax.default_backend(),
+           "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+           "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+           "git_commit": _git_commit(), "time": datetime.datetime.now().isoformat(
+               timespec="seconds")}
+    for name in ("torch", "transformers"):
+        if importlib.util.find_spec(name) is not None:
+            env[name] = __import__(name).__version__
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                import os
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def instruction_set() -> str:
+    """The host CPU's widest vector / matrix extension (ratios against PyTorch differ a lot
+    between AVX2, AVX-512 and AMX machines)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in
+                      Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        flags = []
+    found = [name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"),
+                                     ("avx2", "AVX2"), ("sve", "SVE"), ("asimd", "NEON"))
+             if flag in flags]
+    return found[0] if found else platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_slug(env: dict) -> str:
+    kind = env["device_kind"] if env["platform"] != "cpu" else "cpu-" + env["machine"]
+    slug = "".join(c if c.isalnum() else "-" for c in kind.lower())
+    return "-".join(filter(None, slug.split("-")))[:60] + f"-x{env['device_count']}"
+
+
+def markdown_table(rows: list[dict], env: dict) -> str:
+    head = (f"Device: {env['device_kind']} x{env['device_count']} ({env['platform']}; host "
+            f"{env['machine']}, {env.get('isa', 'ISA unknown')}); jax {env['jax']}, "
+            f"flax {env['flax']}"
+            + (f", torch {env['torch']}" if "torch" in env else "")
+            + f"; commit {env['git_commit']}; {env['time']}\n\n")
+    cols = ["case", "compile s", "step ms (median)", "min-max", "throughput",
+            "per device", "MFU", "MFU vs measured", "state MB/device",
+            "torch eager ms", "torch.compile ms", "ptft/eager", "ptft/compile"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | error: {r['error']} |" + " |" * (len(cols) - 2))
+            continue
+        lines.append("| " + " | ".join([
+            r["case"], f"{r['compile_s']:.1f}", f"{r['step_ms_median']:.1f}",
+            f"{r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}", _throughput(r),
+            _throughput(r, per_device=True),
+            f"{r['mfu']:.1%}" if "mfu" in r else "n/a",
+            _vs_ceiling(r),
+            f"{r['state_bytes_per_device'] / 2**20:.1f}",
+            _ms(r, "torch_eager"), _ms(r, "torch_compile"),
+            _ratio(r, "torch_eager"), _ratio(r, "torch_compile")]) + " |")
+    notes = memory_notes(rows)
+    return head + "\n".join(lines) + ("\n\n" + notes if notes else "") + "\n"
+
+
+def _vs_ceiling(r) -> str:
+    value = f"{r['mfu_vs_measured_ceiling']:.1%}"
+    return value + " (ceiling too low)" if r.get("ceiling_too_low") else value
+
+
+def _throughput(r, per_device: bool = False) -> str:
+    value = r["units_per_s_per_device" if per_device else "units_per_s"]
+    return f"{value:,.{0 if value >= 100 else 1}f} {r['unit']}s/s"
+
+
+def _ms(r, key):
+    return f"{r[key + '_step_ms_median']:.1f}" if key + "_step_ms_median" in r else "-"
+
+
+def _ratio(r, key):
+    return f"{r['step_ms_median'] / r[key + '_step_ms_median']:.2f}" \
+        if key + "_step_ms_median" in r else "-"
+
+
+def memory_notes(rows: list[dict]) -> str:
+    """Per-device state bytes of each layout relative to pure data parallelism on the same
+    model: the `-dp8` case of the memory set."""
+    def model(r):
+        return r["preset"], r["objective"], r.get("seq_len"), r["global_batch"]
+
+    lines = []
+    for base in (r for r in rows if r["case"].endswith("-dp8") and "error" not in r):
+        for r in rows:
+            if r is not base and "error" not in r and model(r) == model(base):
+                ratio = r["state_bytes_per_device"] / base["state_bytes_per_device"]
+                lines.append(f"- {r['case']}: {ratio:.3f} of {base['case']}'s per-device "
+                             f"parameter + optimizer bytes")
+    return "Per-device state memory:\n" + "\n".join(lines) if lines else ""
+
+
+def plot(rows: list[dict], env: dict, path: Path) -> None:
+    """Throughput bars, ptft beside the PyTorch reference: one panel per unit (tokens/s,
+    images/s), since the scales do not compare."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    units = list(dict.fromkeys(r["unit"] for r in ok))
+    fig, axes = plt.subplots(1, len(units), squeeze=False,
+                             figsize=(max(6, 1.6 * len(ok)), 4))
+    for ax, unit in zip(axes[0], units):
+        group = [r for r in ok if r["unit"] == unit]
+        series = [("ptft (JAX)", [r["units_per_s"] for r in group])]
+        for key, name in (("torch_eager", "PyTorch eager"), ("torch_compile", "torch.compile")):
+            if any(key + "_units_per_s" in r for r in group):
+                series.append((name, [r.get(key + "_units_per_s", 0) for r in group]))
+        width = 0.8 / len(series)
+        for i, (name, values) in enumerate(series):
+            ax.bar(np.arange(len(group)) + i * width, values, width, label=name)
+        ax.set_xticks(np.arange(len(group)) + width * (len(series) - 1) / 2)
+        ax.set_xticklabels([r["case"] for r in group], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"{unit}s / s (median step)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{env['device_kind']} x{env['device_count']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(case_names: list[str], sets: list[str], steps: int, warmup: int, profile: bool,
+        cases_file: Path, out_dir: Path, torch_steps: int | None = None,
+        with_torch: bool = True, echo=print, overrides: tuple[str, ...] = ()) -> list[dict]:
+    """Runs the chosen cases and writes JSONL, Markdown and PNG; `overrides` (config keys)
+    shrink every case, for smoke tests."""
+    cases = load_cases(cases_file, sets, case_names)
+    env = environment()
+    torch_ref = load_torch_reference() if with_torch else None
+    if with_torch and torch_ref is None and any(c.torch for c in cases):
+        echo("PyTorch reference skipped: torch and transformers are not installed "
+             "(pip install torch==2.13.0 transformers).")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = out_dir / device_slug(env)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in cases:
+        echo(f"[{case.name}] ...")
+        row = {"case": case.name, **dataclasses.asdict(case), **env}
+        host_batches = None
+        try:
+            result, host_batches = run_jax_case(
+                case, steps, warmup, out / "profiles" if profile else None, overrides)
+            row.update(result)
+        except (ConfigError, ValueError) as e:
+            row["error"] = str(e).splitlines()[0]
+            echo(f"[{case.name}] skipped: {row['error']}")
+        if case.torch and torch_ref is not None and "error" not in row:
+            cfg = case.config(overrides)
+            for compiled in (False, True):
+                key = "torch_compile" if compiled else "torch_eager"
+                try:
+                    result = torch_ref.time_case(cfg, host_batches, compiled=compiled,
+                                                 steps=torch_steps or steps, warmup=warmup)
+                    row.update({f"{key}_{k}": v for k, v in result.items()})
+                except Exception as e:  # the reference must never stop the suite
+                    row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
+                    echo(f"[{case.name}] {key} failed: {row[f'{key}_error']}")
+        rows.append(row)
+        echo(_summary_line(row))
+        with open(out / f"{stamp}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    table = markdown_table(rows, env)
+    (out / f"{stamp}.md").write_text(table)
+    (out / f"latest-{'-'.join(sets) if sets else 'cases'}.md").write_text(table)
+    plot(rows, env, out / f"{stamp}.png")
+    echo(table)
+    echo(f"results: {out}/{stamp}.{{jsonl,md,png}}")
+    return rows
+
+
+def _summary_line(r: dict) -> str:
+    if "error" in r:
+        return f"[{r['case']}] error"
+    parts = [f"[{r['case']}] compile {r['compile_s']:.1f}s", f"step {r['step_ms_median']:.1f} ms",
+             _throughput(r),
+             f"MFU {r['mfu']:.1%}" if "mfu" in r else
+             f"MFU vs measured ceiling {_vs_ceiling(r)}"]
+    for key in ("torch_eager", "torch_compile"):
+        if key + "_step_ms_median" in r:
+            parts.append(f"{key} {r[key + '_step_ms_median']:.1f} ms "
+                         f"(ptft/{key.split('_')[1]} {_ratio(r, key)})")
+    return " | ".join(parts)

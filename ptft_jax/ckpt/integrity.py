@@ -1,0 +1,232 @@
+"""Checkpoint integrity: per-array checksums written at save and verified at restore, damaged
+steps moved aside (never deleted), and the whole-run check behind `ptft checkpoints verify`.
+
+A checksum is two uint32 sums over an array's bits, computed on device in one jitted pass:
+the plain sum (any single flipped bit changes it) and the sums of its rows weighted by odd
+factors of their position (rows swapped or shifted change it). Integer sums wrap exactly, so the result does not
+depend on how the array is sharded or on which mesh restores it. They sit in the step's
+metadata item, which Orbax commits atomically with the arrays.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptft_jax.core.params import flatten
+
+DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/, out of Orbax's (and keep-N's) sight
+REASON_FILE = "DAMAGED.txt"
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint step that is missing items, cannot be read, or fails its checksums."""
+
+    def __init__(self, step_dir: Path, fault: str):
+        super().__init__(f"the checkpoint {step_dir} is damaged: {fault}. `ptft checkpoints "
+                         f"verify RUN_DIR` checks every step.")
+        self.step_dir, self.fault = Path(step_dir), fault
+
+
+def _leaf_checksum(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    elif x.dtype.itemsize >= 4:  # 8-byte values become pairs of words (a trailing axis)
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+        uint = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
+    # One pass over the data: the sums of each row (last axis), then the rows weighted by odd
+    # factors of their flat position. The positions come from iotas over the (small) row
+    # shape, so no reshape (which could move a sharded array between devices) is needed.
+    rows = jnp.sum(bits, axis=-1, dtype=jnp.uint32) if bits.ndim >= 2 else bits
+    position = jnp.zeros(rows.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(rows.ndim)):
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, rows.shape, axis) * \
+            np.uint32(stride % 2 ** 32)
+        stride *= rows.shape[axis]
+    return jnp.stack([jnp.sum(rows, dtype=jnp.uint32),
+                      jnp.sum(rows * (position * np.uint32(2) + np.uint32(1)),
+                              dtype=jnp.uint32)])
+
+
+# One program for a whole tree. (One per array compiled less, but on a CPU with faked devices
+# hundreds of small sharded reductions in flight at once deadlocked XLA's collectives.)
+_checksum_leaves = jax.jit(lambda leaves: [_leaf_checksum(x) for x in leaves])
+
+
+def checksums(tree) -> dict[str, list[int]]:
+    """{'a/b/c': [sum, weighted sum]} for every array of `tree` (device or host arrays)."""
+    flat = flatten(tree)
+    if not flat:
+        return {}
+    values = jax.device_get(_checksum_leaves(list(flat.values())))
+    return {path: [int(a), int(b)] for path, (a, b) in zip(flat, values)}
+
+
+def item_checksums(items: dict) -> dict[str, dict]:
+    """checksums() of several items ({'params': tree, 'opt_state': tree}) in one program."""
+    combined = checksums(items)
+    out = {item: {} for item in items}
+    for path, value in combined.items():
+        item, _, rest = path.partition("/")
+        out[item][rest] = value
+    return out
+
+
+def compare(expected: dict, tree, item: str) -> str | None:
+    """None if `tree` has exactly the checksums `expected`, else the fault in a few words."""
+    got = checksums(tree)
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        return f"{item}: {len(missing)} array(s) missing ({missing[0]} ...)"
+    bad = [p for p in expected if expected[p] != got[p]]
+    if bad:
+        shown = ", ".join(f"{item}/{p}" for p in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        return f"checksum mismatch in {len(bad)} array(s): {shown}"
+    return None
+
+
+def move_aside(step_dir: Path, fault: str) -> Path:
+    """Moves a damaged step folder to run_dir/checkpoints_damaged/ with a note of the fault;
+    returns where it went. Nothing is deleted."""
+    step_dir = Path(step_dir)
+    root = step_dir.parent.parent / DAMAGED_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    target, n = root / step_dir.name, 1
+    while target.exists():
+        n += 1
+        target = root / f"{step_dir.name}.{n}"
+    shutil.move(str(step_dir), str(target))
+    (target / REASON_FILE).write_text(fault + "\n", encoding="utf-8")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a step from disk alone (no model): `ptft checkpoints verify`, inference, init_from
+
+def read_item(item_dir: Path):
+    """An Orbax item folder as a tree of host NumPy arrays, whatever mesh wrote it."""
+    import orbax.checkpoint as ocp
+    # Reading one item of a step folder, Orbax also warns that the item has no step metadata
+    # (that sits one level up): expected here.
+    with quiet_orbax():
+        tree = ocp.PyTreeCheckpointer().metadata(Path(item_dir).absolute()).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ocp.PyTreeCheckpointer().restore(
+            Path(item_dir).absolute(), args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def read_meta_file(step_dir: Path) -> dict:
+    """The step's metadata item (Orbax's JSON handler writes it as meta/metadata)."""
+    path = Path(step_dir) / "meta" / "metadata"
+    if not path.is_file():
+        raise CheckpointDamaged(step_dir, "the meta item is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointDamaged(step_dir, f"the meta item cannot be read ({short_error(e)})")
+
+
+def _step_of(step_dir: Path) -> int:
+    name = Path(step_dir).name.split(".")[0]
+    return int(name) if name.isdigit() else -1
+
+
+def check_item_files(step_dir: Path, item: str) -> None:
+    """The files every Orbax array item has, before Orbax is asked to read it."""
+    if not (step_dir / item).is_dir():
+        raise CheckpointDamaged(step_dir, f"the {item} item is missing")
+    metadata = step_dir / item / "_METADATA"
+    if not metadata.is_file():
+        raise CheckpointDamaged(step_dir, f"{item}/_METADATA is missing")
+    if metadata.stat().st_size == 0:
+        raise CheckpointDamaged(step_dir, f"{item}/_METADATA is empty")
+
+
+def check_step(step_dir: Path, items=None) -> tuple[dict, dict]:
+    """Reads and verifies a step folder on the host: (meta, {item: tree}). Raises
+    CheckpointDamaged naming the fault. `items` limits what is read (default: every item the
+    metadata lists)."""
+    step_dir = Path(step_dir)
+    meta = read_meta_file(step_dir)
+    sums = meta.get("checksums")
+    wanted = list(items or (sums.keys() if sums else
+                            ["params", *(i for i in ("opt_state", "model_state")
+                                         if (step_dir / i).is_dir())]))
+    trees = {}
+    for item in wanted:
+        check_item_files(step_dir, item)
+        try:
+            trees[item] = read_item(step_dir / item)
+        except Exception as e:  # Orbax / TensorStore: any failure to read is damage here
+            raise CheckpointDamaged(step_dir, f"{item} cannot be read ({short_error(e)})") from None
+        if sums is not None and item in sums:
+            fault = compare(sums[item], trees[item], item)
+            if fault:
+                raise CheckpointDamaged(step_dir, fault)
+    return meta, trees
+
+
+def short_error(error: BaseException) -> str:
+    """The root cause of an exception chain in one line (Orbax wraps TensorStore's precise
+    message in a vaguer one)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split())
+    if len(text) > 260:  # the cause is often at the end ("... File too large")
+        text = f"{text[:120]} ... {text[-130:]}"
+    return f"{type(error).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Orbax logs every failed read with a traceback; ptft reports the fault itself."""
+    from absl import logging as absl_logging
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+def verify_run(run_dir: Path) -> list[dict]:
+    """One row per checkpoint step of a run directory (checkpoints/, best/ and what was moved
+    aside): where, step, arrays, bytes and status ('ok', 'no checksums' or the fault)."""
+    run_dir = Path(run_dir)
+    rows = []
+    for folder in ("checkpoints", "best", DAMAGED_DIR):
+        root = run_dir / folder
+        if not root.is_dir():
+            continue
+        for step_dir in sorted((p for p in root.iterdir() if p.is_dir() and
+                                p.name.split(".")[0].isdigit()),
+                               key=lambda p: (_step_of(p), p.name)):
+            if ".orbax-checkpoint-tmp" in step_dir.name:
+                continue  # an interrupted save: never a step (Orbax ignores it too)
+            row = {"folder": folder, "step": step_dir.name, "arrays": 0,
+                   "bytes": sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())}
+            if folder == DAMAGED_DIR:
+                reason = step_dir / REASON_FILE
+                row["status"] = "moved aside: " + (reason.read_text().strip()
+                                                   if reason.is_file() else "(no note)")
+                rows.append(row)
+                continue
+            try:
+                meta, trees = check_step(step_dir)
+                row["arrays"] = sum(len(flatten(t)) for t in trees.values())
+                row["status"] = "ok" if "checksums" in meta else "ok (no checksums: written " \
+                                                                 "before they existed)"
+            except CheckpointDamaged as e:
+                row["status"] = f"DAMAGED: {e.fault}"
+            rows.append(row)
+    return rows

@@ -1,0 +1,290 @@
+"""A pretrained component restored into any model that holds it (`finetune.init_from`, a
+multimodal model's `towers.*.init_from`), and a run's parameters for inference.
+
+A parameter loads when the load / dont_load rules select it and the checkpoint holds it; every
+other one must match `init_fresh`. Layer layouts (stacked or unrolled) convert, vocabulary rows
+are sliced or padded, ViT position tables are interpolated for another image size, and every
+mismatch is collected into one readable error before anything is placed. A component may be
+read from under another subtree name (`rename`): a text encoder pretrained under
+`transformer/` becomes a multimodal model's `text/` tower.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ptft_jax.ckpt import integrity
+from ptft_jax.ckpt.checkpoint import CheckpointMismatch
+from ptft_jax.config.schema import FinetuneConfig
+from ptft_jax.core.params import (flatten, is_stacked, path_str, stack_layers, unflatten,
+                                  unstack_layers)
+
+# Parameters whose rows are the vocabulary (path endings: a text tower's table is under text/).
+VOCAB_ROWS = ("transformer/token_embed/embedding", "text/token_embed/embedding", "output_bias")
+DEFAULT_INIT_FRESH = FinetuneConfig().init_fresh
+
+
+def pretrained_source(path: str | Path) -> tuple[Path, int]:
+    """(checkpoint step folder) from a run directory (its latest checkpoint), a checkpoints
+    folder, or one step folder."""
+    path = Path(path)
+    if (path / "params").is_dir():
+        return path, int(path.name) if path.name.isdigit() else 0
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and
+                   (p / "params").is_dir()) if folder.is_dir() else []
+    if not steps:
+        raise ValueError(f"finetune.init_from: {path} holds no ptft checkpoint; give a run "
+                         f"directory (with checkpoints/), its checkpoints folder or one step "
+                         f"folder.")
+    return folder / str(steps[-1]), steps[-1]
+
+
+def inference_checkpoint(run_dir: Path) -> Path:
+    """The step folder inference reads: a run's best checkpoint if it has one, else its
+    latest."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir / "best", run_dir / "checkpoints"):
+        try:
+            return pretrained_source(folder)[0]
+        except ValueError:
+            continue
+    raise ValueError(f"{run_dir} holds no checkpoint; give the run_dir of a ptft run that has "
+                     f"saved one.")
+
+
+def inference_params(run_dir: Path, cfg) -> tuple[dict, Path, bool]:
+    """(params as host arrays, the step folder read, whether LoRA was merged) of a run: its
+    best checkpoint, else its latest, with LoRA adapters folded into the weights."""
+    from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
+    step_dir = inference_checkpoint(run_dir)
+    params = read_params(step_dir)
+    spec = lora_spec(cfg)
+    merged = spec is not None and LORA_KEY in params
+    return (merge(params, spec) if merged else params), step_dir, merged
+
+
+def read_params(step_dir: Path) -> dict:
+    """A checkpoint's params item as host NumPy arrays, whatever mesh wrote it, checksums
+    verified (CheckpointDamaged if they fail)."""
+    return integrity.check_step(step_dir, ["params"])[1]["params"]
+
+
+def read_source(path, label_names=None) -> tuple[dict, str, list[str]]:
+    """(params tree as host arrays, a description, report lines) of what finetune.init_from
+    names: a ptft checkpoint, or a Hugging Face model ('hf:...', converted to ptft's paths).
+    An HF classifier's output layer is kept only for the same label names (reordered to
+    `label_names`); other labels leave it out, to be initialised fresh."""
+    from ptft_jax.config import hf
+    from ptft_jax.convert.hf import flat_params
+    if hf.is_hf(str(path)):
+        source = hf.open_model(str(path))
+        flat, report = flat_params(source)
+        if "head/out/kernel" in flat or "head/kernel" in flat:
+            report.append(_match_hf_labels(flat, source.config, label_names))
+        return unflatten(flat), f"{source.directory} ({source.architecture})", report
+    step_dir, step = pretrained_source(path)
+    tree, report = read_params(step_dir), []
+    # A classifier head trained on other classes (an image component pretrained on five
+    # classes, finetuned on five others) is left out, to be initialised fresh.
+    saved = (integrity.read_meta_file(step_dir).get("labels") or {}).get("names")
+    if "head" in tree and label_names is not None and saved is not None and \
+            list(saved) != list(label_names):
+        del tree["head"]
+        report.append(f"classifier head left out: trained on labels {list(saved)[:10]}, the "
+                      f"data's are {list(label_names)[:10]}")
+    return tree, f"{step_dir} (step {step})", report
+
+
+def _match_hf_labels(flat: dict, config: dict, label_names) -> str:
+    names = [str(n) for _, n in sorted((int(i), n) for i, n in
+                                       (config.get("id2label") or {}).items())]
+    out = "head/out/" if "head/out/kernel" in flat else "head/"  # text / image classifiers
+    if label_names is not None and sorted(names) == sorted(label_names) and \
+            len(names) == flat[out + "kernel"].shape[1]:
+        order = [names.index(n) for n in label_names]
+        flat[out + "kernel"] = flat[out + "kernel"][:, order]
+        flat[out + "bias"] = flat[out + "bias"][order]
+        return f"classifier output layer kept: same labels {list(label_names)}"
+    del flat[out + "kernel"], flat[out + "bias"]
+    return (f"classifier output layer left out: its labels {names} are not the data's "
+            f"{list(label_names or [])}")
+
+
+def _check_rules_hit(paths, patterns, key):
+    for pattern in patterns:
+        if not any(re.search(pattern, p) for p in paths):
+            raise ValueError(f"{key}: regex {pattern!r} matches no parameter of the model "
+                             f"(paths look like: {', '.join(sorted(paths)[:3])}).")
+
+
+def load_pretrained(path, model_params, load, dont_load, init_fresh,
+                    vocab_rows: int | None = None, label_names=None,
+                    rename: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+    """`model_params` (freshly initialised, placed) with the parameters the rules select taken
+    from the checkpoint at `path`; returns (params, report lines).
+
+    A model parameter is loaded when a `load` regex matches its path and no `dont_load` regex
+    does; every other one must match an `init_fresh` regex. The checkpoint's layer layout
+    (stacked or unrolled) is converted to the model's. Vocabulary rows may differ: extra
+    checkpoint rows that no token id reaches are sliced off, extra model rows keep their fresh
+    values. Every problem is collected and raised together, before anything is placed.
+    `rename` ({'transformer': 'text'}) keeps only those top-level subtrees of the checkpoint,
+    under the model's names for them."""
+    wanted = flatten(model_params)
+    paths = list(wanted)
+    # The default init_fresh rules ('^head/', '^lora/') may match nothing (no LoRA, say);
+    # a regex the user wrote may not.
+    user_fresh = [r for r in init_fresh if r not in DEFAULT_INIT_FRESH]
+    for key, patterns in (("finetune.load", load), ("finetune.dont_load", dont_load),
+                          ("finetune.init_fresh", user_fresh)):
+        _check_rules_hit(paths, patterns, key)
+    stored_tree, source, source_report = read_source(path, label_names)
+    if rename is not None:
+        found = {new: stored_tree[old] for old, new in rename.items() if old in stored_tree}
+        if not found:
+            raise CheckpointMismatch(f"{source} holds no {' or '.join(f'{k}/' for k in rename)} "
+                                     f"component (it has: {', '.join(sorted(stored_tree))}); "
+                                     f"point the init_from at a run that trained one.")
+        stored_tree = found
+    model_stacked = any(is_stacked(p) for p in paths)
+    stored_stacked = any(is_stacked(p) for p in flatten(stored_tree))
+    if model_stacked and not stored_stacked:
+        stored_tree = stack_layers(stored_tree)
+    elif stored_stacked and not model_stacked:
+        stored_tree = unstack_layers(stored_tree)
+    stored = flatten(stored_tree)
+
+    def selected(p):
+        return any(re.search(r, p) for r in load) and not any(re.search(r, p) for r in dont_load)
+
+    def fresh_ok(p):
+        return any(re.search(r, p) for r in init_fresh)
+
+    loaded, fresh, problems, no_value, notes = {}, [], [], [], []
+    for p, leaf in wanted.items():
+        if not selected(p) or p not in stored:
+            if fresh_ok(p):
+                fresh.append(p)
+            elif selected(p):
+                problems.append(f"  {p}: in the model {tuple(leaf.shape)}, not in the "
+                                f"checkpoint")
+            else:
+                no_value.append(p)
+            continue
+        value, shape = stored[p], tuple(leaf.shape)
+        if value.shape != shape and p.endswith(VOCAB_ROWS) and value.shape[1:] == shape[1:]:
+            value, problem = _fit_vocab_rows(p, value, leaf, vocab_rows)
+            if problem:
+                problems.append(problem)
+                continue
+        if value.shape != shape and p.endswith("pos_embed") and value.shape[1:] == shape[1:]:
+            value = _fit_positions(value, shape)
+            if value.shape == shape:
+                notes.append(f"{p}: interpolated from {stored[p].shape[0]} to {shape[0]} "
+                             f"positions (another image size)")
+        if value.shape != shape:
+            problems.append(f"  {p}: checkpoint {value.shape} vs model {shape}")
+            continue
+        loaded[p] = value.astype(leaf.dtype)
+    if no_value:
+        shown = ", ".join(no_value[:5]) + (" ..." if len(no_value) > 5 else "")
+        raise ValueError(f"finetune.dont_load / finetune.load leave {len(no_value)} parameter(s) "
+                         f"with no value: {shown}. Load them, or list them in "
+                         f"finetune.init_fresh to train them from a fresh init.")
+    if problems:
+        shown = "\n".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        raise CheckpointMismatch(f"finetune.init_from: the checkpoint at {source} does not fit "
+                                 f"the model ({len(problems)} parameter(s)):\n{shown}\nCheck "
+                                 f"model.* (preset, sizes) against the pretraining run's "
+                                 f"config.yaml, or leave these out with finetune.dont_load.")
+    unused = sorted(set(stored) - set(loaded))
+    params = jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: _place(loaded[_path(kp)], leaf) if _path(kp) in loaded else leaf,
+        model_params)
+    report = source_report + notes + [f"loaded {len(loaded)} tensor(s) from {source}",
+              f"fresh init: {len(fresh)} tensor(s)"
+              + (f" ({', '.join(sorted({'/'.join(p.split('/')[:1]) for p in fresh}))})"
+                 if fresh else "")]
+    if unused:
+        groups = sorted({p.split("/")[0] if not p.startswith("transformer/") else p
+                         for p in unused})
+        report.append(f"not used from the checkpoint: {len(unused)} tensor(s) "
+                      f"({', '.join(groups[:6])}{' ...' if len(groups) > 6 else ''})")
+    return params, report
+
+
+def _fit_positions(value: np.ndarray, shape) -> np.ndarray:
+    """A ViT's position table for another image size: the patch grid resized bilinearly, the
+    class token's row (when there is one on both sides) kept. Unchanged if it cannot fit."""
+    from ptft_jax.models.vision import interpolate_positions
+
+    def grid(n):  # (grid side, has a class token)
+        for cls in (0, 1):
+            g = int(round((n - cls) ** 0.5))
+            if g * g == n - cls:
+                return g, bool(cls)
+        return None, None
+    (old, old_cls), (new, new_cls) = grid(value.shape[0]), grid(shape[0])
+    if old is None or new is None or old_cls != new_cls:
+        return value
+    return np.asarray(interpolate_positions(value, old, new, old_cls), value.dtype)
+
+
+def load_pretrained_state(path, model_state: dict, load, dont_load) -> tuple[dict, list[str]]:
+    """The checkpoint's mutable model collections (BatchNorm statistics) for the modules the
+    load / dont_load rules select, by path without the collection name; others keep theirs."""
+    if not model_state or is_hf_path(path):
+        return model_state, []
+    step_dir, _ = pretrained_source(path)
+    if not (step_dir / "model_state").is_dir():
+        return model_state, ["the checkpoint holds no model state (BatchNorm statistics): "
+                             "they start fresh"]
+    stored = flatten(integrity.check_step(step_dir, ["model_state"])[1]["model_state"])
+    taken = 0
+
+    def pick(kp, leaf):
+        nonlocal taken
+        p = _path(kp)
+        bare = p.split("/", 1)[1] if "/" in p else p
+        ok = any(re.search(r, bare) for r in load) and \
+            not any(re.search(r, bare) for r in dont_load)
+        if ok and p in stored and stored[p].shape == tuple(leaf.shape):
+            taken += 1
+            return _place(stored[p].astype(leaf.dtype), leaf)
+        return leaf
+    state = jax.tree_util.tree_map_with_path(pick, model_state)
+    return state, [f"loaded {taken} model-state tensor(s) (BatchNorm statistics)"]
+
+
+def is_hf_path(path) -> bool:
+    from ptft_jax.config import hf
+    return hf.is_hf(str(path))
+
+
+def _path(key_path) -> str:
+    return path_str(key_path)
+
+
+def _fit_vocab_rows(path, value, leaf, vocab_rows):
+    """(rows fitted to the model's vocabulary, or a problem line)."""
+    have, want = value.shape[0], leaf.shape[0]
+    if have > want:
+        if vocab_rows is not None and vocab_rows <= want:
+            return value[:want], None
+        return value, (f"  {path}: the checkpoint's vocabulary has {have} rows, the model "
+                       f"{want}; set model.vocab_size={have} (the tokenizer's ids must fit "
+                       f"the model's rows)")
+    fresh = np.asarray(jax.device_get(leaf))
+    return np.concatenate([value, fresh[have:]], axis=0), None
+
+
+def _place(value: np.ndarray, leaf):
+    """`value` with the sharding of the model's leaf (built per shard, multi-host safe)."""
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        return value
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

@@ -1,0 +1,3 @@
+"""The config: schema.py (dataclasses, presets, ConfigError, task names), load.py (YAML,
+`a.b=value` overrides, coercion, did-you-mean), hf.py (what an `hf:` model's config.json
+sets), validate.py (every check that needs no compile)."""

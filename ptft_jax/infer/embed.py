@@ -1,0 +1,118 @@
+"""`ptft embed SOURCE`: sentence embeddings of texts, L2-normalised, as .npy or JSONL.
+
+SOURCE is a ptft run directory (its best checkpoint, else its latest; LoRA merged) or a Hugging
+Face model directory (`hf:DIR`, `DIR` holding a config.json, or `hf:OWNER/NAME`). The
+embedding pools the component's last hidden states: the mean over real tokens (what
+sentence-transformers models such as all-MiniLM-L6-v2 are trained for) or the first token
+(CLS). Batched and jitted on one device, with a progress bar.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from ptft_jax.config.load import from_dict
+from ptft_jax.config.schema import ConfigError, ModelConfig
+from ptft_jax.data.labelled import predict_examples
+from ptft_jax.data.tokenizer import load_tokenizer
+from ptft_jax.models.heads import pool
+from ptft_jax.models.transformer import Transformer
+
+
+@dataclass
+class Encoder:
+    cfg: ModelConfig
+    params: dict  # the component's subtree (what sits under transformer/)
+    tokenizer: object
+    pooling: str  # the source's own pooling, when it says (sentence-transformers does)
+    description: str
+
+
+def load_encoder(source: str) -> Encoder:
+    from ptft_jax.config import hf
+    path = Path(source)
+    if not hf.is_hf(source) and (path / "config.yaml").is_file():
+        return _from_run(path)
+    if not hf.is_hf(source) and not (path / "config.json").is_file():
+        raise ConfigError(f"{source} is neither a ptft run directory (config.yaml) nor a "
+                          f"Hugging Face model directory (config.json); give one, or "
+                          f"hf:OWNER/NAME.")
+    return _from_hf(source if hf.is_hf(source) else hf.PREFIX + source)
+
+
+def _from_hf(spec: str) -> Encoder:
+    from ptft_jax.config import hf
+    from ptft_jax.convert.hf import flat_params
+    from ptft_jax.core.params import unflatten
+    try:
+        model = hf.open_model(spec)
+        keys = model.model_keys()
+        flat, _ = flat_params(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if model.tokenizer_path is None:
+        raise ConfigError(f"{model.directory} has neither tokenizer.json nor vocab.txt.")
+    keys["dropout"] = 0.0
+    cfg = ModelConfig(**keys)
+    default = model.pooling or ("mean" if cfg.kind == "encoder" else "last")
+    return Encoder(cfg, unflatten(flat)["transformer"], load_tokenizer(model.tokenizer_path),
+                   default, f"{model.directory} ({model.architecture})")
+
+
+def _from_run(run_dir: Path) -> Encoder:
+    from ptft_jax.ckpt.pretrained import inference_params
+    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    params, step_dir, _ = inference_params(run_dir, cfg)
+    cfg.model.dropout = 0.0
+    default = "mean" if cfg.model.kind == "encoder" else "last"
+    return Encoder(cfg.model, params["transformer"],
+                   load_tokenizer(run_dir / "tokenizer.json"), default, str(step_dir))
+
+
+def embed(encoder: Encoder, texts: list[str], pooling: str | None = None, seq_len: int = 256,
+          batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """[len(texts), hidden] float32, each row of unit L2 norm."""
+    pooling = pooling or encoder.pooling
+    seq_len = min(seq_len, encoder.cfg.max_len)
+    examples = predict_examples(texts, encoder.tokenizer, seq_len, encoder.cfg.kind)
+    model = Transformer(encoder.cfg)
+
+    @jax.jit
+    def one_batch(params, tokens, segment_ids, positions):
+        hidden = model.apply({"params": params}, tokens, segment_ids, positions)
+        pooled = pool(hidden.astype(jnp.float32), segment_ids, pooling)
+        return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+    params = jax.device_put(encoder.params)
+    out = []
+    with tqdm(total=examples.num_batches(batch_size), unit="batch", desc="embed",
+              disable=not progress, leave=False) as bar:
+        for batch in examples.batches(batch_size):
+            vectors = one_batch(params, batch["tokens"], batch["segment_ids"],
+                                batch["positions"])
+            out.append(np.asarray(vectors)[batch["weight"] > 0])
+            bar.update()
+    return np.concatenate(out, axis=0)
+
+
+def write(vectors: np.ndarray, texts: list[str], output: str | None) -> None:
+    """`.npy` (one row per text), else JSONL ({"text", "embedding"}) to a file or stdout."""
+    if output and output.endswith(".npy"):
+        np.save(output, vectors)
+        return
+    out = sys.stdout if output in (None, "-") else open(output, "w", encoding="utf-8")
+    try:
+        for text, vector in zip(texts, vectors):
+            out.write(json.dumps({"text": text,
+                                  "embedding": [round(float(v), 7) for v in vector]}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()

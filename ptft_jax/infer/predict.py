@@ -1,0 +1,331 @@
+"""`ptft eval` and `ptft predict`: a finetuned run directory, loaded for inference.
+
+A run directory holds what inference needs: config.yaml, tokenizer.json, labels.json and
+checkpoints (best/ from evaluation, else the latest of checkpoints/). Parameters are restored
+alone (no optimizer state) onto all local devices; eval and predict are batched and jitted.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from ptft_jax.ckpt.checkpoint import BestCheckpointer, Checkpointer
+from ptft_jax.config.load import from_dict
+from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
+                                    pooling_for, task_for)
+from ptft_jax.config.validate import validate
+from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
+from ptft_jax.data.tokenizer import load_tokenizer
+from ptft_jax.tasks.classify import ClassifyTask
+from ptft_jax.train.engine import build
+
+
+def load_run(run_dir: str | Path, batch_size: int | None = None):
+    """(engine, state, cfg) of a finetuned run: its best checkpoint if it has one."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a ptft run directory (no config.yaml); give the "
+                          f"run_dir of a ptft finetune run.")
+    cfg = from_dict(yaml.safe_load(config_path.read_text()))
+    kind = task_for(cfg)
+    has_labels = (run_dir / "labels.json").is_file()
+    if kind not in FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS or \
+            (kind != "contrastive" and not has_labels):
+        raise ConfigError(f"{run_dir} was trained with train.task={task_for(cfg)}: it has no "
+                          f"finetuned head to predict with. Give the run_dir of a ptft finetune "
+                          f"run (one with labels.json).")
+    if batch_size is not None:
+        cfg.eval.batch_size = batch_size
+    validate(cfg, jax.device_count())
+    labels = LabelSpace.load(run_dir / "labels.json") if has_labels else None
+    if kind in MULTIMODAL_TASKS:
+        from ptft_jax.jobs.pairs import make_task
+        task = make_task(cfg, load_tokenizer(run_dir / "tokenizer.json"), labels)
+    elif kind in IMAGE_TASKS:
+        from ptft_jax.tasks.image import ImageClassifyTask
+        task = ImageClassifyTask(cfg.model, labels.names, cfg.augment)
+        task.labels = labels
+    else:
+        task = ClassifyTask(cfg.model, labels, pooling_for(cfg))
+    engine = build(cfg, task)
+    target = engine.restore_target()
+    best_dir = run_dir / "best"
+    source = None
+    if best_dir.is_dir():
+        from ptft_jax.train.loop import eval_metric
+        best = BestCheckpointer(best_dir, *eval_metric(cfg, task))
+        step = best.best_step()
+        if step is not None:
+            state, _ = best.restore(step, target)
+            source = f"{best_dir} (step {step})"
+        best.close()
+    if source is None:
+        ckpt = Checkpointer(run_dir / "checkpoints")
+        step = ckpt.latest_step()
+        if step is None:
+            ckpt.close()
+            raise ConfigError(f"{run_dir} holds no checkpoint yet; finish (or resume) its ptft "
+                              f"finetune run first.")
+        state, _ = ckpt.restore(step, target, params_only=True)
+        ckpt.close()
+        source = f"{run_dir / 'checkpoints'} (step {step})"
+    return engine, engine.place(state), cfg, source
+
+
+def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
+                 batch_size: int | None = None, progress: bool = True) -> dict:
+    from ptft_jax.train.evaluate import evaluate
+    engine, state, cfg, source = load_run(run_dir, batch_size)
+    split = split or cfg.data.eval_split or "train"
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run_dir) / "data_cache"
+    try:
+        if task_for(cfg) in MULTIMODAL_TASKS:
+            from ptft_jax.jobs.pairs import pairs_split
+            examples, _ = pairs_split(cfg, Path(run_dir), split, corpus or cfg.data.eval_corpus,
+                                      engine.task.tokenizer, getattr(engine.task, "labels", None),
+                                      0)
+        elif task_for(cfg) in IMAGE_TASKS:
+            from ptft_jax.jobs.images import image_split
+            examples, _ = image_split(cfg, Path(run_dir), split,
+                                      corpus or cfg.data.eval_corpus, engine.task.labels, 0)
+        else:
+            examples, _ = open_examples(cfg.data, split, Path(run_dir) / "tokenizer.json",
+                                        cache_root, engine.task.labels.kind,
+                                        engine.task.labels, cfg.model.kind, progress=progress,
+                                        corpus=corpus or cfg.data.eval_corpus)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    metrics = evaluate(engine, state, examples, cfg.eval.batch_size, progress=progress)
+    return {"run_dir": str(run_dir), "checkpoint": source, "split": split,
+            "examples": len(examples), **metrics}
+
+
+def export_run(run_dir, out_dir) -> dict:
+    """A finetuned run as a new run directory holding one params-only checkpoint (the best, or
+    the latest), with LoRA adapters merged into the weights they adapt: what `ptft eval`,
+    `ptft predict` and `finetune.init_from` read. Refuses to write into a non-empty folder."""
+    import dataclasses
+    import shutil
+
+    import jax.numpy as jnp
+
+    from ptft_jax.ckpt.checkpoint import Checkpointer
+    from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
+    from ptft_jax.core.params import count
+    from ptft_jax.core.state import TrainState
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} exists and is not empty; export into a new folder.")
+    engine, state, cfg, source = load_run(run_dir)
+    host = engine.host_state(state)
+    params, spec = host.params, lora_spec(cfg)
+    merged = spec is not None and LORA_KEY in params
+    if merged:
+        params = merge(params, spec)
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0,
+                                                                init_from=None))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "labels.json"):
+        shutil.copyfile(run_dir / name, out_dir / name)
+    step = int(source.rsplit("step ", 1)[1].rstrip(")"))
+    ckpt = Checkpointer(out_dir / "checkpoints", async_save=False)
+    ckpt.save(step, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
+                               model_state=host.model_state),
+              {"config": cfg.to_dict(), "exported_from": source, "lora_merged": merged})
+    ckpt.close()
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return {"out_dir": str(out_dir), "source": source, "lora_merged": merged,
+            "parameters": count(params)}
+
+
+def read_inputs(path: str | None) -> tuple[list[str], list[str] | None]:
+    """Texts to predict: one per line of a text file or stdin ('-' or None), or the `text`
+    (and `text_pair`) fields of a .jsonl file."""
+    import sys
+    if path in (None, "-"):
+        lines = sys.stdin.read().splitlines()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Input file '{path}' does not exist.")
+        lines = p.read_text(encoding="utf-8").splitlines()
+        if p.suffix == ".jsonl":
+            rows = [json.loads(line) for line in lines if line.strip()]
+            if not rows or "text" not in rows[0]:
+                raise ConfigError(f"{path}: each JSON line needs a 'text' field.")
+            pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
+            return [r["text"] for r in rows], pairs
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise ConfigError("No text to predict: give a file with one text per line, or pipe "
+                          "text into ptft predict.")
+    return texts, None
+
+
+def predict_run(run_dir, texts: list[str], pairs: list[str] | None = None,
+                batch_size: int | None = None, progress: bool = True) -> Iterator[dict]:
+    """One dict per text: the label and every label's probability (classification), the labels
+    over 0.5 (multi-label) or the value (regression)."""
+    engine, state, cfg, _ = load_run(run_dir, batch_size)
+    labels: LabelSpace = engine.task.labels
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    examples = predict_examples(texts, tokenizer, cfg.data.seq_len, cfg.model.kind, pairs)
+    size = cfg.eval.batch_size
+    bar = tqdm(total=examples.num_batches(size), unit="batch", desc="predict",
+               disable=not progress, leave=False)
+    for batch in examples.batches(size, engine.rows_of(size)):
+        out = np.asarray(jax.device_get(engine.step_fn.predict(state,
+                                                               engine.to_device(batch, size))))
+        bar.update()
+        for row, weight in zip(out, batch["weight"]):
+            if weight == 0:
+                continue
+            yield _prediction(labels, row)
+    bar.close()
+
+
+def image_files(path: str | None) -> list[Path]:
+    """Images to predict: an image file, a folder of them (sorted, recursively), or a text file
+    listing one image path per line."""
+    from ptft_jax.data.image_sources import IMAGE_SUFFIXES
+    if path in (None, "-"):
+        raise ConfigError("ptft predict on an image run needs --input: an image file, a folder "
+                          "of images, or a text file listing image paths.")
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    elif p.suffix.lower() in IMAGE_SUFFIXES:
+        files = [p]
+    elif p.is_file():
+        files = [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+    else:
+        raise ConfigError(f"--input '{path}' does not exist.")
+    missing = [f for f in files if not f.is_file()]
+    if missing or not files:
+        raise ConfigError(f"--input '{path}': " + (f"{len(missing)} listed image(s) do not "
+                                                    f"exist, e.g. {missing[0]}" if missing else
+                                                    "holds no image files") + ".")
+    return files
+
+
+def predict_images(run_dir, files: list[Path], batch_size: int | None = None,
+                   progress: bool = True) -> Iterator[dict]:
+    """One dict per image file: its label and every label's probability. Each image is
+    decoded and converted to the run's size and channels as its training cache was."""
+    from ptft_jax.data.image_sources import BadImage, decode
+    from ptft_jax.data.images import ImageExamples, convert
+    engine, state, cfg, _ = load_run(run_dir, batch_size)
+    m = cfg.model
+    images = np.zeros((len(files), m.image_size, m.image_size, m.channels), np.uint8)
+    for i, f in enumerate(files):
+        image = decode(f.read_bytes(), str(f))
+        if isinstance(image, BadImage):
+            raise ConfigError(f"{f} cannot be read as an image ({image.reason}).")
+        try:
+            images[i] = convert(image, m.image_size, m.channels, True, str(f))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    examples = ImageExamples(images, np.zeros(len(files), np.int64))
+    size = cfg.eval.batch_size
+    bar = tqdm(total=examples.num_batches(size), unit="batch", desc="predict",
+               disable=not progress, leave=False)
+    index = 0
+    for batch in examples.batches(size, engine.rows_of(size)):
+        out = np.asarray(jax.device_get(engine.step_fn.predict(state,
+                                                               engine.to_device(batch, size))))
+        bar.update()
+        for row, weight in zip(out, batch["weight"]):
+            if weight == 0:
+                continue
+            yield {"file": str(files[index]), **_prediction(engine.task.labels, row)}
+            index += 1
+    bar.close()
+
+
+def run_task(run_dir) -> str | None:
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        return None
+    return task_for(from_dict(yaml.safe_load(config_path.read_text())))
+
+
+def is_image_run(run_dir) -> bool:
+    return run_task(run_dir) in IMAGE_TASKS
+
+
+def predict_pairs(run_dir, path: str | None, batch_size: int | None = None,
+                  progress: bool = True) -> Iterator[dict]:
+    """A fused classifier's label for each image-text pair of a .jsonl / .csv file (columns
+    `image`, a path relative to the file, and `text`)."""
+    from ptft_jax.data.image_sources import BadImage
+    from ptft_jax.data.images import convert
+    from ptft_jax.data.pairs import FilePairs, PairExamples
+    if path in (None, "-") or Path(path).suffix not in (".jsonl", ".csv"):
+        raise ConfigError("ptft predict on an image-text run needs --input FILE.jsonl (or .csv) "
+                          "with an 'image' path and a 'text' per row.")
+    if not Path(path).is_file():
+        raise ConfigError(f"--input '{path}' does not exist.")
+    engine, state, cfg, _ = load_run(run_dir, batch_size)
+    if task_for(cfg) != "multimodal_classification":
+        raise ConfigError(f"{run_dir} is a contrastive run: it has no classifier to predict "
+                          f"with (ptft eval reports its retrieval and zero-shot scores).")
+    try:
+        pairs = FilePairs(Path(path), "image", "text", None)
+        texts = pairs.texts()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    m = cfg.towers.image.model
+    images = np.zeros((len(pairs), m.image_size, m.image_size, m.channels), np.uint8)
+    for i, image in enumerate(pairs.read(0, len(pairs))):
+        if isinstance(image, BadImage):
+            raise ConfigError(f"{image.where} cannot be read as an image ({image.reason}).")
+        images[i] = convert(image, m.image_size, m.channels, True, image_where(pairs, i))
+    tokens = predict_examples(texts, engine.task.tokenizer, cfg.data.seq_len, "encoder")
+    examples = PairExamples(images, tokens, texts, None)
+    size = cfg.eval.batch_size
+    index = 0
+    for batch in tqdm(examples.batches(size, engine.rows_of(size)), unit="batch",
+                      desc="predict", disable=not progress, leave=False,
+                      total=examples.num_batches(size)):
+        out = np.asarray(jax.device_get(engine.step_fn.predict(state,
+                                                               engine.to_device(batch, size))))
+        for row, weight in zip(out, batch["weight"]):
+            if weight == 0:
+                continue
+            yield {"image": str(pairs.rows[index]["image"]), "text": texts[index],
+                   **_prediction(engine.task.labels, row)}
+            index += 1
+
+
+def image_where(pairs, i: int) -> str:
+    return f"{pairs.path} row {i + 1} ({pairs.rows[i]['image']})"
+
+
+def _prediction(labels: LabelSpace, row) -> dict:
+    if labels.kind == "regression":
+        return {"value": float(row)}
+    probs = {name: round(float(p), 6) for name, p in zip(labels.names, row)}
+    if labels.kind == "multi_label":
+        return {"labels": [n for n, p in probs.items() if p > 0.5], "probabilities": probs}
+    return {"label": labels.names[int(np.argmax(row))], "probabilities": probs}
+
+
+def write_jsonl(rows: Iterable[dict], path: str | None) -> int:
+    import sys
+    out = sys.stdout if path in (None, "-") else open(path, "w", encoding="utf-8")
+    n = 0
+    try:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+            n += 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return n

@@ -1,0 +1,95 @@
+"""What every kind of job shares: the tokenizer (trained or loaded, saved into the run
+directory), the model's vocabulary fitted to it, and the pretrained component that
+`finetune.init_from` names."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+from tokenizers import Tokenizer
+
+from ptft_jax.config.hf import is_hf
+from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.core.mesh import broadcast_text
+from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
+                                     train_tokenizer)
+
+log = logging.getLogger(__name__)
+
+
+
+
+def prepare_tokenizer(cfg: Config, run_dir: Path, documents):
+    """The tokenizer `run_tokenizer_path` names, else a new one trained on the documents (the
+    caller saves it into the run directory once every check has passed)."""
+    try:
+        path = run_tokenizer_path(cfg.data.tokenizer, run_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if path is not None:
+        return load_tokenizer(path)
+    # HF's WordPiece trainer breaks frequency ties in hash order, so two trainings on the same
+    # text can differ in a few tokens. On multi-host, process 0 trains and the others take its
+    # tokenizer; the run directory keeps it for every later resume.
+    tok = None
+    if jax.process_index() == 0:
+        tok = train_tokenizer(cfg.model.kind, iter_texts(documents),
+                              cfg.data.tokenizer_vocab_size,
+                              extra_special_tokens=cfg.data.extra_special_tokens)
+    if jax.process_count() > 1:
+        tok = Tokenizer.from_str(broadcast_text(tok.to_str() if tok is not None else ""))
+    return tok
+
+
+def resolve_vocab(cfg: Config, token_ids: TokenIds) -> Config:
+    """model.vocab_size must fit the tokenizer: equal to its size, or that size rounded up to a
+    multiple of 128 (padding rows make the vocabulary matmuls faster). null picks the latter.
+    A Hugging Face model keeps its own table, which must hold every token id."""
+    size = token_ids.vocab_size
+    padded = -(-size // 128) * 128
+    vocab = cfg.model.vocab_size
+    if is_hf(cfg.finetune.init_from):
+        if size > vocab:
+            raise ConfigError(f"The tokenizer {cfg.data.tokenizer} has {size} tokens but the "
+                              f"model {cfg.finetune.init_from} embeds {vocab} (config.json "
+                              f"vocab_size): ids past {vocab - 1} would have no row. Use the "
+                              f"tokenizer that came with the model.")
+        return cfg
+    if vocab is None:
+        vocab = padded
+    elif vocab not in (size, padded):
+        raise ConfigError(f"model.vocab_size is {vocab} but the tokenizer has {size} tokens. "
+                          f"Set model.vocab_size={padded} (or {size}), or null to follow the "
+                          f"tokenizer; to keep {vocab}, use a tokenizer of that size.")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def save_tokenizer(tokenizer, run_dir: Path) -> None:
+    if jax.process_index() == 0 and not (run_dir / "tokenizer.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(run_dir / "tokenizer.json"))
+
+
+def pretrained_init(cfg: Config, token_ids: TokenIds | None, label_names=None):
+    """(engine, state) -> (state with the pretrained parameters, report), or None: what
+    finetune.init_from names, restored through the load / dont_load / init_fresh rules."""
+    from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state  # noqa: light imports
+    f = cfg.finetune
+    if not f.init_from:
+        return None
+    vocab_rows = token_ids.vocab_size if token_ids is not None else None
+
+    def init_from(engine, state):
+        host = engine.host_state(state)
+        params, report = load_pretrained(f.init_from, host.params, f.load, f.dont_load,
+                                         f.init_fresh, vocab_rows=vocab_rows,
+                                         label_names=label_names)
+        model_state, more = load_pretrained_state(f.init_from, host.model_state, f.load,
+                                                  f.dont_load)
+        report += more
+        for line in report:
+            log.info("init_from: %s", line)
+        return engine.place(host.replace(params=params, model_state=model_state)), report
+    return init_from

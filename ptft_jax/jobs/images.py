@@ -1,0 +1,89 @@
+"""Image classification: labelled images from the image cache and an image classifier."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.data.labelled import LabelSpace
+from ptft_jax.jobs.common import pretrained_init
+from ptft_jax.train.job import Job
+
+
+def image_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, labels,
+                 per_class: int):
+    """(ImageExamples, class names) of one split: the source decoded into its image cache
+    (process 0 builds it), filtered to data.keep_labels and, for training, data.per_class."""
+    import hashlib
+
+    from ptft_jax.data.image_sources import open_images
+    from ptft_jax.data.images import ImageExamples, prepare_image_cache_once, select
+    d, m = cfg.data, cfg.model
+    corpus = corpus or d.corpus
+    source = open_images(corpus, split, d.image_column, d.label_column)
+    if len(source) == 0:
+        raise ValueError(f"data.corpus '{corpus}' split '{split}' holds no images.")
+    root = Path(d.cache_dir) if d.cache_dir else run_dir / "data_cache"
+    tag = hashlib.sha1(corpus.encode()).hexdigest()[:8]
+    cache = prepare_image_cache_once(
+        source, root / f"images-{split}-{tag}-{m.image_size}px-{m.channels}c", m.image_size,
+        m.channels, d.resize, d.skip_bad_images, d.num_workers, progress=cfg.train.progress)
+    raw = [str(v) for v in cache.labels]
+    keep = None if d.keep_labels is None else {str(v) for v in d.keep_labels}
+    if keep is not None:
+        missing = sorted(keep - set(raw))
+        if missing:
+            raise ValueError(f"data.keep_labels: {missing} are not labels of {source.name} "
+                             f"(its labels: {sorted(set(raw))[:20]}).")
+    if labels is None:
+        labels = LabelSpace.from_labels("classification",
+                                        [v for v in raw if keep is None or v in keep])
+    kept_rows = [i for i, v in enumerate(raw) if keep is None or v in keep]
+    ids = np.full(len(raw), -1, np.int64)
+    ids[kept_rows] = labels.encode([raw[i] for i in kept_rows], f"split '{split}' of {corpus}")
+    rows = select(ids, None, per_class, d.shuffle_seed)
+    rows = rows[ids[rows] >= 0]
+    return ImageExamples(cache.images, ids, rows), labels
+
+
+def image_job(cfg: Config) -> Job:
+    from ptft_jax.tasks.image import ImageClassifyTask
+    run_dir = Path(cfg.run_dir)
+    labels_path = run_dir / "labels.json"
+    saved = LabelSpace.load(labels_path) if labels_path.exists() else None
+    try:
+        train, labels = image_split(cfg, run_dir, cfg.data.split, None, saved,
+                                     cfg.data.per_class)
+        evaluation = None
+        if cfg.data.eval_split or cfg.data.eval_corpus:
+            evaluation, _ = image_split(cfg, run_dir, cfg.data.eval_split or "train",
+                                         cfg.data.eval_corpus, labels, 0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if saved is not None and saved != labels:
+        raise ConfigError(f"{labels_path} holds other labels than the data now gives; use a new "
+                          f"run_dir.")
+    if len(train) == 0:
+        raise ConfigError(f"data.keep_labels / data.per_class leave no training image in "
+                          f"{cfg.data.corpus}.")
+    bn_axis = "batch" if cfg.mesh.parallelism == "pmap" else None
+    task = ImageClassifyTask(cfg.model, labels.names, cfg.augment,
+                             cfg.objective.label_smoothing, bn_axis)
+
+    def save_files():
+        if jax.process_index() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not labels_path.exists():
+                labels.save(labels_path)
+
+    m = cfg.model
+    describe = (f"{len(train):,} training images"
+                + (f", {len(evaluation):,} eval images" if evaluation is not None else "")
+                + f" of {m.image_size}x{m.image_size}x{m.channels} | {labels.num_outputs} "
+                  f"classes")
+    meta = {"labels": dataclasses.asdict(labels)}
+    return Job(cfg, task, train, lambda: describe, meta, save_files, evaluation,
+               pretrained_init(cfg, None, labels.names), tokens_per_row=1)

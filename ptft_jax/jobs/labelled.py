@@ -1,0 +1,82 @@
+"""Finetuning on labelled text: padded labelled examples, a classifier (or multi-label or
+regression) head, and a pretrained component to start from (`finetune.init_from`)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+
+from ptft_jax.config.schema import Config, ConfigError, pooling_for, task_for
+from ptft_jax.data.labelled import LabelSpace, open_examples
+from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path
+from ptft_jax.jobs.common import pretrained_init, resolve_vocab
+from ptft_jax.tasks.classify import ClassifyTask
+from ptft_jax.train.job import Job
+
+
+def finetune_tokenizer_path(cfg: Config, run_dir: Path) -> Path:
+    """The run's own tokenizer on resume, else data.tokenizer, else the one of the run that
+    finetune.init_from names (the component was trained on its ids)."""
+    try:
+        path = run_tokenizer_path(cfg.data.tokenizer, run_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if path is None and cfg.finetune.init_from:
+        source = Path(cfg.finetune.init_from)
+        for folder in (source, *source.parents[:3]):
+            if (folder / "tokenizer.json").is_file():
+                return folder / "tokenizer.json"
+    if path is None:
+        raise ConfigError("A finetuning run needs the tokenizer its component was trained with: "
+                          "set finetune.init_from to a ptft run directory (its tokenizer.json "
+                          "is used) or data.tokenizer=PATH.")
+    return path
+
+
+def finetune_job(cfg: Config) -> Job:
+    run_dir = Path(cfg.run_dir)
+    tokenizer_path = finetune_tokenizer_path(cfg, run_dir)
+    tokenizer = load_tokenizer(tokenizer_path)
+    token_ids = TokenIds.of(tokenizer, cfg.model.kind)
+    cfg = resolve_vocab(cfg, token_ids)
+    kind = task_for(cfg)
+    labels_path = run_dir / "labels.json"
+    saved_labels = LabelSpace.load(labels_path) if labels_path.exists() else None
+    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
+    # The examples are tokenized into a cache next to a copy of the tokenizer, so the cache's
+    # tokenizer check has a file to read before the run directory is written.
+    try:
+        train, labels = open_examples(cfg.data, cfg.data.split, tokenizer_path, cache_root,
+                                      kind, saved_labels, cfg.model.kind,
+                                      progress=cfg.train.progress)
+        evaluation = None
+        if cfg.data.eval_split or cfg.data.eval_corpus:
+            evaluation, _ = open_examples(cfg.data, cfg.data.eval_split or "train",
+                                          tokenizer_path, cache_root, kind, labels,
+                                          cfg.model.kind, progress=cfg.train.progress,
+                                          corpus=cfg.data.eval_corpus)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if saved_labels is not None and saved_labels != labels:
+        raise ConfigError(f"{labels_path} holds other labels than the data now gives; use a new "
+                          f"run_dir.")
+    task = ClassifyTask(cfg.model, labels, pooling_for(cfg))
+
+    def save_files():
+        if jax.process_index() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not (run_dir / "tokenizer.json").exists():  # a vocab.txt is saved as JSON too
+                tokenizer.save(str(run_dir / "tokenizer.json"))
+            if not labels_path.exists():
+                labels.save(labels_path)
+
+    init_from = pretrained_init(cfg, token_ids, labels.names)
+    truncated = train.truncated + (evaluation.truncated if evaluation is not None else 0)
+    describe = (f"{len(train):,} training examples"
+                + (f", {len(evaluation):,} eval examples" if evaluation is not None else "")
+                + f" of up to {cfg.data.seq_len} tokens ({truncated:,} truncated) | "
+                  f"{labels.kind}: {labels.num_outputs} output(s)")
+    meta = {"tokenizer_vocab_size": token_ids.vocab_size, "labels": dataclasses.asdict(labels)}
+    return Job(cfg, task, train, lambda: describe, meta, save_files, evaluation, init_from,
+               tokens_per_row=cfg.data.seq_len)

@@ -1,0 +1,38 @@
+"""The package's layering holds (tests/code_shape.py reads it from the imports): no import
+cycles, no import from a lower layer into a higher one, no private name imported across
+modules, and no module at the top of the package but the command line."""
+from tests import code_shape
+
+
+def test_no_import_cycles():
+    assert code_shape.cycles(code_shape.read()) == []
+
+
+def test_lower_layers_never_import_higher_ones():
+    shape = code_shape.read()
+    unplaced = sorted({code_shape.layer(m) for m in shape.modules} - set(code_shape.LAYERS)
+                      - {""})
+    assert unplaced == [], f"folders without a layer in code_shape.LAYERS: {unplaced}"
+    assert [f"{i.source} -> {i.target} (line {i.line})"
+            for i in code_shape.upward(shape)] == []
+
+
+def test_no_private_name_is_imported_across_modules():
+    assert [f"{i.source} <- {i.target}: {', '.join(i.names)}"
+            for i in code_shape.private_imports(code_shape.read())] == []
+
+
+def test_only_the_command_line_sits_at_the_top():
+    shape = code_shape.read()
+    top = sorted(m for m, p in shape.modules.items()
+                 if p.parent == code_shape.PACKAGE and p.name != "__init__.py")
+    assert top == ["cli"]
+
+
+def test_the_checks_see_a_violation():
+    # The reader must be able to fail: a made-up upward import and a cycle are caught.
+    shape = code_shape.read()
+    shape.imports.append(code_shape.Import("models.layers", "train.loop", ("run",), False, 1))
+    shape.imports.append(code_shape.Import("train.loop", "models.layers", ("dense",), False, 1))
+    assert any(i.source == "models.layers" for i in code_shape.upward(shape))
+    assert any({"models.layers", "train.loop"} <= set(c) for c in code_shape.cycles(shape))
