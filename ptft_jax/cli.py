@@ -23,6 +23,9 @@ import sys
 from ptft_jax.config.load import load_config
 from ptft_jax.config.schema import ConfigError
 
+# Each command imports what it runs inside its own function, so that `ptft --help` and a
+# mistyped argument answer at once, without loading JAX (seconds of start-up).
+
 
 def _repo_file(relative: str):
     from pathlib import Path

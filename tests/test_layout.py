@@ -36,3 +36,10 @@ def test_the_checks_see_a_violation():
     shape.imports.append(code_shape.Import("train.loop", "models.layers", ("dense",), False, 1))
     assert any(i.source == "models.layers" for i in code_shape.upward(shape))
     assert any({"models.layers", "train.loop"} <= set(c) for c in code_shape.cycles(shape))
+
+
+def test_only_the_command_line_imports_inside_functions():
+    # cli.py defers each command's imports (start-up time, said at its top); anywhere else a
+    # function-local import of the package's own module hides a cycle or an upward arrow.
+    assert [f"{i.source} line {i.line}: {i.target}"
+            for i in code_shape.local_imports(code_shape.read()) if i.source != "cli"] == []

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from ptft_jax.bench import profiling
 from ptft_jax.bench.workloads import synthetic_batches, workload  # noqa: F401 (re-export)
 from ptft_jax.config.load import load_config
 from ptft_jax.config.schema import ConfigError
@@ -199,7 +200,6 @@ def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
 
     state, times = timed_steps(compiled, state, batches, key, warmup, steps)
     if profile_dir is not None:
-        from ptft_jax.bench import profiling
         trace_dir = profile_dir / case.name
         trace_dir.mkdir(parents=True, exist_ok=True)
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):

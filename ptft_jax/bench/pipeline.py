@@ -16,6 +16,14 @@ import numpy as np
 import yaml
 
 from ptft_jax.bench.benchmark import device_slug, environment
+from ptft_jax.config.schema import DataConfig, MeshConfig
+from ptft_jax.core.mesh import batch_sharding, global_batch_array, make_mesh
+from ptft_jax.data.cache import prepare_cache
+from ptft_jax.data.loader import BatchLoader, prefetch
+from ptft_jax.data.opening import open_documents
+from ptft_jax.data.packing import Packer
+from ptft_jax.data.sources import from_arrays
+from ptft_jax.data.tokenizer import iter_texts, train_tokenizer
 
 
 def run_pipeline_case(case: dict, work_dir: Path, num_tokens: int = 50_000_000,
@@ -23,10 +31,6 @@ def run_pipeline_case(case: dict, work_dir: Path, num_tokens: int = 50_000_000,
     """Tokens/s from a memory-mapped token cache to device arrays, through the training
     loader (Packer + BatchLoader) and its prefetch thread. Documents have geometric lengths
     (mean 600 tokens); the token file is written once and reused."""
-    from ptft_jax.config.schema import MeshConfig
-    from ptft_jax.core.mesh import batch_sharding, global_batch_array, make_mesh
-    from ptft_jax.data.loader import BatchLoader, prefetch
-    from ptft_jax.data.packing import Packer
 
     rng = np.random.default_rng(0)
     lengths = rng.geometric(1 / 600, size=num_tokens // 600)
@@ -64,9 +68,6 @@ def run_tokenization_case(work_dir: Path, copies: int = 10) -> dict:
     bundled corpus repeated `copies` times, with a WordPiece tokenizer of 8192 trained on it."""
     import shutil
 
-    from ptft_jax.data.cache import prepare_cache
-    from ptft_jax.data.sources import from_arrays
-    from ptft_jax.data.tokenizer import iter_texts, train_tokenizer
 
     kjv = open_documents_bundled()
     tokenizer_path = work_dir / "tokenization_tokenizer.json"
@@ -84,8 +85,6 @@ def run_tokenization_case(work_dir: Path, copies: int = 10) -> dict:
 
 
 def open_documents_bundled():
-    from ptft_jax.config.schema import DataConfig
-    from ptft_jax.data.opening import open_documents
     return open_documents(DataConfig(corpus="bundled:kjv"))
 
 

@@ -16,8 +16,13 @@ import dataclasses
 
 import numpy as np
 
+from ptft_jax.config.schema import tower_model
 from ptft_jax.data.packing import Packer
+from ptft_jax.jobs.lm import lm_task
 from ptft_jax.models.flops import image_train_flops, multimodal_train_flops, train_flops_per_token
+from ptft_jax.tasks.contrastive import ContrastiveTask
+from ptft_jax.tasks.image import ImageClassifyTask
+from ptft_jax.tasks.lm import MlmSpec
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # synthetic data keeps ids below 5 free, as our tokenizers do
 IMAGE_CLASSES = 1000  # ImageNet's, the head size the published image models train with
@@ -59,8 +64,6 @@ def synthetic_images(cfg, n: int = 2, seed: int = 0) -> list[dict]:
 
 
 def language_model(cfg, rows: str) -> Workload:
-    from ptft_jax.jobs.lm import lm_task
-    from ptft_jax.tasks.lm import MlmSpec
     spec = MlmSpec(mask_id=4, special_ids=SPECIAL_IDS, random_low=len(SPECIAL_IDS),
                    random_high=cfg.model.vocab_size) if cfg.train.task == "mlm" else None
     task = lm_task(cfg, spec)
@@ -72,7 +75,6 @@ def language_model(cfg, rows: str) -> Workload:
 
 
 def image_classification(cfg) -> Workload:
-    from ptft_jax.tasks.image import ImageClassifyTask
     bn_axis = "batch" if cfg.mesh.parallelism == "pmap" else None
     task = ImageClassifyTask(cfg.model, [str(i) for i in range(IMAGE_CLASSES)], cfg.augment,
                              label_smoothing=0.1, bn_axis_name=bn_axis)
@@ -102,8 +104,6 @@ def synthetic_pairs(cfg, n: int = 2, seed: int = 0) -> list[dict]:
 
 
 def contrastive(cfg) -> Workload:
-    from ptft_jax.config.schema import tower_model
-    from ptft_jax.tasks.contrastive import ContrastiveTask
     axis = "batch" if cfg.mesh.parallelism == "pmap" else None
     task = ContrastiveTask(tower_model(cfg, "image"), tower_model(cfg, "text"),
                            cfg.towers.image.projection_dim, cfg.towers.text.pooling,

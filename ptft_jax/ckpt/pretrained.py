@@ -18,9 +18,13 @@ import numpy as np
 
 from ptft_jax.ckpt import integrity
 from ptft_jax.ckpt.checkpoint import CheckpointMismatch
+from ptft_jax.config import hf
 from ptft_jax.config.schema import FinetuneConfig
+from ptft_jax.convert.hf import flat_params
+from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.core.params import (flatten, is_stacked, path_str, stack_layers, unflatten,
                                   unstack_layers)
+from ptft_jax.models.vision import interpolate_positions
 
 # Parameters whose rows are the vocabulary (path endings: a text tower's table is under text/).
 VOCAB_ROWS = ("transformer/token_embed/embedding", "text/token_embed/embedding", "output_bias")
@@ -59,7 +63,6 @@ def inference_checkpoint(run_dir: Path) -> Path:
 def inference_params(run_dir: Path, cfg) -> tuple[dict, Path, bool]:
     """(params as host arrays, the step folder read, whether LoRA was merged) of a run: its
     best checkpoint, else its latest, with LoRA adapters folded into the weights."""
-    from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
     step_dir = inference_checkpoint(run_dir)
     params = read_params(step_dir)
     spec = lora_spec(cfg)
@@ -78,8 +81,6 @@ def read_source(path, label_names=None) -> tuple[dict, str, list[str]]:
     names: a ptft checkpoint, or a Hugging Face model ('hf:...', converted to ptft's paths).
     An HF classifier's output layer is kept only for the same label names (reordered to
     `label_names`); other labels leave it out, to be initialised fresh."""
-    from ptft_jax.config import hf
-    from ptft_jax.convert.hf import flat_params
     if hf.is_hf(str(path)):
         source = hf.open_model(str(path))
         flat, report = flat_params(source)
@@ -220,7 +221,6 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
 def _fit_positions(value: np.ndarray, shape) -> np.ndarray:
     """A ViT's position table for another image size: the patch grid resized bilinearly, the
     class token's row (when there is one on both sides) kept. Unchanged if it cannot fit."""
-    from ptft_jax.models.vision import interpolate_positions
 
     def grid(n):  # (grid side, has a class token)
         for cls in (0, 1):
@@ -261,7 +261,6 @@ def load_pretrained_state(path, model_state: dict, load, dont_load) -> tuple[dic
 
 
 def is_hf_path(path) -> bool:
-    from ptft_jax.config import hf
     return hf.is_hf(str(path))
 
 

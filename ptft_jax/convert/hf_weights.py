@@ -14,6 +14,11 @@ import re
 
 import numpy as np
 
+from ptft_jax.config.schema import ModelConfig
+from ptft_jax.core.params import flatten
+from ptft_jax.models.transformer import Transformer
+from ptft_jax.models.vision import ViT
+
 T = "transformer/"
 
 
@@ -332,12 +337,8 @@ def check_backbone_shapes(flat: dict, keys: dict, where: str) -> None:
     model keys) gives it; a mismatch is named with both shapes."""
     import jax
 
-    from ptft_jax.config.schema import ModelConfig
-    from ptft_jax.core.params import flatten
-    from ptft_jax.models.transformer import Transformer
     cfg = ModelConfig(**{k: v for k, v in keys.items() if k != "dropout"})
     if cfg.kind == "vit":
-        from ptft_jax.models.vision import ViT
         images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels),
                                       np.float32)
         abstract = jax.eval_shape(lambda x: ViT(cfg).init(jax.random.key(0), x), images)

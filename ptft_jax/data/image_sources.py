@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ptft_jax.data.image_io import BadImage, as_array, decode, digest, file_key
-from ptft_jax.data.opening import open_hub_images, require_image_columns
+from ptft_jax.data.opening import (open_hub_images, require_image_columns, tfds_builder,
+                                   tfds_data_source)
 from ptft_jax.data.pairs import open_pairs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -243,9 +244,9 @@ class TfdsImages:
         self._open()
 
     def _open(self):
-        from ptft_jax.data.opening import tfds_builder, tfds_data_source
         builder, features, self.name = tfds_builder(self.spec, self.split, (None, None))
-        require_image_columns(list(features.keys()), self.name, self.image_column, self.label_column)
+        require_image_columns(list(features.keys()), self.name, self.image_column,
+                              self.label_column)
         self._source, self._identity = tfds_data_source(builder, self.split)
 
     def __len__(self) -> int:

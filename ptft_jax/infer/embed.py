@@ -19,8 +19,12 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from ptft_jax.ckpt.pretrained import inference_params
+from ptft_jax.config import hf
 from ptft_jax.config.load import from_dict
 from ptft_jax.config.schema import ConfigError, ModelConfig
+from ptft_jax.convert.hf import flat_params
+from ptft_jax.core.params import unflatten
 from ptft_jax.data.labelled import predict_examples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.models.heads import pool
@@ -37,7 +41,6 @@ class Encoder:
 
 
 def load_encoder(source: str) -> Encoder:
-    from ptft_jax.config import hf
     path = Path(source)
     if not hf.is_hf(source) and (path / "config.yaml").is_file():
         return _from_run(path)
@@ -49,9 +52,6 @@ def load_encoder(source: str) -> Encoder:
 
 
 def _from_hf(spec: str) -> Encoder:
-    from ptft_jax.config import hf
-    from ptft_jax.convert.hf import flat_params
-    from ptft_jax.core.params import unflatten
     try:
         model = hf.open_model(spec)
         keys = model.model_keys()
@@ -68,7 +68,6 @@ def _from_hf(spec: str) -> Encoder:
 
 
 def _from_run(run_dir: Path) -> Encoder:
-    from ptft_jax.ckpt.pretrained import inference_params
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     params, step_dir, _ = inference_params(run_dir, cfg)
     cfg.model.dropout = 0.0

@@ -20,10 +20,21 @@ from ptft_jax.config.load import from_dict
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
                                     pooling_for, task_for)
 from ptft_jax.config.validate import validate
+from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
+from ptft_jax.core.params import count
+from ptft_jax.core.state import TrainState
+from ptft_jax.data.image_sources import IMAGE_SUFFIXES, BadImage, decode
+from ptft_jax.data.images import ImageExamples, convert
 from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
+from ptft_jax.data.pairs import FilePairs, PairExamples
 from ptft_jax.data.tokenizer import load_tokenizer
+from ptft_jax.jobs.images import image_split
+from ptft_jax.jobs.pairs import make_task, pairs_split
 from ptft_jax.tasks.classify import ClassifyTask
+from ptft_jax.tasks.image import ImageClassifyTask
 from ptft_jax.train.engine import build
+from ptft_jax.train.evaluate import evaluate
+from ptft_jax.train.loop import eval_metric
 
 
 def load_run(run_dir: str | Path, batch_size: int | None = None):
@@ -46,10 +57,8 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
     validate(cfg, jax.device_count())
     labels = LabelSpace.load(run_dir / "labels.json") if has_labels else None
     if kind in MULTIMODAL_TASKS:
-        from ptft_jax.jobs.pairs import make_task
         task = make_task(cfg, load_tokenizer(run_dir / "tokenizer.json"), labels)
     elif kind in IMAGE_TASKS:
-        from ptft_jax.tasks.image import ImageClassifyTask
         task = ImageClassifyTask(cfg.model, labels.names, cfg.augment)
         task.labels = labels
     else:
@@ -59,7 +68,6 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
     best_dir = run_dir / "best"
     source = None
     if best_dir.is_dir():
-        from ptft_jax.train.loop import eval_metric
         best = BestCheckpointer(best_dir, *eval_metric(cfg, task))
         step = best.best_step()
         if step is not None:
@@ -81,18 +89,15 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
 
 def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
                  batch_size: int | None = None, progress: bool = True) -> dict:
-    from ptft_jax.train.evaluate import evaluate
     engine, state, cfg, source = load_run(run_dir, batch_size)
     split = split or cfg.data.eval_split or "train"
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run_dir) / "data_cache"
     try:
         if task_for(cfg) in MULTIMODAL_TASKS:
-            from ptft_jax.jobs.pairs import pairs_split
             examples, _ = pairs_split(cfg, Path(run_dir), split, corpus or cfg.data.eval_corpus,
                                       engine.task.tokenizer, getattr(engine.task, "labels", None),
                                       0)
         elif task_for(cfg) in IMAGE_TASKS:
-            from ptft_jax.jobs.images import image_split
             examples, _ = image_split(cfg, Path(run_dir), split,
                                       corpus or cfg.data.eval_corpus, engine.task.labels, 0)
         else:
@@ -116,10 +121,6 @@ def export_run(run_dir, out_dir) -> dict:
 
     import jax.numpy as jnp
 
-    from ptft_jax.ckpt.checkpoint import Checkpointer
-    from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
-    from ptft_jax.core.params import count
-    from ptft_jax.core.state import TrainState
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} exists and is not empty; export into a new folder.")
@@ -194,7 +195,6 @@ def predict_run(run_dir, texts: list[str], pairs: list[str] | None = None,
 def image_files(path: str | None) -> list[Path]:
     """Images to predict: an image file, a folder of them (sorted, recursively), or a text file
     listing one image path per line."""
-    from ptft_jax.data.image_sources import IMAGE_SUFFIXES
     if path in (None, "-"):
         raise ConfigError("ptft predict on an image run needs --input: an image file, a folder "
                           "of images, or a text file listing image paths.")
@@ -219,8 +219,6 @@ def predict_images(run_dir, files: list[Path], batch_size: int | None = None,
                    progress: bool = True) -> Iterator[dict]:
     """One dict per image file: its label and every label's probability. Each image is
     decoded and converted to the run's size and channels as its training cache was."""
-    from ptft_jax.data.image_sources import BadImage, decode
-    from ptft_jax.data.images import ImageExamples, convert
     engine, state, cfg, _ = load_run(run_dir, batch_size)
     m = cfg.model
     images = np.zeros((len(files), m.image_size, m.image_size, m.channels), np.uint8)
@@ -264,9 +262,6 @@ def predict_pairs(run_dir, path: str | None, batch_size: int | None = None,
                   progress: bool = True) -> Iterator[dict]:
     """A fused classifier's label for each image-text pair of a .jsonl / .csv file (columns
     `image`, a path relative to the file, and `text`)."""
-    from ptft_jax.data.image_sources import BadImage
-    from ptft_jax.data.images import convert
-    from ptft_jax.data.pairs import FilePairs, PairExamples
     if path in (None, "-") or Path(path).suffix not in (".jsonl", ".csv"):
         raise ConfigError("ptft predict on an image-text run needs --input FILE.jsonl (or .csv) "
                           "with an 'image' path and a 'text' per row.")

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 from tokenizers import Tokenizer
 
+from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.core.mesh import broadcast_text
@@ -75,7 +76,6 @@ def save_tokenizer(tokenizer, run_dir: Path) -> None:
 def pretrained_init(cfg: Config, token_ids: TokenIds | None, label_names=None):
     """(engine, state) -> (state with the pretrained parameters, report), or None: what
     finetune.init_from names, restored through the load / dont_load / init_fresh rules."""
-    from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state  # noqa: light imports
     f = cfg.finetune
     if not f.init_from:
         return None

@@ -8,8 +8,11 @@ import jax
 import numpy as np
 
 from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.data.image_sources import open_images
+from ptft_jax.data.images import ImageExamples, prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.jobs.common import pretrained_init
+from ptft_jax.tasks.image import ImageClassifyTask
 from ptft_jax.train.job import Job
 
 
@@ -19,8 +22,6 @@ def image_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, labe
     (process 0 builds it), filtered to data.keep_labels and, for training, data.per_class."""
     import hashlib
 
-    from ptft_jax.data.image_sources import open_images
-    from ptft_jax.data.images import ImageExamples, prepare_image_cache_once, select
     d, m = cfg.data, cfg.model
     corpus = corpus or d.corpus
     source = open_images(corpus, split, d.image_column, d.label_column)
@@ -50,7 +51,6 @@ def image_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, labe
 
 
 def image_job(cfg: Config) -> Job:
-    from ptft_jax.tasks.image import ImageClassifyTask
     run_dir = Path(cfg.run_dir)
     labels_path = run_dir / "labels.json"
     saved = LabelSpace.load(labels_path) if labels_path.exists() else None

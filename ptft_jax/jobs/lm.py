@@ -88,4 +88,5 @@ def pretrain_job(cfg: Config) -> Job:
         return (f"{len(p)} rows of {cfg.data.seq_len} tokens ({cfg.data.packing}; "
                 f"{p.dropped_tokens} tail tokens dropped)")
     return Job(cfg, task, rows, describe, {"tokenizer_vocab_size": token_ids.vocab_size},
-               save_files, init_from=pretrained_init(cfg, token_ids), tokens_per_row=cfg.data.seq_len)
+               save_files, init_from=pretrained_init(cfg, token_ids),
+               tokens_per_row=cfg.data.seq_len)

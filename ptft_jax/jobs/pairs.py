@@ -14,13 +14,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError, task_for, tower_model
 from ptft_jax.core.mesh import broadcast_text
+from ptft_jax.data.images import prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace, predict_examples
 from ptft_jax.data.pairs import PairExamples, PairRecords, open_pairs
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path, train_tokenizer
 from ptft_jax.jobs.common import pretrained_init
+from ptft_jax.models.flops import multimodal_train_flops
+from ptft_jax.tasks.contrastive import ContrastiveTask
+from ptft_jax.tasks.fused import FusedClassifyTask
 from ptft_jax.train.job import Job
 
 log = logging.getLogger(__name__)
@@ -89,7 +94,6 @@ def pairs_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, toke
     """(PairExamples, label space or None) of one split: images decoded into their cache
     (process 0 builds it), texts tokenized, labels encoded; data.keep_labels and, for
     training, data.per_class select rows."""
-    from ptft_jax.data.images import prepare_image_cache_once, select
     d = cfg.data
     image = cfg.towers.image.model
     corpus = corpus or d.corpus
@@ -134,7 +138,6 @@ def tower_init_from(cfg: Config, label_names=None, vocab_rows: int | None = None
         return None
 
     def init_from(engine, state):
-        from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
         report = []
         if whole is not None:
             state, report = whole(engine, state)
@@ -158,8 +161,6 @@ def tower_init_from(cfg: Config, label_names=None, vocab_rows: int | None = None
 
 def make_task(cfg: Config, tokenizer, labels: LabelSpace | None):
     """The two-tower or fused task of `cfg` (labels: the training split's, or None)."""
-    from ptft_jax.tasks.contrastive import ContrastiveTask
-    from ptft_jax.tasks.fused import FusedClassifyTask
     image, text = tower_model(cfg, "image"), tower_model(cfg, "text")
     axis = "batch" if cfg.mesh.parallelism == "pmap" else None
     if task_for(cfg) == "contrastive":
@@ -218,7 +219,6 @@ def pairs_job(cfg: Config) -> Job:
     meta = {"tokenizer_vocab_size": token_ids.vocab_size}
     if labels is not None:
         meta["labels"] = dataclasses.asdict(labels)
-    from ptft_jax.models.flops import multimodal_train_flops
     return Job(cfg, task, train, lambda: describe, meta, save_files, evaluation,
                tower_init_from(cfg, labels.names if labels else None, token_ids.vocab_size),
                tokens_per_row=1, flops_per_row=multimodal_train_flops(cfg))

@@ -11,7 +11,8 @@ full T x T score matrix even for causal models, as PaLM does.
 """
 from __future__ import annotations
 
-from ptft_jax.config.schema import ModelConfig
+from ptft_jax.config.schema import ModelConfig, tower_model
+from ptft_jax.models.vision import feature_size
 
 
 def _layer_and_head_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -94,8 +95,6 @@ def multimodal_train_flops(cfg, frozen: tuple[str, ...] = ()) -> float:
     """Training FLOPs of one image-text pair in a two-tower or fused model, counted like the
     rest (3x the forward matmuls and convolutions). A tower in `frozen` ('image', 'text')
     costs its forward pass only: nothing below the fusion layers needs a gradient."""
-    from ptft_jax.config.schema import tower_model
-    from ptft_jax.models.vision import feature_size
     image, text = tower_model(cfg, "image"), tower_model(cfg, "text")
     T = cfg.data.seq_len
     forward = {"image": image_train_flops(image) / 3.0,

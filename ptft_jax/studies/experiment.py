@@ -34,8 +34,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ptft_jax.config.load import from_dict, merge_dicts
+from ptft_jax.ckpt.checkpoint import committed_steps
+from ptft_jax.config.load import from_dict, merge_dicts, with_hf_model
 from ptft_jax.config.schema import ConfigError
+from ptft_jax.config.validate import validate
+from ptft_jax.data.pairs import open_pairs
+from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, train_tokenizer
+from ptft_jax.jobs.entry import finetune, pretrain
+from ptft_jax.models.flops import image_train_flops, multimodal_train_flops, train_flops_per_token
+from ptft_jax.tasks.lm import MlmSpec
 
 NAME = "pretrain-vs-end-to-end"
 ARMS = ("a", "b", "c", "d_b", "d_c")
@@ -190,7 +197,6 @@ def stage_dicts(cfg: ExperimentConfig, tokenizer: Path, vocab_size: int) -> dict
 def build_config(stage: dict, run_dir: Path, steps: int, seed: int, evals: int,
                  extra: dict | None = None):
     """A full Config for one stage run."""
-    from ptft_jax.config.load import with_hf_model
     every = max(1, -(-steps // evals))  # evals evaluations, the last one at the end
     d = merge_dicts(stage, {"run_dir": str(run_dir),
                             "train": {"steps": steps, "seed": seed},
@@ -210,9 +216,6 @@ def build_config(stage: dict, run_dir: Path, steps: int, seed: int, evals: int,
 
 
 def flops_per_step(cfg, stage: str, frozen: tuple[str, ...] = ()) -> float:
-    from ptft_jax.models.flops import (image_train_flops, multimodal_train_flops,
-                                       train_flops_per_token)
-    from ptft_jax.tasks.lm import MlmSpec
     B = cfg.train.global_batch
     if stage == "image_pretrain":
         return image_train_flops(cfg.model) * B
@@ -239,7 +242,6 @@ def plan(cfg: ExperimentConfig, stages: dict[str, dict], tokenizer: Path,
     """Per arm and seed, its stages in order with their steps and FLOPs. Refuses (before
     anything runs) a budget that gives a stage no step, or whose whole-step rounding would
     leave arms unequal by more than MAX_IMBALANCE of the budget."""
-    from ptft_jax.config.validate import validate
     root, budget = Path(cfg.dir), cfg.budget_flops
     per_step, probes = {}, {}
     for name in ("image_pretrain", "text_pretrain", "align", "finetune"):
@@ -302,8 +304,6 @@ def prepare_texts_and_tokenizer(cfg: ExperimentConfig) -> tuple[Path, int]:
     """The training split's texts as a corpus for masked-LM pretraining, and the one tokenizer
     every stage shares (data.tokenizer, else a WordPiece trained on those texts), written once
     into the experiment directory. Returns (tokenizer path, the text tower's vocabulary)."""
-    from ptft_jax.data.pairs import open_pairs
-    from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, train_tokenizer
     root = Path(cfg.dir)
     data = dict(cfg.finetune.get("data") or {})
     texts_path, tok_path = root / "texts" / "train.txt", root / "tokenizer.json"
@@ -332,7 +332,6 @@ def prepare_texts_and_tokenizer(cfg: ExperimentConfig) -> tuple[Path, int]:
 
 def _stage_result(stage: Stage, cfg) -> dict | None:
     """A finished stage's record (result.json), or None if it has not finished."""
-    from ptft_jax.ckpt.checkpoint import committed_steps
     path = Path(stage.run_dir) / "result.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -361,7 +360,6 @@ def _write_result(stage: Stage, cfg, wall_s: float | None) -> dict:
 
 
 def run_stage(stage: Stage, stages: dict[str, dict], cfg: ExperimentConfig, echo) -> dict:
-    from ptft_jax.jobs.entry import finetune, pretrain
     config = build_config(stages[stage.name], Path(stage.run_dir), stage.steps, stage.seed,
                           cfg.evals, stage.extra)
     done = _stage_result(stage, config)

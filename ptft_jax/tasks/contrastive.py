@@ -21,7 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptft_jax.config.schema import AugmentConfig, ModelConfig, ObjectiveConfig
+from ptft_jax.core.mesh import gather_rows
 from ptft_jax.data.augment import augment, normalize
+from ptft_jax.data.labelled import predict_examples
+from ptft_jax.data.loader import prefetch
 from ptft_jax.models.multimodal import TwoTower
 from ptft_jax.tasks import metrics
 from ptft_jax.tasks.base import Task, apply_model
@@ -148,8 +151,6 @@ class ContrastiveTask(Task):
 def embed_split(engine, state, examples, batch_size: int, progress: bool = False) -> dict:
     """Every example's predict outputs, in order, as host float32 arrays (the padding of the
     last batch dropped; on multi-host, every process's rows)."""
-    from ptft_jax.core.mesh import gather_rows
-    from ptft_jax.data.loader import prefetch
     rows = engine.rows_of(batch_size)
     batches = prefetch((engine.to_device(b, batch_size)
                         for b in examples.batches(batch_size, rows)), 2)
@@ -195,8 +196,6 @@ def retrieval_recall(image_emb, text_emb, groups, ks=RECALL_AT, chunk: int = 102
 def class_embeddings(engine, state, task, names, batch_size: int) -> np.ndarray:
     """[classes, dim]: each class name through every prompt template, embedded by the text
     tower, averaged over templates and normalised again (CLIP's prompt ensembling)."""
-    from ptft_jax.core.mesh import gather_rows
-    from ptft_jax.data.labelled import predict_examples
     texts = [t.format(n) for n in names for t in task.prompts]
     rows = predict_examples(texts, task.tokenizer, task.seq_len, "encoder")
     s, c = task.image_cfg.image_size, task.image_cfg.channels

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from ptft_jax.config.schema import Config, resolve_mesh_shape
+from ptft_jax.config.schema import Config, OptimConfig, resolve_mesh_shape
 from ptft_jax.core.lora import lora_spec
 from ptft_jax.core.mesh import LOGICAL_RULES, global_batch_array, make_mesh, process_rows
 from ptft_jax.core.params import flatten
@@ -116,7 +116,6 @@ def check_rules_match(params, rules, key: str) -> None:
     regex ('bais$') would otherwise silently give its parameters the next rule's value."""
     import re
 
-    from ptft_jax.config.schema import OptimConfig
     # The default rules serve every model (a ResNet has no embeddings): only a rule the user
     # wrote must match something.
     defaults = {pattern for pattern, _ in OptimConfig().weight_decay_rules}

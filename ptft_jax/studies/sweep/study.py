@@ -29,9 +29,17 @@ import traceback
 import warnings
 from pathlib import Path
 
-from ptft_jax.config.load import from_dict, merge_dicts, parse_overrides, read_yaml_mapping
+from ptft_jax.config.load import (from_dict, merge_dicts, parse_overrides, read_yaml_mapping,
+                                  with_hf_model)
 from ptft_jax.config.schema import ConfigError, task_for
+from ptft_jax.config.validate import validate
+from ptft_jax.core.params import unflatten
+from ptft_jax.jobs import entry
+from ptft_jax.studies.sweep.report import write_report
 from ptft_jax.studies.sweep.space import Param, extremes, grid_size, load_space, overrides
+from ptft_jax.tasks.classify import DEFAULT_METRIC
+from ptft_jax.tasks.metrics import METRIC_MODES, TASK_METRICS
+from ptft_jax.train.engine import reuse_engines
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("median", "halving", "none")
@@ -83,8 +91,6 @@ def _command_of(cfg) -> str:
 
 def config_with(raw: dict, values: dict):
     """The Config of `raw` (a config file's mapping) with dotted-key overrides applied."""
-    from ptft_jax.config.load import with_hf_model
-    from ptft_jax.core.params import unflatten
     nested = unflatten({dotted.replace(".", "/"): v for dotted, v in values.items()})
     return from_dict(with_hf_model(merge_dicts(raw, nested)))
 
@@ -123,9 +129,6 @@ def prepare(opts: SweepOptions) -> Sweep:
     """Checks everything that can be checked before a trial runs: the config, the space's
     keys, ranges and values, the metric, the sampler and pruner, the grid's size, the storage.
     Raises ConfigError naming what is wrong."""
-    from ptft_jax.config.validate import validate
-    from ptft_jax.tasks.classify import DEFAULT_METRIC
-    from ptft_jax.tasks.metrics import METRIC_MODES, TASK_METRICS
 
     path = Path(opts.config)
     raw = merge_dicts(read_yaml_mapping(path, "--config"), parse_overrides(opts.overrides or []))
@@ -328,7 +331,6 @@ def run_trial(sweep: Sweep, trial, log) -> float:
     over its evaluations. Raises optuna.TrialPruned, TrialFailed or Interrupted."""
     import optuna
 
-    from ptft_jax.jobs import entry
     values = {p.name: p.suggest(trial) for p in sweep.params}
     run_dir = trial.user_attrs.get("run_dir") or str(Path(sweep.dir) / f"trial_{trial.number:04d}")
     for key, value in (("run_dir", run_dir), ("host", socket.gethostname()),
@@ -400,7 +402,6 @@ def work(sweep: Sweep, worker: int = 0) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = sweep.devices_per_worker[worker]
     from optuna.trial import TrialState
 
-    from ptft_jax.train.engine import reuse_engines
     study = open_study(sweep, worker)
     prefix = f"[worker {worker}] " if sweep.opts.workers > 1 else ""
 
@@ -451,7 +452,6 @@ def run_sweep(sweep: Sweep) -> dict:
     """Runs the sweep to its --trials (resuming a study that exists), then writes the report."""
     import multiprocessing
 
-    from ptft_jax.studies.sweep.report import write_report
     study = open_study(sweep)
     dead = requeue_dead_trials(study)
     if dead:
