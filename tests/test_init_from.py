@@ -65,7 +65,8 @@ def test_mismatched_shapes_name_the_paths(tmp_path):
 def test_rules_that_match_nothing_or_leave_no_value_are_errors(tmp_path):
     _save(tmp_path, _init(LanguageModel(_model_cfg()), 0))
     fresh = _init(Classifier(_model_cfg(), 3), 1)
-    with pytest.raises(ValueError, match="finetune.dont_load: regex 'nothing_here'"):
+    with pytest.raises(ValueError,
+                       match="finetune.dont_load: rule 'nothing_here' matches no parameter"):
         load_pretrained(tmp_path, fresh, [".*"], ["nothing_here"], ["^head/"])
     with pytest.raises(ValueError, match="no value: transformer/position_embed"):
         load_pretrained(tmp_path, fresh, [".*"], ["position_embed"], ["^head/"])

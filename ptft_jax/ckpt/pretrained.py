@@ -10,7 +10,6 @@ read from under another subtree name (`rename`): a text encoder pretrained under
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import jax
@@ -22,8 +21,8 @@ from ptft_jax.config import hf
 from ptft_jax.config.schema import FinetuneConfig
 from ptft_jax.convert.hf import flat_params
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
-from ptft_jax.core.params import (flatten, is_stacked, path_str, stack_layers, unflatten,
-                                  unstack_layers)
+from ptft_jax.core.params import (any_rule, check_rules_hit, flatten, is_stacked, path_str,
+                                  stack_layers, unflatten, unstack_layers)
 from ptft_jax.models.vision import interpolate_positions
 
 # Parameters whose rows are the vocabulary (path endings: a text tower's table is under text/).
@@ -115,13 +114,6 @@ def _match_hf_labels(flat: dict, config: dict, label_names) -> str:
             f"{list(label_names or [])}")
 
 
-def _check_rules_hit(paths, patterns, key):
-    for pattern in patterns:
-        if not any(re.search(pattern, p) for p in paths):
-            raise ValueError(f"{key}: regex {pattern!r} matches no parameter of the model "
-                             f"(paths look like: {', '.join(sorted(paths)[:3])}).")
-
-
 def load_pretrained(path, model_params, load, dont_load, init_fresh,
                     vocab_rows: int | None = None, label_names=None,
                     rename: dict[str, str] | None = None) -> tuple[dict, list[str]]:
@@ -142,7 +134,7 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
     user_fresh = [r for r in init_fresh if r not in DEFAULT_INIT_FRESH]
     for key, patterns in (("finetune.load", load), ("finetune.dont_load", dont_load),
                           ("finetune.init_fresh", user_fresh)):
-        _check_rules_hit(paths, patterns, key)
+        check_rules_hit(paths, patterns, key)
     stored_tree, source, source_report = read_source(path, label_names)
     if rename is not None:
         found = {new: stored_tree[old] for old, new in rename.items() if old in stored_tree}
@@ -160,10 +152,10 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
     stored = flatten(stored_tree)
 
     def selected(p):
-        return any(re.search(r, p) for r in load) and not any(re.search(r, p) for r in dont_load)
+        return any_rule(p, load) and not any_rule(p, dont_load)
 
     def fresh_ok(p):
-        return any(re.search(r, p) for r in init_fresh)
+        return any_rule(p, init_fresh)
 
     loaded, fresh, problems, no_value, notes = {}, [], [], [], []
     for p, leaf in wanted.items():
@@ -250,8 +242,7 @@ def load_pretrained_state(path, model_state: dict, load, dont_load) -> tuple[dic
         nonlocal taken
         p = _path(kp)
         bare = p.split("/", 1)[1] if "/" in p else p
-        ok = any(re.search(r, bare) for r in load) and \
-            not any(re.search(r, bare) for r in dont_load)
+        ok = any_rule(bare, load) and not any_rule(bare, dont_load)
         if ok and p in stored and stored[p].shape == tuple(leaf.shape):
             taken += 1
             return _place(stored[p].astype(leaf.dtype), leaf)

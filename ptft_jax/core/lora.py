@@ -17,14 +17,13 @@ shared by the whole batch: the same expectation, coarser noise.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
 from ptft_jax.config.schema import Config
-from ptft_jax.core.params import flatten, is_stacked
+from ptft_jax.core.params import check_rules_hit, flatten, is_stacked, matching
 
 LORA_KEY = "lora"
 
@@ -47,14 +46,10 @@ def _in_axes(path: str) -> int:
 
 def target_paths(params, spec: LoraSpec) -> list[str]:
     """The kernels the target regex selects; an error when it selects none."""
-    rx = re.compile(spec.targets)
     kernels = [p for p, x in flatten(params).items()
                if p.endswith("kernel") and len(x.shape) >= 2 and not p.startswith(LORA_KEY)]
-    found = [p for p in kernels if rx.search(p)]
-    if not found:
-        raise ValueError(f"finetune.lora_targets: regex {spec.targets!r} matches no kernel; "
-                         f"kernels look like: {', '.join(kernels[:3])}.")
-    return found
+    check_rules_hit(kernels, [spec.targets], "finetune.lora_targets", what="kernel")
+    return sorted(matching(kernels, [spec.targets]), key=kernels.index)
 
 
 def _shapes(path: str, shape) -> tuple[tuple, int, int]:

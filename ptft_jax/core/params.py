@@ -1,9 +1,12 @@
 """Parameter paths ('transformer/layers_0/attn/query/kernel') and the one rule mechanism.
 
-Rules are `(regex, value)` pairs; a parameter takes the value of the first rule whose regex
-matches its path (`re.search`). Every parameter must be matched by some rule, so a typo in a
-regex cannot silently leave parameters out. The same mechanism drives weight decay now, and
-freezing, LR multipliers, `dont_load` and LoRA targets later.
+A rule is a regex; it matches a parameter when `re.search` finds it in the parameter's
+'/'-joined path. Where rules carry values (`(regex, value)` pairs), the first matching rule
+wins. Every consumer states only what it does with a match: weight decay (`match_rules`: every
+parameter must match some rule), freezing and load / dont_load / init_fresh (`matching`,
+`any_rule`), LR multipliers (`rule_values`), LoRA targets. A rule the user wrote that matches
+no parameter is an error in one format (`check_rules_hit`): a typo would otherwise silently
+give its parameters another rule's treatment.
 """
 from __future__ import annotations
 
@@ -48,24 +51,68 @@ def unflatten(flat: dict[str, Any]) -> dict:
     return tree
 
 
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+def first_rule(path: str, patterns: Sequence[str]) -> int | None:
+    """The index of the first regex that matches `path`, or None."""
+    for i, pattern in enumerate(patterns):
+        if re.search(pattern, path):
+            return i
+    return None
+
+
+def any_rule(path: str, patterns: Sequence[str]) -> bool:
+    return first_rule(path, patterns) is not None
+
+
+def matching(paths, patterns: Sequence[str]) -> set[str]:
+    """The paths some regex of `patterns` matches."""
+    return {p for p in paths if any_rule(p, patterns)}
+
+
+def rule_values(paths, rules: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """{path: the value of the first rule whose regex matches it}; unmatched paths are absent."""
+    patterns = [pattern for pattern, _ in rules]
+    out = {}
+    for p in paths:
+        i = first_rule(p, patterns)
+        if i is not None:
+            out[p] = rules[i][1]
+    return out
+
+
+def check_rules_hit(paths, patterns: Sequence[str], key: str, exempt=(),
+                    what: str = "parameter") -> None:
+    """Every regex of `patterns` (but those in `exempt`) matches some path, or a ValueError
+    naming the config key, the regex and what paths look like."""
+    paths = sorted(paths)
+    for pattern in patterns:
+        if pattern not in exempt and not any(re.search(pattern, p) for p in paths):
+            raise ValueError(f"{key}: rule {pattern!r} matches no {what} of the model "
+                             f"({what}s look like: {', '.join(paths[:3])}). Fix the regex or "
+                             f"drop the rule.")
+
+
 def match_rules(tree, rules: Sequence[Sequence[Any]], what: str = "rules"):
     """A pytree like `tree` holding, for each leaf, the value of the first matching rule.
 
     Raises ValueError naming the parameters no rule matches. Logs how many parameters each rule
     matched, so that a rule matching nothing is visible.
     """
-    compiled = [(re.compile(pattern), value) for pattern, value in rules]
+    patterns = [pattern for pattern, _ in rules]
     hits: Counter = Counter()
     unmatched: list[str] = []
 
     def pick(key_path, _leaf):
         path = path_str(key_path)
-        for i, (rx, value) in enumerate(compiled):
-            if rx.search(path):
-                hits[i] += 1
-                return value
-        unmatched.append(path)
-        return None
+        i = first_rule(path, patterns)
+        if i is None:
+            unmatched.append(path)
+            return None
+        hits[i] += 1
+        return rules[i][1]
 
     out = jax.tree_util.tree_map_with_path(pick, tree)
     if unmatched:

@@ -21,7 +21,7 @@ from jax.sharding import SingleDeviceSharding
 from ptft_jax.config.schema import Config, OptimConfig, resolve_mesh_shape
 from ptft_jax.core.lora import lora_spec
 from ptft_jax.core.mesh import LOGICAL_RULES, global_batch_array, make_mesh, process_rows
-from ptft_jax.core.params import flatten
+from ptft_jax.core.params import check_rules_hit, flatten
 from ptft_jax.core.state import (TrainState, abstract_state, carry_opt_state, init_opt_state,
                                  init_state, model_variables, state_shardings, with_shardings)
 from ptft_jax.train.optim import hyperparams, make_optimizer, set_hyperparams
@@ -113,20 +113,14 @@ def data_parallel_size(cfg: Config, devices=None) -> int:
 
 def check_rules_match(params, rules, key: str) -> None:
     """Every rule but a final catch-all must match some parameter of the model: a misspelt
-    regex ('bais$') would otherwise silently give its parameters the next rule's value."""
-    import re
-
-    # The default rules serve every model (a ResNet has no embeddings): only a rule the user
-    # wrote must match something.
-    defaults = {pattern for pattern, _ in OptimConfig().weight_decay_rules}
-    paths = list(flatten(params))
-    for i, (pattern, _) in enumerate(rules):
-        last_catch_all = i == len(rules) - 1 and pattern in (".*", "", "^.*$", ".")
-        if not last_catch_all and pattern not in defaults and \
-                not any(re.search(pattern, p) for p in paths):
-            raise ValueError(f"{key}: rule {pattern!r} matches no parameter of the model "
-                             f"(paths look like: {', '.join(paths[:3])}). Fix the regex or "
-                             f"drop the rule.")
+    regex ('bais$') would otherwise silently give its parameters the next rule's value. The
+    default rules serve every model (a ResNet has no embeddings): only a rule the user wrote
+    must match something."""
+    exempt = {pattern for pattern, _ in OptimConfig().weight_decay_rules}
+    patterns = [pattern for pattern, _ in rules]
+    if patterns and patterns[-1] in (".*", "", "^.*$", "."):
+        exempt.add(patterns[-1])
+    check_rules_hit(flatten(params), patterns, key, exempt)
 
 
 # ptft sweep: engines kept for the next trial in this process, by what their compiled step

@@ -25,7 +25,7 @@ import numpy as np
 
 from ptft_jax.config.schema import MULTIMODAL_KINDS, PRETRAIN_TASKS, Config, task_for
 from ptft_jax.core.lora import LORA_KEY, LoraSpec, lora_spec
-from ptft_jax.core.params import flatten
+from ptft_jax.core.params import check_rules_hit, flatten, matching, rule_values
 
 _LAYER = re.compile(r"(^|/)layers_(\d+)/")
 _STACKED = re.compile(r"(^|/)layers/")
@@ -92,21 +92,6 @@ def _place(path: str) -> tuple[str, int | None]:
     return "top", None
 
 
-def _matching(paths, patterns, key: str) -> set[str]:
-    """Paths matched by any regex; a regex that matches nothing is an error (a typo would
-    otherwise silently train, or freeze, something else)."""
-    hit = set()
-    for pattern in patterns:
-        rx = re.compile(pattern)
-        found = {p for p in paths if rx.search(p)}
-        if not found:
-            shown = ", ".join(sorted(paths)[:3])
-            raise ValueError(f"{key}: regex {pattern!r} matches no parameter of the model "
-                             f"(paths look like: {shown}).")
-        hit |= found
-    return hit
-
-
 def make_plan(cfg: Config, params, phase: int = 0) -> Plan:
     """The plan for `phase`, from the config and the model's (abstract) parameter tree."""
     shapes = {p: tuple(x.shape) for p, x in flatten(params).items()}
@@ -118,7 +103,8 @@ def make_plan(cfg: Config, params, phase: int = 0) -> Plan:
     L = max(depth.values())
     report = []
     trainable = set(paths)
-    frozen = _matching(paths, f.freeze, "finetune.freeze")
+    check_rules_hit(paths, f.freeze, "finetune.freeze")
+    frozen = matching(paths, f.freeze)
     if f.freeze:
         report.append(f"finetune.freeze {f.freeze}: {len(frozen)} tensor(s) frozen")
     trainable -= frozen
@@ -142,7 +128,9 @@ def make_plan(cfg: Config, params, phase: int = 0) -> Plan:
         return np.arange(layers) >= layers - unfrozen
 
     factors, masks = {}, {}
-    rule_factors = _lr_rule_factors(sorted(paths), f.lr_multipliers)
+    check_rules_hit(paths, [pattern for pattern, _ in f.lr_multipliers],
+                    "finetune.lr_multipliers")
+    rule_factors = {p: float(v) for p, v in rule_values(paths, f.lr_multipliers).items()}
     for p in sorted(trainable):
         where, layer = _place(p)
         base = rule_factors.get(p, 1.0)
@@ -180,7 +168,7 @@ def make_plan(cfg: Config, params, phase: int = 0) -> Plan:
                       + (" in each tower" if len(depth) > 1 else "")
                       + (", embeddings too" if embeddings_train else ""))
     for pattern, value in f.lr_multipliers:
-        hits = sum(1 for p in trainable if re.search(pattern, p))
+        hits = len(matching(trainable, [pattern]))
         report.append(f"finetune.lr_multipliers {pattern!r} x{value:g}: {hits} trainable "
                       f"tensor(s) (first match wins)")
     if f.layer_decay != 1.0:
@@ -195,20 +183,3 @@ def make_plan(cfg: Config, params, phase: int = 0) -> Plan:
         raise ValueError("No parameter trains: finetune.freeze / linear_probe / lora leave "
                          "nothing trainable. Loosen finetune.freeze.")
     return Plan(phase, phases, frozenset(trainable), factors, masks, lora, report)
-
-
-def _lr_rule_factors(paths, rules) -> dict[str, float]:
-    """finetune.lr_multipliers: [[regex, factor], ...], first match wins; unmatched 1.0."""
-    out = {}
-    compiled = [(re.compile(rx), float(v)) for rx, v in rules]
-    for (rx, _), (pattern, _) in zip(compiled, rules):
-        if not any(rx.search(p) for p in paths):
-            raise ValueError(f"finetune.lr_multipliers: regex {pattern!r} matches no "
-                             f"parameter of the model (paths look like: "
-                             f"{', '.join(paths[:3])}).")
-    for p in paths:
-        for rx, value in compiled:
-            if rx.search(p):
-                out[p] = value
-                break
-    return out
