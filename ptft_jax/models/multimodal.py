@@ -26,7 +26,7 @@ from ptft_jax.config.schema import ModelConfig
 from ptft_jax.models.heads import pool
 from ptft_jax.models.layers import ACTIVATIONS, Attention, Mlp, constrain, dense, layer_norm
 from ptft_jax.models.transformer import Transformer
-from ptft_jax.models.vision import feature_size, image_encoder
+from ptft_jax.models.vision import image_encoder
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned scale at 100
 
@@ -159,8 +159,3 @@ class FusionClassifier(nn.Module):
         x = self.fusion(image, text, segment_ids, train)
         x = self.head_dropout(x, deterministic=not train or self.cfg.dropout == 0)
         return self.head(constrain(x, ("act_batch", None))).astype(jnp.float32)
-
-
-def tower_widths(image_cfg: ModelConfig, text_cfg: ModelConfig) -> tuple[int, int]:
-    """Widths of the two towers' features (what the fusion layers read)."""
-    return feature_size(image_cfg), text_cfg.hidden_size

@@ -15,8 +15,6 @@ import abc
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -65,12 +63,6 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def metrics(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
         """Metrics from sums accumulated on the host (NumPy, float64)."""
-
-    def zero_sums(self, params, model_state, batch, example_ids, key) -> dict:
-        """Zeros shaped like `sums` (the accumulator of a microbatch scan)."""
-        shapes = jax.eval_shape(lambda p: self.sums(p, model_state, batch, example_ids, key,
-                                                    train=False)[0], params)
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def add_sums(total: dict | None, sums: dict) -> dict:

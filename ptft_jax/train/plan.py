@@ -44,10 +44,6 @@ class Plan:
     lora: LoraSpec | None = None
     report: list = field(default_factory=list)  # what each rule matched, counts
 
-    @property
-    def last_phase(self) -> bool:
-        return self.phase == self.num_phases - 1
-
 
 def depths(cfg: Config) -> dict[str, int]:
     """Layers per component subtree: a multimodal model's towers count their own layers (layer
