@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: "
                         "the case's)")
     parser.add_argument("--objectives", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--out", default=str(benchmark.REPO / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(benchmark.default_results_dir()))
     args = parser.parse_args(argv)
     env = benchmark.environment()
     steps = step_rows(args.vocabs, args.chunks, args.steps, args.batch, args.objectives)

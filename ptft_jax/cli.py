@@ -27,11 +27,6 @@ from ptft_jax.config.schema import ConfigError
 # mistyped argument answer at once, without loading JAX (seconds of start-up).
 
 
-def _repo_file(relative: str):
-    from pathlib import Path
-    return Path(__file__).resolve().parents[1] / relative
-
-
 def _train(args) -> int:
     from ptft_jax.ckpt.checkpoint import CheckpointMismatch, CheckpointSaveFailed
     from ptft_jax.jobs.entry import finetune, pretrain
@@ -266,17 +261,19 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from ptft_jax.bench import benchmark
+    cases = Path(args.cases_file) if args.cases_file else benchmark.DEFAULT_CASES
+    out = Path(args.out) if args.out else benchmark.default_results_dir()
     if args.pipeline:
         from ptft_jax.bench import pipeline as bench_pipeline
-        bench_pipeline.run_pipeline(args.cases or [], Path(args.cases_file), Path(args.out))
+        bench_pipeline.run_pipeline(args.cases or [], cases, out)
         return 0
     if args.finetune:
         from ptft_jax.bench import finetune as bench_finetune
-        bench_finetune.run(args.cases or [], Path(args.cases_file), Path(args.out), args.steps,
+        bench_finetune.run(args.cases or [], cases, out, args.steps,
                            args.warmup, with_torch=not args.no_torch)
         return 0
     benchmark.run(args.cases or [], args.set or [], args.steps, args.warmup, args.profile,
-                  Path(args.cases_file), Path(args.out), torch_steps=args.torch_steps,
+                  cases, out, torch_steps=args.torch_steps,
                   with_torch=not args.no_torch)
     return 0
 
@@ -409,9 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="benchmark finetuning strategies (the cases file's finetune list)")
     b.add_argument("--fake-cpu-devices", type=int, default=0,
                    help="on a CPU, fake this many devices (for the memory set: 8)")
-    b.add_argument("--cases-file", default=str(_repo_file("benchmarks/cases.yaml")))
-    b.add_argument("--out", default=str(_repo_file("benchmarks/results")),
-                   help="results folder (one subfolder per device)")
+    b.add_argument("--cases-file", help="a cases YAML (default: the one that ships with ptft, "
+                                        "ptft_jax/bench/cases.yaml)")
+    b.add_argument("--out", help="results folder, one subfolder per device (default: "
+                                 "benchmarks/results in a source checkout, else under the "
+                                 "working directory)")
     b.set_defaults(func=_bench)
     x = sub.add_parser("experiment", help="experiments that train several runs and compare "
                                           "them")

@@ -148,3 +148,19 @@ def test_profile_splits_step_time_by_model_part(tmp_path):
     parts = row["profile_ms_by_category"]
     for part in ("convolutions", "batch norm", "augmentation", "optimizer (AdamW, clipping)"):
         assert parts.get(part, 0) > 0, (part, parts)
+
+
+def test_the_cases_ship_with_the_package():
+    # `ptft bench` from an installed wheel finds its cases: the file lies inside the package
+    # and pyproject.toml declares it as package data.
+    import tomllib
+    from pathlib import Path
+
+    import ptft_jax
+    package = Path(ptft_jax.__file__).parent
+    assert benchmark.DEFAULT_CASES.is_file()
+    assert benchmark.DEFAULT_CASES.is_relative_to(package)
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    data = pyproject["tool"]["setuptools"]["package-data"]
+    relative = benchmark.DEFAULT_CASES.relative_to(package)
+    assert str(relative.name) in data[".".join(("ptft_jax", *relative.parent.parts))]

@@ -1,5 +1,5 @@
 """`ptft bench`: step time, throughput, MFU, compile time and memory for the cases in
-`benchmarks/cases.yaml`, side by side with a PyTorch reference when one is installed.
+`ptft_jax/bench/cases.yaml`, side by side with a PyTorch reference when one is installed.
 
 Measured honestly: compile time apart (`lower().compile()`), warm-up steps discarded, each timed
 step ends in `block_until_ready` on the new state, and the median, min and max of N steps are
@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import logging
 import platform
 import statistics
 import subprocess
@@ -34,9 +35,13 @@ from ptft_jax.models.layers import dtypes
 from ptft_jax.train import peak
 from ptft_jax.train.engine import build
 
-# The source checkout: `benchmarks/` lies beside `ptft_jax/`.
+log = logging.getLogger(__name__)
+
+# The cases ship with the package. The PyTorch reference (a reference, never a dependency) and
+# the committed results are the source checkout's, when ptft runs from one.
+DEFAULT_CASES = Path(__file__).with_name("cases.yaml")
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CASES = REPO / "benchmarks" / "cases.yaml"
+TORCH_REFERENCE = REPO / "benchmarks" / "torch_reference.py"
 CASE_KEYS = ("name", "preset", "text_preset", "objective", "seq_len", "image_size",
              "global_batch",
              "parallelism", "mesh", "dtype", "remat", "scan", "grad_accum", "vocab_size",
@@ -238,13 +243,25 @@ def run_jax_case(case: Case, steps: int, warmup: int, profile_dir: Path | None,
     return row, work.host_batches
 
 
+def default_results_dir() -> Path:
+    """The checkout's benchmarks/results when ptft runs from a source checkout, else
+    benchmarks/results under the working directory (an installed package)."""
+    results = REPO / "benchmarks" / "results"
+    return results if results.is_dir() else Path("benchmarks") / "results"
+
+
 def load_torch_reference():
-    """benchmarks/torch_reference.py, if PyTorch and transformers are installed; else None."""
+    """benchmarks/torch_reference.py, if PyTorch and transformers are installed and ptft runs
+    from a source checkout (the reference is not part of the package); else None."""
     if importlib.util.find_spec("torch") is None or \
             importlib.util.find_spec("transformers") is None:
         return None
-    path = REPO / "benchmarks" / "torch_reference.py"
-    spec = importlib.util.spec_from_file_location("ptft_torch_reference", path)
+    if not TORCH_REFERENCE.is_file():
+        log.warning("PyTorch is installed, but the PyTorch reference (benchmarks/"
+                    "torch_reference.py) comes with a source checkout of ptft_jax, not with "
+                    "the package: timing ptft alone")
+        return None
+    spec = importlib.util.spec_from_file_location("ptft_torch_reference", TORCH_REFERENCE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
