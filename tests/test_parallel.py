@@ -46,11 +46,14 @@ def _train(cfg, n_steps=3, devices=None, state=None):
     return engine, state, history
 
 
-@pytest.mark.parametrize("kind", ["encoder", "decoder"])
-def test_sharded_step_equals_single_device(kind):
-    one_cfg = tiny_config(kind)
+@pytest.mark.parametrize("kind, dropout", [("encoder", 0.0), ("decoder", 0.0), ("encoder", 0.2)])
+def test_sharded_step_equals_single_device(kind, dropout):
+    # With dropout on too: the masks are one draw over the global batch, the same however
+    # the batch is sharded.
+    one_cfg = tiny_config(kind, f"model.dropout={dropout}")
     one_engine, one_state, one_hist = _train(one_cfg, devices=jax.devices()[:1])
-    mesh_cfg = tiny_config(kind, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    mesh_cfg = tiny_config(kind, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                           f"model.dropout={dropout}")
     engine, state, hist = _train(mesh_cfg)
     _assert_same_gradients(one_engine, engine, "pad")
     # The state really is spread over the mesh: a kernel split over fsdp and tensor.
@@ -76,6 +79,26 @@ def test_pmap_equals_jit(kind):
         np.testing.assert_allclose(a["accuracy"], b["accuracy"], rtol=RTOL)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-3)
     _assert_trees_close(host_params(pmap_engine, pmap_state), host_params(jit_engine, jit_state))
+
+
+def test_pmap_gives_each_device_its_own_dropout_masks():
+    # Every device gets device 0's rows. With one dropout key for all devices, every device
+    # would drop the same units and the summed loss would be 8 x device 0's own (measured by
+    # a batch whose other rows are padding). A decoder: causal LM draws nothing per example.
+    def summed_loss(dropout, batch):
+        engine = engine_for(tiny_config("decoder", "mesh.parallelism=pmap",
+                                        f"model.dropout={dropout}", "train.global_batch=16"))
+        _, metrics = engine.step_fn(engine.init(jax.random.key(0)), engine.to_device(batch),
+                                    jax.random.key(3))
+        return float(jax.device_get(engine.host_state(metrics))["sums"]["loss_sum"])
+
+    rows = batches(tiny_config("decoder", "train.global_batch=16"), 1)[0]
+    n, per_device = jax.device_count(), 16 // jax.device_count()
+    same = {k: np.concatenate([v[:per_device]] * n) for k, v in rows.items()}
+    alone = {**same, "segment_ids": np.where(np.arange(16)[:, None] < per_device,
+                                             same["segment_ids"], 0)}
+    assert summed_loss(0.0, same) == pytest.approx(n * summed_loss(0.0, alone), rel=1e-5)
+    assert summed_loss(0.5, same) != pytest.approx(n * summed_loss(0.5, alone), rel=1e-3)
 
 
 def test_microbatches_equal_one_big_batch():

@@ -32,12 +32,15 @@ def _batch_size(batch) -> int:
 
 
 def _loss(train_params, frozen, model_state, batch, example_ids, key, micro_index, *, task,
-          lora):
+          lora, device_index=None):
     """The summed loss of one (micro)batch and (sums, new model_state). The task's own
     randomness (MLM masks) is keyed by example ids; dropout (and LoRA dropout) is drawn afresh
-    for each microbatch."""
+    for each microbatch, and under pmap for each device (`device_index`: each device's rows
+    get their own masks, as one global draw gives them under jit)."""
     params = ptree.merge(train_params, frozen)
     dropout_key = jax.random.fold_in(jax.random.fold_in(key, 1 << 30), micro_index)
+    if device_index is not None:  # pmap; under jit one draw covers the global batch
+        dropout_key = jax.random.fold_in(dropout_key, device_index)
     if lora is not None:
         params = with_adapters(params, lora, jax.random.fold_in(dropout_key, 1), train=True)
     sums, model_state = task.sums(params, model_state, batch, example_ids, key, train=True,
@@ -83,7 +86,7 @@ def accumulate(train_params, frozen, model_state, batch, example_ids, key, *, gr
 
 def train_step(state: TrainState, batch: dict, key, *, task, tx, learning_rate, trainable,
                lora=None, grad_accum: int = 1, rules=None, axis_name: str | None = None,
-               example_offset=0):
+               example_offset=0, device_index=None):
     """One optimizer step on `batch`. Under pmap, `axis_name` sums gradients across devices.
     Metrics are the task's sums (the host turns them into means) and the gradient norm and LR."""
     step_key = jax.random.fold_in(key, state.step)
@@ -92,7 +95,7 @@ def train_step(state: TrainState, batch: dict, key, *, task, tx, learning_rate, 
     with nn.logical_axis_rules(rules or ()):
         grads, sums, model_state = accumulate(train_params, frozen, state.model_state, batch,
                                               example_ids, step_key, task=task, lora=lora,
-                                              grad_accum=grad_accum)
+                                              grad_accum=grad_accum, device_index=device_index)
     if axis_name is not None:
         grads, sums = jax.lax.psum((grads, sums), axis_name)
         model_state = jax.lax.pmean(model_state, axis_name)
@@ -208,9 +211,9 @@ class PmapStep(CompileOnce):
 
     def __init__(self, **static):
         def step(state, batch, key):
-            offset = jax.lax.axis_index("batch") * _batch_size(batch)
-            return train_step(state, batch, key, axis_name="batch", example_offset=offset,
-                              **static)
+            device = jax.lax.axis_index("batch")
+            return train_step(state, batch, key, axis_name="batch", device_index=device,
+                              example_offset=device * _batch_size(batch), **static)
         self._step = jax.pmap(step, axis_name="batch", in_axes=(0, 0, None),
                               donate_argnums=0)
         evaluation = dict(task=static["task"], lora=static.get("lora"))
