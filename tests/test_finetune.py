@@ -76,6 +76,21 @@ def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state():
     assert all(np.isfinite(h["loss"]) for h in history)
 
 
+def test_lora_training_steps_leave_every_base_weight_bit_identical():
+    # Through the real step (optimizer, weight decay, dropout): only the adapters and the
+    # classifier head (a fresh head trains in full under LoRA) move.
+    cfg = cls_config(None, "finetune.lora_rank=2", "optim.weight_decay=0.1")
+    engine = build(cfg, ClassifyTask(cfg.model, LABELS, "cls"))
+    state = engine.init(jax.random.key(0))
+    before = host_params(engine, state)
+    rows = examples(24)
+    state, _ = run_steps(engine, state, [rows.rows(np.arange(8) + 8 * i) for i in range(3)])
+    moved = changed(before, host_params(engine, state))
+    adapters = {p for p in ptree.flatten(before) if p.startswith("lora/")}
+    assert adapters and {p for p in adapters if p.endswith("/b")} <= moved
+    assert {p for p in moved if not p.startswith("head/")} <= adapters
+
+
 def test_linear_probe_trains_the_head_alone():
     cfg = cls_config(None, "finetune.linear_probe=true")
     engine = build(cfg, ClassifyTask(cfg.model, LABELS, "cls"))
