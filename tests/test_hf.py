@@ -14,7 +14,7 @@ from ptft_jax.config.schema import ConfigError, ModelConfig
 from ptft_jax.convert.hf import flat_params, read_tensors
 from ptft_jax.convert.hf_weights import export_tensors, import_tensors
 from ptft_jax.core.params import stack_layers, unflatten
-from ptft_jax.models.heads import Classifier
+from ptft_jax.models.heads import Classifier, ClassifierHead
 from ptft_jax.models.transformer import LanguageModel, Transformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
@@ -45,8 +45,9 @@ def ptft_outputs(directory: Path, arrays: dict, scan_layers: bool = False) -> di
         n = params["head"]["out"]["kernel"].shape[1]
         out["logits"] = Classifier(cfg, n, "cls").apply({"params": params}, *args)
     if "pooler" in params.get("head", {}) and "out" not in params["head"]:  # BertModel
-        p = params["head"]["pooler"]
-        out["pooler"] = np.tanh(np.asarray(out["hidden"])[:, 0] @ p["kernel"] + p["bias"])
+        # ptft's own pooler (the classifier head's features), on ptft's hidden states.
+        out["pooler"] = ClassifierHead(cfg, 1, "cls").apply(
+            {"params": params["head"]}, out["hidden"], mask, method="features")
     return {k: np.asarray(v) for k, v in out.items()}
 
 

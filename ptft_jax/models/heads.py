@@ -36,16 +36,24 @@ class ClassifierHead(nn.Module):
     num_outputs: int
     pooling: str
 
-    @nn.compact
-    def __call__(self, hidden, segment_ids, train: bool = False):
+    def setup(self):
         cfg = self.cfg
-        x = pool(hidden, segment_ids, self.pooling)
         if self.pooling == "cls":  # BERT's pooler, which its pretraining also trained
-            x = jnp.tanh(dense(cfg, cfg.hidden_size, ("embed", None), "pooler")(x))
-        x = nn.Dropout(cfg.dropout)(x, deterministic=not train or cfg.dropout == 0)
+            self.pooler = dense(cfg, cfg.hidden_size, ("embed", None), None)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = dense(cfg, self.num_outputs, ("embed", None), None)
+
+    def features(self, hidden, segment_ids):
+        """What the output layer reads: the pooled hidden states, through BERT's pooler
+        (dense + tanh) for CLS pooling (HF's `pooler_output`)."""
+        x = pool(hidden, segment_ids, self.pooling)
+        return jnp.tanh(self.pooler(x)) if self.pooling == "cls" else x
+
+    def __call__(self, hidden, segment_ids, train: bool = False):
+        x = self.dropout(self.features(hidden, segment_ids),
+                         deterministic=not train or self.cfg.dropout == 0)
         x = constrain(x, ("act_batch", None))
-        logits = dense(cfg, self.num_outputs, ("embed", None), "out")(x)
-        return logits.astype(jnp.float32)
+        return self.out(x).astype(jnp.float32)
 
 
 class Classifier(nn.Module):

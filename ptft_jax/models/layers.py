@@ -154,10 +154,11 @@ class Attention(nn.Module):
         return constrain(out, ("act_batch", "act_len", "act_embed"))
 
 
-def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str,
+def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str | None,
           init=None) -> nn.Dense:
     """A dense layer whose kernel carries logical `axes` (in, out) and whose bias the out axis;
-    its kernel starts by the model's recipe (`kernel_init`) unless `init` says otherwise."""
+    its kernel starts by the model's recipe (`kernel_init`) unless `init` says otherwise.
+    `name` None: a module built in `setup`, named by the attribute it is assigned to."""
     dtype, param_dtype = dtypes(cfg)
     init = kernel_init(cfg) if init is None else init
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
