@@ -1,6 +1,7 @@
 """A real multi-host run: two OS processes join with `jax.distributed` on 127.0.0.1 (gloo CPU
 collectives), train a few steps on a mesh that spans both, and agree with a single-process run
-over the same four devices: same losses, checkpoints written by both processes together."""
+over the same four devices: same losses and saved weights, checkpoints written by both
+processes together."""
 import json
 import os
 import socket
@@ -10,6 +11,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ptft_jax.ckpt.pretrained import read_params
+from ptft_jax.core.params import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pretrain_tiny_mlm.yaml"
@@ -108,6 +112,13 @@ def test_two_processes_match_one_process(small_corpus, tmp_path):
     assert [p.name for p in multi_dir.rglob("*.jsonl")] == ["metrics.jsonl"]
     assert {2, 4} <= {int(p.name) for p in (multi_dir / "checkpoints").iterdir()
                       if p.name.isdigit()}
+    # The saved weights agree too, every array of them, not only the losses.
+    saved = {name: flatten(read_params(d / "checkpoints" / str(STEPS)))
+             for name, d in (("multi", multi_dir), ("single", single_dir))}
+    assert saved["multi"].keys() == saved["single"].keys() and len(saved["multi"]) > 10
+    for path, value in saved["multi"].items():
+        np.testing.assert_allclose(value, saved["single"][path], rtol=1e-4, atol=1e-6,
+                                   err_msg=path)
 
 
 LOADER_SCRIPT = """

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ptft_jax.ckpt.checkpoint import BestCheckpointer, Checkpointer
+from ptft_jax.ckpt.pretrained import read_params
 from ptft_jax.core import params as ptree
 from ptft_jax.data.labelled import Examples, LabelSpace
 from ptft_jax.tasks.classify import ClassifyTask
@@ -169,16 +170,22 @@ def test_gradual_unfreezing_trains_the_planned_layers_and_compiles_once_per_phas
 
 
 def test_adaptive_unfreezing_unfreezes_on_a_plateau(tmp_path):
-    # A learning rate too small to change the predictions: accuracy plateaus at once, so each
-    # evaluation after the first unfreezes the next layer down.
+    # A learning rate too small to change the predictions, large enough to move the weights:
+    # accuracy plateaus at once, so each evaluation after the first unfreezes the next layer
+    # down, and more parameters move in each phase.
     cfg = cls_config(tmp_path, "finetune.unfreeze=adaptive", "finetune.unfreeze_patience=1",
                      "eval.every=1", "eval.metric=accuracy", "eval.batch_size=8",
-                     "train.steps=4", "optim.learning_rate=1e-12", "model.dropout=0.0")
+                     "train.steps=4", "optim.learning_rate=1e-6", "model.dropout=0.0",
+                     "checkpoint.every=1", "checkpoint.keep=5", "checkpoint.async_save=false")
     summary = run(job(cfg, ClassifyTask(cfg.model, LABELS, "cls"),
                       eval_examples=examples(13, seed=5)))
     assert summary["phase"] == 2  # step 1 sets the best; steps 2 and 3 each unfreeze a layer
     meta = Checkpointer(tmp_path / "checkpoints").read_meta(4)
     assert meta["progress"]["phase"] == 2 and meta["progress"]["best_step"] == 1
+    saved = [read_params(tmp_path / "checkpoints" / str(s)) for s in (1, 2, 3, 4)]
+    moved = [changed(a, b) for a, b in zip(saved, saved[1:])]  # in steps 2, 3 and 4
+    assert moved[0] and moved[0] < moved[1] < moved[2]
+    assert not any("layers_0/" in p for p in moved[1]) and any("layers_0/" in p for p in moved[2])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum("eval/accuracy" in r for r in rows) == 4
 
