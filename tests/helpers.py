@@ -86,3 +86,25 @@ def mean_gradients(engine, state, host_batch, key=None):
     with jax.set_mesh(engine.step_fn.mesh):
         out = jax.jit(grads)(state, engine.to_device(host_batch))
     return jax.tree.map(np.asarray, jax.device_get(out))
+
+
+# One device, and the 2 x 2 x 2 mesh of the 8 fake devices: (config overrides, devices).
+ONE_DEVICE_AND_MESH = ((["mesh.data=1"], jax.devices()[:1]),
+                       (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], None))
+
+
+def assert_same_gradients(engine_a, engine_b, host_batch, rtol=1e-3, atol=1e-6,
+                          loss_rtol=1e-5):
+    """Both engines, from the same initial parameters, give the same loss sum and the same
+    whole gradient tree for `host_batch` (a gradient wrong by a constant factor shows, where
+    one Adam step would hide it). Returns engine_a's (gradients, sums)."""
+    a, b = (mean_gradients(e, e.init(jax.random.key(0)), host_batch)
+            for e in (engine_a, engine_b))
+    np.testing.assert_allclose(a[1]["loss_sum"], b[1]["loss_sum"], rtol=loss_rtol)
+    assert float(a[1]["count"]) == float(b[1]["count"]) > 0
+    paths = jax.tree_util.tree_leaves_with_path(a[0])
+    assert len(paths) == len(jax.tree.leaves(b[0]))
+    for (path, x), y in zip(paths, jax.tree.leaves(b[0])):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+    return a

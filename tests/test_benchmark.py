@@ -1,10 +1,13 @@
 """Every benchmark case runs two steps at a tiny size (a smoke test: no timing asserted)."""
 import importlib.util
 import json
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import ptft_jax
 from ptft_jax.bench import benchmark
 
 ALL_CASES = benchmark.load_cases(benchmark.DEFAULT_CASES,
@@ -153,10 +156,6 @@ def test_profile_splits_step_time_by_model_part(tmp_path):
 def test_the_cases_ship_with_the_package():
     # `ptft bench` from an installed wheel finds its cases: the file lies inside the package
     # and pyproject.toml declares it as package data.
-    import tomllib
-    from pathlib import Path
-
-    import ptft_jax
     package = Path(ptft_jax.__file__).parent
     assert benchmark.DEFAULT_CASES.is_file()
     assert benchmark.DEFAULT_CASES.is_relative_to(package)

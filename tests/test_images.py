@@ -23,7 +23,8 @@ from ptft_jax.data.images import ImageCache, prepare_image_cache
 from ptft_jax.models.vision import ImageClassifier
 from ptft_jax.tasks.image import ImageClassifyTask
 from ptft_jax.train.engine import build
-from tests.helpers import host_params, mean_gradients, run_steps
+from tests.helpers import (ONE_DEVICE_AND_MESH, assert_same_gradients, host_params, mean_gradients,
+                           run_steps)
 
 
 def _write_idx(path, array):
@@ -416,18 +417,12 @@ def test_vit_sharded_gradients_equal_one_device():
                  "model.hidden_size=32", "model.num_heads=2", "model.mlp_dim=64",
                  "model.channels=1", "train.global_batch=16", "augment.flip=true",
                  "augment.mixup=0.5"]
-    grads = []
-    for mesh, devices in ((["mesh.data=1"], jax.devices()[:1]),
-                          (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], None)):
+    engines = []
+    for mesh, devices in ONE_DEVICE_AND_MESH:
         cfg = load_config(None, [*overrides, *mesh])
         task = ImageClassifyTask(cfg.model, ["a", "b", "c"], cfg.augment, 0.1)
-        engine = build(cfg, task, devices)
-        state = engine.init(jax.random.key(0))
-        grads.append(mean_gradients(engine, state, _image_batches(cfg, 1)[0]))
-    (g1, s1), (g8, s8) = grads
-    np.testing.assert_allclose(s1["loss_sum"], s8["loss_sum"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+        engines.append(build(cfg, task, devices))
+    assert_same_gradients(*engines, _image_batches(cfg, 1)[0])
 
 
 def test_image_run_resumes_exactly(idx_dir, tmp_path):

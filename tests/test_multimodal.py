@@ -18,7 +18,8 @@ from ptft_jax.tasks.contrastive import ContrastiveTask, retrieval_recall, zero_s
 from ptft_jax.tasks.fused import FusedClassifyTask
 from ptft_jax.train.engine import build
 from ptft_jax.train.plan import make_plan
-from tests.helpers import host_params, mean_gradients, run_steps
+from tests.helpers import (ONE_DEVICE_AND_MESH, assert_same_gradients, host_params, mean_gradients,
+                           run_steps)
 
 VOCAB = 64
 TOWERS = ["towers.image.model.preset=vit-mini4", "towers.image.model.image_size=8",
@@ -197,19 +198,13 @@ def test_retrieval_and_zero_shot_match_a_hand_computation():
 
 
 def test_cross_attention_fusion_sharded_gradients_equal_one_device():
-    grads = []
-    for mesh, devices in ((["mesh.data=1"], jax.devices()[:1]),
-                          (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], None)):
+    engines = []
+    for mesh, devices in ONE_DEVICE_AND_MESH:
         cfg = fused("model.fusion=cross_attention", "augment.flip=true", *mesh)
         task = FusedClassifyTask(cfg.model, tower_model(cfg, "image"),
                                  tower_model(cfg, "text"), ["a", "b", "c"], "mean", cfg.augment)
-        engine = build(cfg, task, devices)
-        state = engine.init(jax.random.key(0))
-        grads.append(mean_gradients(engine, state, pair_batches(cfg, 1)[0]))
-    (g1, s1), (g8, s8) = grads
-    np.testing.assert_allclose(s1["loss_sum"], s8["loss_sum"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+        engines.append(build(cfg, task, devices))
+    g1, _ = assert_same_gradients(*engines, pair_batches(cfg, 1)[0])
     assert np.abs(g1["fusion"]["block_1"]["attn"]["key"]["kernel"]).max() > 0
 
 

@@ -115,7 +115,7 @@ def test_a_killed_trial_is_rerun_and_completed_ones_are_not(tmp_path, base):
     done = first["rows"][0]["run_dir"]
     mtime = (Path(done) / "metrics.jsonl").stat().st_mtime
     # A worker that took trial 1 and died: the trial stays RUNNING in the study.
-    code = ("import optuna, socket, sys; from ptft_jax.sweep.study import make_storage;"
+    code = ("import optuna, socket, sys; from ptft_jax.studies.sweep.study import make_storage;"
             f"s = optuna.load_study(study_name={sweep.study_name!r}, "
             f"storage=make_storage({sweep.storage!r})); t = s.ask();"
             "t.suggest_float('optim.learning_rate', 1e-4, 1e-2, log=True);"

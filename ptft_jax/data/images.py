@@ -29,10 +29,10 @@ import os
 import shutil
 import zlib
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from ptft_jax.data.batching import PaddedBatches
 from ptft_jax.data.cache import CacheError, CorruptCache, MissingCache, StaleCache, exclusive
 from ptft_jax.data.fs import atomic_write, fsync_dir, write_tmp
 from ptft_jax.data.image_io import BadImage
@@ -298,7 +298,7 @@ def _merge(cache_dir: Path, partial: Path, inputs: dict, raw_labels: list,
     fsync_dir(cache_dir)
 
 
-class ImageExamples:
+class ImageExamples(PaddedBatches):
     """Labelled images of one split: a view on an image cache, optionally a subset of its
     rows (some classes, N per class). Rows on demand, like data.labelled.Examples."""
 
@@ -317,21 +317,6 @@ class ImageExamples:
         images[order] = self.images[rows[order]]
         return {"image": images, "label": self.label_ids[rows].astype(np.int32),
                 "weight": np.ones(len(rows), np.float32)}
-
-    def num_batches(self, batch_size: int) -> int:
-        return -(-len(self) // batch_size)
-
-    def batches(self, batch_size: int, rows: slice | None = None) -> Iterator[dict]:
-        """Every example once, in order; the last batch padded with weight-0 copies of row 0."""
-        n = len(self)
-        for start in range(0, n, batch_size):
-            index = np.arange(start, start + batch_size)
-            real = index < n
-            batch = self.rows(np.where(real, index, 0))
-            batch["weight"] = real.astype(np.float32)
-            if rows is not None:
-                batch = {k: v[rows] for k, v in batch.items()}
-            yield batch
 
 
 def select(label_ids: np.ndarray, keep: list[int] | None, per_class: int,

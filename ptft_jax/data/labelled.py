@@ -21,10 +21,10 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from ptft_jax.data.batching import PaddedBatches
 from ptft_jax.data.cache import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer
@@ -132,7 +132,7 @@ def _is_number(v) -> bool:
         return False
 
 
-class Examples:
+class Examples(PaddedBatches):
     """One split: tokenized texts (optionally pairs) and encoded labels; rows on demand."""
 
     def __init__(self, first, second, labels, seq_len: int, cls_id: int | None, sep_id: int,
@@ -189,22 +189,6 @@ class Examples:
         if self.labels is not None:
             out["label"] = self.labels[index]
         return out
-
-    def num_batches(self, batch_size: int) -> int:
-        return -(-len(self) // batch_size)
-
-    def batches(self, batch_size: int, rows: slice | None = None) -> Iterator[dict]:
-        """Every example once, in order, in batches of `batch_size`; the last one is padded
-        with weight-0 copies of example 0. `rows`: this process's share of each batch."""
-        n = len(self)
-        for start in range(0, n, batch_size):
-            index = np.arange(start, start + batch_size)
-            real = index < n
-            batch = self.rows(np.where(real, index, 0))
-            batch["weight"] = real.astype(np.float32)
-            if rows is not None:
-                batch = {k: v[rows] for k, v in batch.items()}
-            yield batch
 
 
 def _longest_first(la: np.ndarray, lb: np.ndarray, budget: int):

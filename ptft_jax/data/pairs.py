@@ -20,10 +20,10 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from ptft_jax.data.batching import PaddedBatches
 from ptft_jax.data.emoji import EmojiPairs
 from ptft_jax.data.image_io import BadImage, as_array, decode, digest, file_key
 from ptft_jax.data.opening import open_hub_images, require_image_columns
@@ -225,7 +225,7 @@ def open_pairs(corpus: str, split: str, image_column: str, text_column: str,
                      f"arrays, or hf:NAME.")
 
 
-class PairExamples:
+class PairExamples(PaddedBatches):
     """One split of image-text pairs: cached uint8 images, their token rows, label ids (or
     -1 without labels). Rows on demand, like the other example sets."""
 
@@ -257,18 +257,3 @@ class PairExamples:
         _, groups = np.unique(np.asarray(captions, dtype=object).astype(str),
                               return_inverse=True)
         return groups
-
-    def num_batches(self, batch_size: int) -> int:
-        return -(-len(self) // batch_size)
-
-    def batches(self, batch_size: int, rows: slice | None = None) -> Iterator[dict]:
-        """Every example once, in order; the last batch padded with weight-0 copies of row 0."""
-        n = len(self)
-        for start in range(0, n, batch_size):
-            index = np.arange(start, start + batch_size)
-            real = index < n
-            batch = self.rows(np.where(real, index, 0))
-            batch["weight"] = real.astype(np.float32)
-            if rows is not None:
-                batch = {k: v[rows] for k, v in batch.items()}
-            yield batch

@@ -13,7 +13,6 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 import yaml
-from tqdm.auto import tqdm
 
 from ptft_jax.ckpt.checkpoint import BestCheckpointer, Checkpointer
 from ptft_jax.config.load import from_dict
@@ -33,7 +32,7 @@ from ptft_jax.jobs.pairs import make_task, pairs_split
 from ptft_jax.tasks.classify import ClassifyTask
 from ptft_jax.tasks.image import ImageClassifyTask
 from ptft_jax.train.engine import build
-from ptft_jax.train.evaluate import evaluate
+from ptft_jax.train.evaluate import evaluate, predict_outputs
 from ptft_jax.train.loop import eval_metric
 
 
@@ -59,8 +58,7 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
     if kind in MULTIMODAL_TASKS:
         task = make_task(cfg, load_tokenizer(run_dir / "tokenizer.json"), labels)
     elif kind in IMAGE_TASKS:
-        task = ImageClassifyTask(cfg.model, labels.names, cfg.augment)
-        task.labels = labels
+        task = ImageClassifyTask(cfg.model, labels.names, cfg.augment, labels=labels)
     else:
         task = ClassifyTask(cfg.model, labels, pooling_for(cfg))
     engine = build(cfg, task)
@@ -95,7 +93,7 @@ def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
     try:
         if task_for(cfg) in MULTIMODAL_TASKS:
             examples, _ = pairs_split(cfg, Path(run_dir), split, corpus or cfg.data.eval_corpus,
-                                      engine.task.tokenizer, getattr(engine.task, "labels", None),
+                                      engine.task.tokenizer, engine.task.labels,
                                       0)
         elif task_for(cfg) in IMAGE_TASKS:
             examples, _ = image_split(cfg, Path(run_dir), split,
@@ -178,18 +176,8 @@ def predict_run(run_dir, texts: list[str], pairs: list[str] | None = None,
     labels: LabelSpace = engine.task.labels
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
     examples = predict_examples(texts, tokenizer, cfg.data.seq_len, cfg.model.kind, pairs)
-    size = cfg.eval.batch_size
-    bar = tqdm(total=examples.num_batches(size), unit="batch", desc="predict",
-               disable=not progress, leave=False)
-    for batch in examples.batches(size, engine.rows_of(size)):
-        out = np.asarray(jax.device_get(engine.step_fn.predict(state,
-                                                               engine.to_device(batch, size))))
-        bar.update()
-        for row, weight in zip(out, batch["weight"]):
-            if weight == 0:
-                continue
-            yield _prediction(labels, row)
-    bar.close()
+    for row in predict_outputs(engine, state, examples, cfg.eval.batch_size, progress):
+        yield _prediction(labels, row)
 
 
 def image_files(path: str | None) -> list[Path]:
@@ -231,20 +219,9 @@ def predict_images(run_dir, files: list[Path], batch_size: int | None = None,
         except ValueError as e:
             raise ConfigError(str(e)) from None
     examples = ImageExamples(images, np.zeros(len(files), np.int64))
-    size = cfg.eval.batch_size
-    bar = tqdm(total=examples.num_batches(size), unit="batch", desc="predict",
-               disable=not progress, leave=False)
-    index = 0
-    for batch in examples.batches(size, engine.rows_of(size)):
-        out = np.asarray(jax.device_get(engine.step_fn.predict(state,
-                                                               engine.to_device(batch, size))))
-        bar.update()
-        for row, weight in zip(out, batch["weight"]):
-            if weight == 0:
-                continue
-            yield {"file": str(files[index]), **_prediction(engine.task.labels, row)}
-            index += 1
-    bar.close()
+    out = predict_outputs(engine, state, examples, cfg.eval.batch_size, progress)
+    for f, row in zip(files, out):
+        yield {"file": str(f), **_prediction(engine.task.labels, row)}
 
 
 def run_task(run_dir) -> str | None:
@@ -284,19 +261,10 @@ def predict_pairs(run_dir, path: str | None, batch_size: int | None = None,
         images[i] = convert(image, m.image_size, m.channels, True, image_where(pairs, i))
     tokens = predict_examples(texts, engine.task.tokenizer, cfg.data.seq_len, "encoder")
     examples = PairExamples(images, tokens, texts, None)
-    size = cfg.eval.batch_size
-    index = 0
-    for batch in tqdm(examples.batches(size, engine.rows_of(size)), unit="batch",
-                      desc="predict", disable=not progress, leave=False,
-                      total=examples.num_batches(size)):
-        out = np.asarray(jax.device_get(engine.step_fn.predict(state,
-                                                               engine.to_device(batch, size))))
-        for row, weight in zip(out, batch["weight"]):
-            if weight == 0:
-                continue
-            yield {"image": str(pairs.rows[index]["image"]), "text": texts[index],
-                   **_prediction(engine.task.labels, row)}
-            index += 1
+    out = predict_outputs(engine, state, examples, cfg.eval.batch_size, progress)
+    for index, row in enumerate(out):
+        yield {"image": str(pairs.rows[index]["image"]), "text": texts[index],
+               **_prediction(engine.task.labels, row)}
 
 
 def image_where(pairs, i: int) -> str:

@@ -71,7 +71,7 @@ def image_job(cfg: Config) -> Job:
                           f"{cfg.data.corpus}.")
     bn_axis = "batch" if cfg.mesh.parallelism == "pmap" else None
     task = ImageClassifyTask(cfg.model, labels.names, cfg.augment,
-                             cfg.objective.label_smoothing, bn_axis)
+                             cfg.objective.label_smoothing, bn_axis, labels)
 
     def save_files():
         if jax.process_index() == 0:

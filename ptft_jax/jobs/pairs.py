@@ -168,10 +168,8 @@ def make_task(cfg: Config, tokenizer, labels: LabelSpace | None):
         return ContrastiveTask(image, text, cfg.towers.image.projection_dim,
                                cfg.towers.text.pooling, cfg.objective, cfg.augment, tokenizer,
                                cfg.data.seq_len, cfg.eval.prompts, names, axis)
-    task = FusedClassifyTask(cfg.model, image, text, labels.names, cfg.towers.text.pooling,
-                             cfg.augment, axis)
-    task.labels, task.tokenizer = labels, tokenizer
-    return task
+    return FusedClassifyTask(cfg.model, image, text, labels, cfg.towers.text.pooling,
+                             cfg.augment, tokenizer, axis)
 
 
 def pairs_job(cfg: Config) -> Job:

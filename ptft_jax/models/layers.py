@@ -39,7 +39,7 @@ def normal(std: float, axes: tuple[str, ...]):
 # Initialisation: each model family starts as its published recipe says. A from-scratch model
 # trains as its reference does only if it starts like it: one N(0, 0.02) for every kernel
 # (BERT's scale) made a width-192 ViT learn at a fraction of the speed of the same ViT with
-# PyTorch's or the ViT paper's initialisation (issue 23; benchmarks/vit_init.py measures it).
+# PyTorch's or the ViT paper's initialisation (issue 23; benchmarks/init_parity.py measures it).
 
 
 def init_recipe(cfg: ModelConfig) -> str:

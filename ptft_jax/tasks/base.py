@@ -16,6 +16,10 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
+from tokenizers import Tokenizer
+
+from ptft_jax.data.labelled import LabelSpace
+from ptft_jax.tasks.metrics import DEFAULT_METRIC
 
 
 def apply_model(model: nn.Module, params, model_state: dict, *args, train: bool, rngs=None,
@@ -31,10 +35,29 @@ def apply_model(model: nn.Module, params, model_state: dict, *args, train: bool,
 
 
 class Task(abc.ABC):
+    """Everything the loop, the step, evaluation, prediction and the benchmarks ask of a task.
+    A task is built with all it needs (labels, tokenizer); nothing is set on it afterwards."""
     name: str
     model: nn.Module
     # Metrics shown on the terminal each log step (all of them go to JSONL / TensorBoard).
     shown: tuple[str, ...] = ("loss", "accuracy")
+    # The label space a finetuning task's head predicts (saved as labels.json), if any.
+    labels: LabelSpace | None = None
+    # A task that tokenizes on its own (zero-shot class prompts) holds its tokenizer.
+    tokenizer: Tokenizer | None = None
+    # True: evaluation scores the split as a whole from the model's outputs (`score_split`),
+    # not by adding per-batch sums.
+    scores_split: bool = False
+
+    @property
+    def eval_shown(self) -> tuple[str, ...]:
+        """Metrics shown on the terminal at each evaluation."""
+        return self.shown
+
+    @property
+    def default_metric(self) -> str:
+        """What early stopping and the best checkpoint follow when eval.metric is auto."""
+        return DEFAULT_METRIC.get(self.name, "loss")
 
     @abc.abstractmethod
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -63,6 +86,23 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def metrics(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
         """Metrics from sums accumulated on the host (NumPy, float64)."""
+
+    def predict(self, params, model_state, batch: dict) -> dict:
+        """Per row outputs (probabilities, embeddings, ...) for `ptft predict`, `ptft embed`
+        and split scoring; run by the step's jitted predict."""
+        raise NotImplementedError(f"train.task {self.name} has no per-example predictions; "
+                                  f"predict with a finetuned run.")
+
+    def split_inputs(self, examples) -> dict[str, Any]:
+        """With `scores_split`: further example sets whose outputs the split's score needs
+        (e.g. class-name prompts for zero-shot), by name."""
+        return {}
+
+    def score_split(self, outputs: dict[str, np.ndarray], examples,
+                    extra: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+        """With `scores_split`: the split's metrics from every example's predict outputs (in
+        order) and those of `split_inputs`. Computes on the host; runs nothing."""
+        raise NotImplementedError
 
 
 def add_sums(total: dict | None, sums: dict) -> dict:

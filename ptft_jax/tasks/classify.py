@@ -15,11 +15,6 @@ from ptft_jax.models.heads import Classifier
 from ptft_jax.tasks import metrics
 from ptft_jax.tasks.base import Task, apply_model
 
-# Which metric early stopping and the best checkpoint follow when eval.metric is auto.
-DEFAULT_METRIC = {"classification": "macro_f1", "multi_label": "macro_f1",
-                  "regression": "pearson", "image_classification": "accuracy",
-                  "contrastive": "retrieval_mean", "multimodal_classification": "macro_f1"}
-
 
 class ClassifyTask(Task):
     def __init__(self, cfg: ModelConfig, labels: LabelSpace, pooling: str):

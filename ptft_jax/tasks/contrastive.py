@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptft_jax.config.schema import AugmentConfig, ModelConfig, ObjectiveConfig
-from ptft_jax.core.mesh import gather_rows
 from ptft_jax.data.augment import augment, normalize
+from ptft_jax.data.batching import PaddedBatches
 from ptft_jax.data.labelled import predict_examples
-from ptft_jax.data.loader import prefetch
 from ptft_jax.models.multimodal import TwoTower
 from ptft_jax.tasks import metrics
 from ptft_jax.tasks.base import Task, apply_model
@@ -68,6 +67,7 @@ class ContrastiveTask(Task):
     name = "contrastive"
     shown = ("loss", "batch_i2t_accuracy")
     eval_shown = ("loss", "i2t_r1", "t2i_r1", "retrieval_mean", "zero_shot_accuracy")
+    scores_split = True
 
     def __init__(self, image_cfg: ModelConfig, text_cfg: ModelConfig, projection_dim: int,
                  text_pooling: str, objective: ObjectiveConfig, aug: AugmentConfig,
@@ -133,41 +133,49 @@ class ContrastiveTask(Task):
         return {"image": image_emb, "text": text_emb, "loss": loss}
 
     # -----------------------------------------------------------------------------------------
-    # Evaluation over a whole split (train.evaluate calls this instead of summing batches)
+    # Evaluation over a whole split, from every example's embeddings (train/evaluate.py)
 
-    def evaluate_split(self, engine, state, examples, batch_size: int,
-                       progress: bool = False) -> dict:
-        out = embed_split(engine, state, examples, batch_size, progress)
-        metrics = {"loss": float(np.mean(out["loss"])) if len(out["loss"]) else 0.0}
-        metrics.update(retrieval_recall(out["image"], out["text"], examples.caption_groups()))
-        names = self.class_names
-        if names and examples.label_ids is not None:
-            classes = class_embeddings(engine, state, self, names, batch_size)
+    def split_inputs(self, examples) -> dict:
+        if not self.class_names or examples.label_ids is None:
+            return {}
+        return {"class_prompts": ClassPrompts(self, self.class_names)}
+
+    def score_split(self, outputs, examples, extra) -> dict:
+        metrics = {"loss": float(np.mean(outputs["loss"])) if len(outputs["loss"]) else 0.0}
+        metrics.update(retrieval_recall(outputs["image"], outputs["text"],
+                                        examples.caption_groups()))
+        if "class_prompts" in extra:
+            classes = class_embeddings(extra["class_prompts"]["text"], len(self.class_names),
+                                       len(self.prompts))
             labels = examples.label_ids[examples.index]
-            metrics.update(zero_shot(out["image"], classes, labels, names))
+            metrics.update(zero_shot(outputs["image"], classes, labels, self.class_names))
         return metrics
 
 
-def embed_split(engine, state, examples, batch_size: int, progress: bool = False) -> dict:
-    """Every example's predict outputs, in order, as host float32 arrays (the padding of the
-    last batch dropped; on multi-host, every process's rows)."""
-    rows = engine.rows_of(batch_size)
-    batches = prefetch((engine.to_device(b, batch_size)
-                        for b in examples.batches(batch_size, rows)), 2)
-    parts = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=examples.num_batches(batch_size), desc="eval", unit="batch",
-                   leave=False, dynamic_ncols=True)
-    for batch in batches:
-        parts.append(gather_rows(engine.step_fn.predict(state, batch)))
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
-    n = len(examples)
-    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+class ClassPrompts(PaddedBatches):
+    """Each class name through every prompt template, as rows of text (with blank images)
+    for the two-tower model's predict: their text embeddings are the zero-shot classes."""
+
+    def __init__(self, task: ContrastiveTask, names):
+        texts = [t.format(n) for n in names for t in task.prompts]
+        self.texts = predict_examples(texts, task.tokenizer, task.seq_len, "encoder")
+        self.image_shape = (task.image_cfg.image_size, task.image_cfg.image_size,
+                            task.image_cfg.channels)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        out = self.texts.rows(index)
+        out["image"] = np.zeros((len(index), *self.image_shape), np.uint8)
+        return out
+
+
+def class_embeddings(text_emb: np.ndarray, classes: int, prompts: int) -> np.ndarray:
+    """[classes, dim]: the prompts' text embeddings averaged over templates and normalised
+    again (CLIP's prompt ensembling)."""
+    mean = text_emb.reshape(classes, prompts, -1).mean(axis=1)
+    return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
 def retrieval_recall(image_emb, text_emb, groups, ks=RECALL_AT, chunk: int = 1024) -> dict:
@@ -191,26 +199,6 @@ def retrieval_recall(image_emb, text_emb, groups, ks=RECALL_AT, chunk: int = 102
     out.update({f"t2i_r{k}": float(v) for k, v in zip(ks, t2i)})
     out["retrieval_mean"] = float(np.mean([*i2t, *t2i]))
     return out
-
-
-def class_embeddings(engine, state, task, names, batch_size: int) -> np.ndarray:
-    """[classes, dim]: each class name through every prompt template, embedded by the text
-    tower, averaged over templates and normalised again (CLIP's prompt ensembling)."""
-    texts = [t.format(n) for n in names for t in task.prompts]
-    rows = predict_examples(texts, task.tokenizer, task.seq_len, "encoder")
-    s, c = task.image_cfg.image_size, task.image_cfg.channels
-    embs = []
-    for start in range(0, len(texts), batch_size):
-        index = np.arange(start, start + batch_size)
-        batch = rows.rows(np.minimum(index, len(texts) - 1))
-        batch["image"] = np.zeros((batch_size, s, s, c), np.uint8)
-        batch["weight"] = (index < len(texts)).astype(np.float32)
-        batch = {k: v[engine.rows_of(batch_size)] for k, v in batch.items()}
-        embs.append(gather_rows(engine.step_fn.predict(state, engine.to_device(batch,
-                                                                            batch_size))["text"]))
-    emb = np.concatenate(embs)[:len(texts)].reshape(len(names), len(task.prompts), -1)
-    mean = emb.mean(axis=1)
-    return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
 def zero_shot(image_emb, class_emb, labels, names) -> dict:

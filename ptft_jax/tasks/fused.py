@@ -9,12 +9,16 @@ mixing two images would break their pairing); metrics are those of text classifi
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer
 
 from ptft_jax.config.schema import AugmentConfig, ModelConfig
 from ptft_jax.data.augment import augment, normalize
+from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.models.multimodal import FusionClassifier
 from ptft_jax.tasks import metrics
 from ptft_jax.tasks.base import Task, apply_model
@@ -25,10 +29,13 @@ class FusedClassifyTask(Task):
     shown = ("loss", "accuracy", "macro_f1")
 
     def __init__(self, cfg: ModelConfig, image_cfg: ModelConfig, text_cfg: ModelConfig,
-                 class_names, text_pooling: str, aug: AugmentConfig,
-                 bn_axis_name: str | None = None):
-        self.image_cfg, self.aug = image_cfg, aug
-        self.class_names = tuple(class_names)
+                 labels: LabelSpace | Sequence[str], text_pooling: str, aug: AugmentConfig,
+                 tokenizer: Tokenizer | None = None, bn_axis_name: str | None = None):
+        """`labels`: the label space, or bare class names."""
+        self.image_cfg, self.aug, self.tokenizer = image_cfg, aug, tokenizer
+        if isinstance(labels, LabelSpace):
+            self.labels = labels
+        self.class_names = tuple(labels.names if isinstance(labels, LabelSpace) else labels)
         self.num_classes = len(self.class_names)
         self.model = FusionClassifier(cfg, image_cfg, text_cfg, self.num_classes, text_pooling,
                                       bn_axis_name)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ptft_jax.config.schema import AugmentConfig, ModelConfig
 from ptft_jax.data.augment import augment, normalize
+from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.models.vision import ImageClassifier
 from ptft_jax.tasks import metrics
 from ptft_jax.tasks.base import Task, apply_model
@@ -26,8 +27,9 @@ class ImageClassifyTask(Task):
     shown = ("loss", "accuracy", "macro_f1")
 
     def __init__(self, cfg: ModelConfig, class_names, aug: AugmentConfig,
-                 label_smoothing: float = 0.0, bn_axis_name: str | None = None):
-        self.cfg = cfg
+                 label_smoothing: float = 0.0, bn_axis_name: str | None = None,
+                 labels: LabelSpace | None = None):
+        self.cfg, self.labels = cfg, labels
         self.class_names = tuple(class_names)
         self.num_classes = len(self.class_names)
         self.aug = aug

@@ -34,6 +34,12 @@ TASK_METRICS = {"classification": _CLASSIFY, "image_classification": _CLASSIFY,
                                 *(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)))}
 
 
+# Which metric early stopping and the best checkpoint follow when eval.metric is auto.
+DEFAULT_METRIC = {"classification": "macro_f1", "multi_label": "macro_f1",
+                  "regression": "pearson", "image_classification": "accuracy",
+                  "contrastive": "retrieval_mean", "multimodal_classification": "macro_f1"}
+
+
 def metric_mode(name: str) -> str:
     if name not in METRIC_MODES:
         raise ValueError(f"unknown metric '{name}'; choose one of: {', '.join(METRIC_MODES)}.")

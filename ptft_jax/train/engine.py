@@ -159,7 +159,7 @@ def _reuse_key(cfg: Config, task, devices, phase: int) -> str:
         for p in parents:
             node = node.get(p, {})
         node.pop(last, None)
-    labels = getattr(getattr(task, "labels", None), "names", None)
+    labels = task.labels.names if task.labels is not None else None
     return json.dumps([tree, task.name, labels, phase,
                        [d.id for d in (devices or jax.devices())]], sort_keys=True, default=str)
 

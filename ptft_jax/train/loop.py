@@ -28,7 +28,6 @@ from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_KINDS, MULTIMODAL_KIND
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.models.flops import image_train_flops, matmul_params, train_flops_per_token
 from ptft_jax.tasks.base import add_sums
-from ptft_jax.tasks.classify import DEFAULT_METRIC
 from ptft_jax.tasks.metrics import metric_mode
 from ptft_jax.train import peak
 from ptft_jax.train.engine import build
@@ -81,8 +80,7 @@ def check_data_position(meta: dict, loader: BatchLoader) -> None:
 
 
 def eval_metric(cfg: Config, task) -> tuple[str, str]:
-    name = cfg.eval.metric if cfg.eval.metric != "auto" else DEFAULT_METRIC.get(task.name,
-                                                                                 "loss")
+    name = cfg.eval.metric if cfg.eval.metric != "auto" else task.default_metric
     try:
         return name, metric_mode(name)
     except ValueError as e:
@@ -270,7 +268,7 @@ def run(job: Job, on_eval=None) -> dict:
         values = evaluate(engine, state, job.eval_examples, cfg.eval.batch_size,
                           progress=t.progress and is_main)
         writer.write(step, {f"eval/{k}": v for k, v in values.items()},
-                     shown=[f"eval/{k}" for k in getattr(task, "eval_shown", task.shown)])
+                     shown=[f"eval/{k}" for k in task.eval_shown])
         if progress.improved(float(values[metric]), mode):
             progress.best_step = step
             best.save(step, engine.host_state(state), {"config": cfg.to_dict(), **job.meta,

@@ -37,8 +37,7 @@ from ptft_jax.core.params import unflatten
 from ptft_jax.jobs import entry
 from ptft_jax.studies.sweep.report import write_report
 from ptft_jax.studies.sweep.space import Param, extremes, grid_size, load_space, overrides
-from ptft_jax.tasks.classify import DEFAULT_METRIC
-from ptft_jax.tasks.metrics import METRIC_MODES, TASK_METRICS
+from ptft_jax.tasks.metrics import DEFAULT_METRIC, METRIC_MODES, TASK_METRICS
 from ptft_jax.train.engine import reuse_engines
 
 SAMPLERS = ("grid", "random", "tpe")
