@@ -40,7 +40,9 @@ class ClassifierHead(nn.Module):
         cfg = self.cfg
         if self.pooling == "cls":  # BERT's pooler, which its pretraining also trained
             self.pooler = dense(cfg, cfg.hidden_size, ("embed", None), None)
-        self.dropout = nn.Dropout(cfg.dropout)
+        # Named as the compact form named it: dropout draws its masks by module path, so a
+        # run (and a resumed one) keeps drawing the same masks as before the change.
+        self.Dropout_0 = nn.Dropout(cfg.dropout)
         self.out = dense(cfg, self.num_outputs, ("embed", None), None)
 
     def features(self, hidden, segment_ids):
@@ -50,7 +52,7 @@ class ClassifierHead(nn.Module):
         return jnp.tanh(self.pooler(x)) if self.pooling == "cls" else x
 
     def __call__(self, hidden, segment_ids, train: bool = False):
-        x = self.dropout(self.features(hidden, segment_ids),
+        x = self.Dropout_0(self.features(hidden, segment_ids),
                          deterministic=not train or self.cfg.dropout == 0)
         x = constrain(x, ("act_batch", None))
         return self.out(x).astype(jnp.float32)
