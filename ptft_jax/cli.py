@@ -115,8 +115,16 @@ def _embed(args) -> int:
 
 
 def _predict(args) -> int:
-    from ptft_jax.infer.predict import (image_files, is_image_run, predict_images, predict_pairs,
-                                        predict_run, read_inputs, run_task, write_jsonl)
+    from ptft_jax.infer.predict import (
+        image_files,
+        is_image_run,
+        predict_images,
+        predict_pairs,
+        predict_run,
+        read_inputs,
+        run_task,
+        write_jsonl,
+    )
     if run_task(args.run_dir) in ("contrastive", "multimodal_classification"):
         rows = predict_pairs(args.run_dir, args.input, args.batch_size,
                              progress=sys.stderr.isatty())

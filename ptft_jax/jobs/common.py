@@ -14,8 +14,13 @@ from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.core.mesh import broadcast_text
-from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
-                                     train_tokenizer)
+from ptft_jax.data.tokenizer import (
+    TokenIds,
+    iter_texts,
+    load_tokenizer,
+    run_tokenizer_path,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +49,45 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, documents):
     return tok
 
 
-def resolve_vocab(cfg: Config, token_ids: TokenIds) -> Config:
-    """model.vocab_size must fit the tokenizer: equal to its size, or that size rounded up to a
-    multiple of 128 (padding rows make the vocabulary matmuls faster). null picks the latter.
-    A Hugging Face model keeps its own table, which must hold every token id."""
-    size = token_ids.vocab_size
+def fitted_vocab_size(size: int, vocab: int | None, init_from: str | None, key: str) -> int:
+    """The vocabulary size a text model takes for a tokenizer of `size` tokens: `vocab` (the
+    config's `key`) if it is that size or that size rounded up to a multiple of 128 (padding
+    rows make the vocabulary matmuls faster); null picks the latter. A Hugging Face model
+    (`init_from` hf:...) keeps its own table, which must hold every token id."""
     padded = -(-size // 128) * 128
-    vocab = cfg.model.vocab_size
-    if is_hf(cfg.finetune.init_from):
+    if is_hf(init_from):
         if size > vocab:
-            raise ConfigError(f"The tokenizer {cfg.data.tokenizer} has {size} tokens but the "
-                              f"model {cfg.finetune.init_from} embeds {vocab} (config.json "
-                              f"vocab_size): ids past {vocab - 1} would have no row. Use the "
-                              f"tokenizer that came with the model.")
-        return cfg
+            raise ConfigError(f"The tokenizer has {size} tokens but the model {init_from} "
+                              f"embeds {vocab} (config.json vocab_size): ids past {vocab - 1} "
+                              f"would have no row. Use the tokenizer that came with the model.")
+        return vocab
     if vocab is None:
-        vocab = padded
-    elif vocab not in (size, padded):
-        raise ConfigError(f"model.vocab_size is {vocab} but the tokenizer has {size} tokens. "
-                          f"Set model.vocab_size={padded} (or {size}), or null to follow the "
-                          f"tokenizer; to keep {vocab}, use a tokenizer of that size.")
+        return padded
+    if vocab not in (size, padded):
+        other = f" (or {size})" if size != padded else ""
+        raise ConfigError(f"{key} is {vocab} but the tokenizer has {size} tokens. Set "
+                          f"{key}={padded}{other}, or null to follow the tokenizer; to keep "
+                          f"{vocab}, use a tokenizer of that size.")
+    return vocab
+
+
+def resolve_vocab(cfg: Config, token_ids: TokenIds) -> Config:
+    """The config with model.vocab_size fitted to the tokenizer (`fitted_vocab_size`)."""
+    vocab = fitted_vocab_size(token_ids.vocab_size, cfg.model.vocab_size, cfg.finetune.init_from,
+                              "model.vocab_size")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
+def check_labelled_splits(saved, labels, labels_path: Path, train, what: str,
+                          corpus: str) -> None:
+    """A resumed run's labels.json must match the labels the data gives now, and the training
+    split must hold something."""
+    if saved is not None and saved != labels:
+        raise ConfigError(f"{labels_path} holds other labels than the data now gives; use a new "
+                          f"run_dir.")
+    if len(train) == 0:
+        raise ConfigError(f"data.keep_labels / data.per_class leave no training {what} in "
+                          f"{corpus}.")
 
 
 def save_tokenizer(tokenizer, run_dir: Path) -> None:

@@ -11,7 +11,7 @@ from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.data.image_sources import open_images
 from ptft_jax.data.images import ImageExamples, prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace
-from ptft_jax.jobs.common import pretrained_init
+from ptft_jax.jobs.common import check_labelled_splits, pretrained_init
 from ptft_jax.tasks.image import ImageClassifyTask
 from ptft_jax.train.job import Job
 
@@ -63,12 +63,7 @@ def image_job(cfg: Config) -> Job:
                                          cfg.data.eval_corpus, labels, 0)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if saved is not None and saved != labels:
-        raise ConfigError(f"{labels_path} holds other labels than the data now gives; use a new "
-                          f"run_dir.")
-    if len(train) == 0:
-        raise ConfigError(f"data.keep_labels / data.per_class leave no training image in "
-                          f"{cfg.data.corpus}.")
+    check_labelled_splits(saved, labels, labels_path, train, "image", cfg.data.corpus)
     bn_axis = "batch" if cfg.mesh.parallelism == "pmap" else None
     task = ImageClassifyTask(cfg.model, labels.names, cfg.augment,
                              cfg.objective.label_smoothing, bn_axis, labels)

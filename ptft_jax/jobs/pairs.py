@@ -22,7 +22,7 @@ from ptft_jax.data.images import prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace, predict_examples
 from ptft_jax.data.pairs import PairExamples, PairRecords, open_pairs
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path, train_tokenizer
-from ptft_jax.jobs.common import pretrained_init
+from ptft_jax.jobs.common import check_labelled_splits, fitted_vocab_size, pretrained_init
 from ptft_jax.models.flops import multimodal_train_flops
 from ptft_jax.tasks.contrastive import ContrastiveTask
 from ptft_jax.tasks.fused import FusedClassifyTask
@@ -68,21 +68,8 @@ def fit_text_vocab(cfg: Config, token_ids: TokenIds) -> Config:
     """towers.text.model.vocab_size from the tokenizer, as model.vocab_size for text models:
     its size or that rounded up to 128 (null picks the latter); an HF tower keeps its own."""
     text = cfg.towers.text.model
-    size, vocab = token_ids.vocab_size, text.vocab_size
-    padded = -(-size // 128) * 128
-    if is_hf(cfg.towers.text.init_from):
-        if size > vocab:
-            raise ConfigError(f"The tokenizer has {size} tokens but the text tower "
-                              f"{cfg.towers.text.init_from} embeds {vocab}; use the tokenizer "
-                              f"that came with it.")
-        return cfg
-    if vocab is None:
-        vocab = padded
-    elif vocab not in (size, padded):
-        other = f" (or {size})" if size != padded else ""
-        raise ConfigError(f"towers.text.model.vocab_size is {vocab} but the tokenizer has {size} "
-                          f"tokens. Set towers.text.model.vocab_size={padded}{other}, or null "
-                          f"to follow the tokenizer.")
+    vocab = fitted_vocab_size(token_ids.vocab_size, text.vocab_size, cfg.towers.text.init_from,
+                              "towers.text.model.vocab_size")
     text = dataclasses.replace(text, vocab_size=vocab)
     towers = dataclasses.replace(cfg.towers, text=dataclasses.replace(cfg.towers.text,
                                                                       model=text))
@@ -189,12 +176,7 @@ def pairs_job(cfg: Config) -> Job:
                                         tokenizer, labels, 0)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if saved is not None and saved != labels:
-        raise ConfigError(f"{labels_path} holds other labels than the data now gives; use a new "
-                          f"run_dir.")
-    if len(train) == 0:
-        raise ConfigError(f"data.keep_labels / data.per_class leave no training pair in "
-                          f"{d.corpus}.")
+    check_labelled_splits(saved, labels, labels_path, train, "pair", d.corpus)
     if task_name != "contrastive" and labels is None:
         raise ConfigError("train.task multimodal_classification needs labels: set "
                           "data.label_column.")

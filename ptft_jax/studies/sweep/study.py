@@ -29,8 +29,13 @@ import traceback
 import warnings
 from pathlib import Path
 
-from ptft_jax.config.load import (from_dict, merge_dicts, parse_overrides, read_yaml_mapping,
-                                  with_hf_model)
+from ptft_jax.config.load import (
+    from_dict,
+    merge_dicts,
+    parse_overrides,
+    read_yaml_mapping,
+    with_hf_model,
+)
 from ptft_jax.config.schema import ConfigError, task_for
 from ptft_jax.config.validate import validate
 from ptft_jax.core.params import unflatten
