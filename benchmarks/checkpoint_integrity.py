@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-from ptft_jax.bench.benchmark import device_slug, environment
+from ptft_jax.bench.report import device_slug, environment
 from ptft_jax.ckpt import integrity
 from ptft_jax.ckpt.checkpoint import Checkpointer
 from ptft_jax.config.load import load_config

@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--per-class", nargs="+", type=int, default=[10, 100])
     parser.add_argument("--out", default=None, help="results folder (default: by device)")
     args = parser.parse_args()
-    from ptft_jax.bench.benchmark import device_slug, environment
+    from ptft_jax.bench.report import device_slug, environment
     env = environment()
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / device_slug(env)
     out.mkdir(parents=True, exist_ok=True)

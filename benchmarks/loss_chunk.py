@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from ptft_jax.bench import benchmark
+from ptft_jax.bench import benchmark, report
 from ptft_jax.jobs.lm import lm_task
 from ptft_jax.tasks.lm import MlmSpec
 from ptft_jax.tasks.vocab_loss import positions_per_chunk
@@ -114,12 +114,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: "
                         "the case's)")
     parser.add_argument("--objectives", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--out", default=str(benchmark.default_results_dir()))
+    parser.add_argument("--out", default=str(report.default_results_dir()))
     args = parser.parse_args(argv)
-    env = benchmark.environment()
+    env = report.environment()
     steps = step_rows(args.vocabs, args.chunks, args.steps, args.batch, args.objectives)
     memory = memory_rows(args.memory_chunks) if args.memory_chunks else []
-    out = Path(args.out) / benchmark.device_slug(env)
+    out = Path(args.out) / report.device_slug(env)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     (out / f"loss-chunk-{stamp}.jsonl").write_text(

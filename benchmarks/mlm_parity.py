@@ -249,7 +249,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     torch.set_num_threads(2)
-    from ptft_jax.bench.benchmark import device_slug, environment
+    from ptft_jax.bench.report import device_slug, environment
     env = environment()
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / device_slug(env)
     out.mkdir(parents=True, exist_ok=True)

@@ -115,16 +115,8 @@ def _embed(args) -> int:
 
 
 def _predict(args) -> int:
-    from ptft_jax.infer.predict import (
-        image_files,
-        is_image_run,
-        predict_images,
-        predict_pairs,
-        predict_run,
-        read_inputs,
-        run_task,
-        write_jsonl,
-    )
+    from ptft_jax.infer.predict import (image_files, is_image_run, predict_images, predict_pairs,
+                                        predict_run, read_inputs, run_task, write_jsonl)
     if run_task(args.run_dir) in ("contrastive", "multimodal_classification"):
         rows = predict_pairs(args.run_dir, args.input, args.batch_size,
                              progress=sys.stderr.isatty())
@@ -165,96 +157,19 @@ def _checkpoints_verify(args) -> int:
     return 1 if count["DAMAGED"] else 0
 
 
-def _error(command: str, message) -> int:
-    print(f"ptft {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _tokenizer_train(args) -> int:
-    import time
-    from pathlib import Path
-
-    from ptft_jax.data.opening import open_documents
-    from ptft_jax.data.tokenizer import iter_texts, train_tokenizer
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path(cfg.run_dir) / "tokenizer.json"
-    if out.exists() and not args.force:
-        return _error("tokenizer train", f"{out} already exists; pass --force to replace it, "
-                                         f"or --out to write elsewhere.")
-    existing = out.parent
-    while not existing.exists():
-        existing = existing.parent
-    if out.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return _error("tokenizer train", f"--out {out}: cannot write there ('{existing}' is "
-                                         f"{'a folder' if out.is_dir() else 'not a writable folder'}"
-                                         f"); give a writable file path.")
-    if cfg.model.kind not in ("encoder", "decoder"):
-        raise ConfigError(f"'model.kind' is '{cfg.model.kind}'; it must be encoder (WordPiece "
-                          f"tokenizer) or decoder (byte-level BPE).")
-    if cfg.data.tokenizer_vocab_size < 1:
-        raise ConfigError(f"'data.tokenizer_vocab_size' is {cfg.data.tokenizer_vocab_size}; "
-                          f"it must be at least 1.")
-    try:
-        documents = open_documents(cfg.data)
-    except ValueError as e:
-        return _error("tokenizer train", e)
-    kind = "WordPiece" if cfg.model.kind == "encoder" else "byte-level BPE"
-    print(f"training a {kind} tokenizer of {cfg.data.tokenizer_vocab_size} tokens on "
-          f"{len(documents):,} documents of {cfg.data.corpus} ...", flush=True)
-    t0 = time.perf_counter()
-    # The trainer's bars only make sense on a terminal; elsewhere they print empty lines.
-    tokenizer = train_tokenizer(cfg.model.kind, iter_texts(documents),
-                                cfg.data.tokenizer_vocab_size, progress=sys.stderr.isatty(),
-                                extra_special_tokens=cfg.data.extra_special_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")  # an interrupted save leaves no half file at `out`
-    tokenizer.save(str(tmp))
-    os.replace(tmp, out)
-    print(f"saved {out}: {tokenizer.get_vocab_size():,} tokens, trained in "
-          f"{time.perf_counter() - t0:.1f}s")
-    return 0
+    from ptft_jax.data.commands import tokenizer_train
+    return tokenizer_train(args)
 
 
 def _data_prepare(args) -> int:
-    from pathlib import Path
+    from ptft_jax.data.commands import data_prepare
+    return data_prepare(args)
 
-    from ptft_jax.data.cache import prepare_cache
-    from ptft_jax.data.opening import open_documents
-    from ptft_jax.data.tokenizer import run_tokenizer_path
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(cfg.run_dir)
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
-    try:
-        tokenizer = run_tokenizer_path(cfg.data.tokenizer, run_dir)  # the one pretrain uses
-    except ValueError as e:
-        return _error("data prepare", e)
-    if tokenizer is None:
-        return _error("data prepare", f"no tokenizer: data.tokenizer is not set and "
-                                      f"{run_dir / 'tokenizer.json'} does not exist. Run `ptft "
-                                      f"tokenizer train` with the same config first, or set "
-                                      f"data.tokenizer=PATH (a tokenizer.json or vocab.txt).")
-    try:
-        documents = open_documents(cfg.data)
-        print(f"preparing {cache_dir} from {len(documents):,} documents of {cfg.data.corpus} "
-              f"with {tokenizer} ...", flush=True)
-        cache = prepare_cache(documents, tokenizer, cache_dir, cfg.data.num_workers,
-                              shard_docs=args.shard_docs, overwrite=args.overwrite)
-    except ValueError as e:
-        return _error("data prepare", e)
-    except KeyboardInterrupt:
-        print(f"ptft data prepare: interrupted; finished shards are kept in {cache_dir}. Run "
-              f"the same command to resume.", file=sys.stderr)
-        return 130
-    counts = f"{cache.num_docs:,} documents, {len(cache.tokens):,} {cache.tokens.dtype} tokens"
-    stats = cache.stats
-    if stats is None:
-        print(f"already prepared: {cache_dir} ({counts}); nothing to do")
-        return 0
-    resumed = f" | {stats.shards_skipped} shard(s) reused" if stats.shards_skipped else ""
-    print(f"done: {cache_dir} | {counts} | {stats.docs_per_s:,.0f} docs/s, "
-          f"{stats.tokens_per_s:,.0f} tokens/s on {stats.workers} worker(s) | "
-          f"merge {stats.merge_seconds:.1f}s{resumed}")
-    return 0
+
+def _error(command: str, message) -> int:
+    print(f"ptft {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _bench(args) -> int:
@@ -268,9 +183,9 @@ def _bench(args) -> int:
                                    f"{args.fake_cpu_devices}").strip()
     from pathlib import Path
 
-    from ptft_jax.bench import benchmark
+    from ptft_jax.bench import benchmark, report
     cases = Path(args.cases_file) if args.cases_file else benchmark.DEFAULT_CASES
-    out = Path(args.out) if args.out else benchmark.default_results_dir()
+    out = Path(args.out) if args.out else report.default_results_dir()
     if args.pipeline:
         from ptft_jax.bench import pipeline as bench_pipeline
         bench_pipeline.run_pipeline(args.cases or [], cases, out)
@@ -298,7 +213,8 @@ def _sweep(args) -> int:
     import dataclasses
 
     from ptft_jax.studies.sweep.space import load_space
-    from ptft_jax.studies.sweep.study import SweepOptions, prepare, resolve_options, run_sweep
+    from ptft_jax.studies.sweep.study import SweepOptions, prepare, resolve_options
+    from ptft_jax.studies.sweep.trials import run_sweep
     cli = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SweepOptions)}
     _, from_space = load_space(args.space)
     sweep = prepare(resolve_options(cli, from_space))

@@ -1,11 +1,11 @@
 """Every benchmark case runs two steps at a tiny size (a smoke test: no timing asserted)."""
 import importlib.util
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
 import ptft_jax
 from ptft_jax.bench import benchmark

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from ptft_jax.data import cache as cache_module
+from ptft_jax.data import cache_build as cache_module
 from ptft_jax.data.cache import (CacheError, CorruptCache, MissingCache, StaleCache, TokenCache,
-                                 prepare_cache, token_dtype)
+                                 token_dtype)
+from ptft_jax.data.cache_build import prepare_cache
 from ptft_jax.data.corpus import read_documents
 from ptft_jax.data.packing import Packer
 from ptft_jax.data.tokenizer import (WORDPIECE_SPECIALS, load_tokenizer, tokenizer_sha256,

@@ -14,7 +14,8 @@ import yaml
 from ptft_jax.config.schema import ConfigError
 from ptft_jax.data.tokenizer import train_tokenizer
 from ptft_jax.studies.sweep.space import load_space
-from ptft_jax.studies.sweep.study import open_study, prepare, resolve_options, run_sweep
+from ptft_jax.studies.sweep.study import open_study, prepare, resolve_options
+from ptft_jax.studies.sweep.trials import run_sweep
 from ptft_jax.train.step import COMPILES
 from tests.test_finetune_job import _labelled
 

@@ -23,13 +23,8 @@ import jax
 import numpy as np
 import yaml
 
-from ptft_jax.bench.benchmark import (
-    device_slug,
-    environment,
-    load_torch_reference,
-    state_bytes_on_first_device,
-    timed_steps,
-)
+from ptft_jax.bench.benchmark import load_torch_reference, state_bytes_on_first_device, timed_steps
+from ptft_jax.bench.report import device_slug, environment
 from ptft_jax.config.load import load_config
 from ptft_jax.config.schema import ConfigError
 from ptft_jax.config.validate import validate

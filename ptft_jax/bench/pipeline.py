@@ -15,10 +15,10 @@ import jax
 import numpy as np
 import yaml
 
-from ptft_jax.bench.benchmark import device_slug, environment
+from ptft_jax.bench.report import device_slug, environment
 from ptft_jax.config.schema import DataConfig, MeshConfig
 from ptft_jax.core.mesh import batch_sharding, global_batch_array, make_mesh
-from ptft_jax.data.cache import prepare_cache
+from ptft_jax.data.cache_build import prepare_cache
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.packing import Packer

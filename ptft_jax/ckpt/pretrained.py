@@ -21,16 +21,8 @@ from ptft_jax.config import hf
 from ptft_jax.config.schema import FinetuneConfig
 from ptft_jax.convert.hf import flat_params
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
-from ptft_jax.core.params import (
-    any_rule,
-    check_rules_hit,
-    flatten,
-    is_stacked,
-    path_str,
-    stack_layers,
-    unflatten,
-    unstack_layers,
-)
+from ptft_jax.core.params import (any_rule, check_rules_hit, flatten, is_stacked, path_str,
+                                  stack_layers, unflatten, unstack_layers)
 from ptft_jax.models.vision import interpolate_positions
 
 # Parameters whose rows are the vocabulary (path endings: a text tower's table is under text/).

@@ -8,23 +8,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ptft_jax.config.schema import (
-    FINETUNE_TASKS,
-    FUSIONS,
-    IMAGE_KINDS,
-    IMAGE_TASKS,
-    MULTIMODAL_KINDS,
-    MULTIMODAL_TASKS,
-    OPTIMIZERS,
-    PRETRAIN_TASKS,
-    REMAT_POLICIES,
-    SCHEDULES,
-    TASKS,
-    Config,
-    ConfigError,
-    resolve_mesh_shape,
-    task_for,
-)
+from ptft_jax.config.schema import (FINETUNE_TASKS, FUSIONS, IMAGE_KINDS, IMAGE_TASKS,
+                                    MULTIMODAL_KINDS, MULTIMODAL_TASKS, OPTIMIZERS, PRETRAIN_TASKS,
+                                    REMAT_POLICIES, SCHEDULES, TASKS, Config, ConfigError,
+                                    resolve_mesh_shape, task_for)
 
 
 def _one_of(value: str, options, key: str) -> None:

@@ -15,12 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ptft_jax.data.image_io import BadImage, as_array, decode, digest, file_key
-from ptft_jax.data.opening import (
-    open_hub_images,
-    require_image_columns,
-    tfds_builder,
-    tfds_data_source,
-)
+from ptft_jax.data.opening import (open_hub_images, require_image_columns, tfds_builder,
+                                   tfds_data_source)
 from ptft_jax.data.pairs import open_pairs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from ptft_jax.data.batching import PaddedBatches
-from ptft_jax.data.cache import CacheError, CorruptCache, MissingCache, StaleCache, exclusive
+from ptft_jax.data.cache import CacheError, CorruptCache, MissingCache, StaleCache
+from ptft_jax.data.cache_build import exclusive
 from ptft_jax.data.fs import atomic_write, fsync_dir, write_tmp
 from ptft_jax.data.image_io import BadImage
 

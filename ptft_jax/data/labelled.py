@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ptft_jax.data.batching import PaddedBatches
-from ptft_jax.data.cache import prepare_cache_once
+from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer
 

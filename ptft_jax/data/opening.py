@@ -17,20 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ptft_jax.config.schema import DataConfig
-from ptft_jax.data.sources import (
-    BUNDLED,
-    BUNDLED_LABELLED,
-    EXTENSIONS,
-    ColumnFiles,
-    Documents,
-    HubDataset,
-    TextFiles,
-    TfdsSource,
-    not_utf8,
-    require_columns,
-    require_text_type,
-    some_paths,
-)
+from ptft_jax.data.source_checks import not_utf8, require_columns, require_text_type, some_paths
+from ptft_jax.data.sources import (BUNDLED, BUNDLED_LABELLED, EXTENSIONS, ColumnFiles, Documents,
+                                   HubDataset, TextFiles, TfdsSource)
 
 
 def open_documents(cfg: DataConfig, split: str | None = None) -> Documents:

@@ -27,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ptft_jax.data.source_checks import (SCAN_BYTES, as_list, check_utf8, file_stat, log_dropped,
+                                         not_utf8, plain, require_columns, require_text_type,
+                                         some_paths, source_digest)
+
 log = logging.getLogger(__name__)
 
 _CORPORA = Path(__file__).with_name("corpora")
@@ -44,11 +48,6 @@ EXTENSIONS = {
 }
 _HF_BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}
 
-# Part of every fingerprint: bump it when the way documents are read changes (stripping,
-# what counts as empty), so caches built by older code go stale.
-_READER_VERSION = 1
-
-_SCAN_BYTES = 16 << 20  # text files are scanned in windows of about this size
 _SCAN_ROWS = 10_000  # rows read at a time when looking for empty documents
 
 
@@ -100,11 +99,11 @@ class TextFiles(Documents):
     def __init__(self, paths: list[Path], name: str):
         self.paths = paths
         self.name = name
-        self._stats = [_file_stat(p) for p in paths]
+        self._stats = [file_stat(p) for p in paths]
         self._open_file: tuple[int, object] | None = None  # (file index, its bytes), one at a time
 
     def fingerprint(self) -> str:
-        return _digest("text", self._stats)
+        return source_digest("text", self._stats)
 
     def __len__(self) -> int:
         return int(self._index[2][-1])
@@ -142,7 +141,7 @@ class TextFiles(Documents):
         if first_doc[-1] == 0:
             raise ValueError(f"data.corpus '{self.name}' holds no text: every line of "
                              f"{some_paths(self.paths)} is blank.")
-        _log_dropped(self.name, blank, int(first_doc[-1]) + blank, "blank lines")
+        log_dropped(self.name, blank, int(first_doc[-1]) + blank, "blank lines")
         return starts, ends, first_doc
 
     def _bytes(self, i: int):
@@ -150,7 +149,7 @@ class TextFiles(Documents):
         folder of thousands of files holds neither thousands of descriptors nor all in memory."""
         if self._open_file is None or self._open_file[0] != i:
             path = self.paths[i]
-            if _file_stat(path) != self._stats[i]:
+            if file_stat(path) != self._stats[i]:
                 raise ValueError(f"{path} changed after data.corpus '{self.name}' was opened; "
                                  f"open it again.")
             self._open_file = (i, _read_text_file(path))
@@ -186,8 +185,8 @@ def _line_spans(data: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, i
     if n == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, 0
-    newlines = np.concatenate([np.flatnonzero(data[a:a + _SCAN_BYTES] == ord("\n")) + a
-                               for a in range(0, n, _SCAN_BYTES)])
+    newlines = np.concatenate([np.flatnonzero(data[a:a + SCAN_BYTES] == ord("\n")) + a
+                               for a in range(0, n, SCAN_BYTES)])
     starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
     ends = np.concatenate([newlines, [n]]).astype(np.int64)
     if starts[-1] == n:  # the file ends with a newline: there is no line after it
@@ -195,7 +194,7 @@ def _line_spans(data: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, i
     keep = np.empty(len(starts), bool)
     first = 0
     while first < len(starts):
-        last = max(first + 1, int(np.searchsorted(starts, starts[first] + _SCAN_BYTES)))
+        last = max(first + 1, int(np.searchsorted(starts, starts[first] + SCAN_BYTES)))
         lo = starts[first]
         hi = starts[last] if last < len(starts) else n  # each line with its newline
         window = data[lo:hi]
@@ -253,7 +252,7 @@ class _RowDocuments(Documents):
         if len(empty) == total:
             raise ValueError(f"{self.name}: the corpus holds no text (all {total} documents "
                              f"in column '{self.text_column}' are empty).")
-        _log_dropped(self.name, len(empty), total, "empty documents")
+        log_dropped(self.name, len(empty), total, "empty documents")
         return empty - np.arange(len(empty))
 
     def _rows(self, start: int, stop: int) -> np.ndarray:
@@ -314,16 +313,16 @@ class ColumnFiles(_ArrowDocuments):
         self.name = name
         self.text_column = text_column
         self.label_column = label_column
-        self._stats = [_file_stat(p) for p in paths]
+        self._stats = [file_stat(p) for p in paths]
 
     def fingerprint(self) -> str:
-        return _digest(self.format, self._stats, self.text_column, self.label_column)
+        return source_digest(self.format, self._stats, self.text_column, self.label_column)
 
     @functools.cached_property
     def _dataset(self):
         import datasets
         for path, stat in zip(self.paths, self._stats):
-            if _file_stat(path) != stat:
+            if file_stat(path) != stat:
                 raise ValueError(f"{path} changed after data.corpus '{self.name}' was opened; "
                                  f"open it again.")
         try:
@@ -332,7 +331,7 @@ class ColumnFiles(_ArrowDocuments):
         except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:
             cause = e if isinstance(e, UnicodeDecodeError) else (e.__cause__ or e)
             for path in self.paths:  # the error does not say which file; find it
-                _check_utf8(path)
+                check_utf8(path)
             raise ValueError(f"data.corpus '{self.name}': could not read the files as "
                              f"{self.format} ({type(cause).__name__}: {cause}).") from None
         require_columns(ds.column_names, self.name, self.text_column, self.label_column)
@@ -350,7 +349,7 @@ class HubDataset(_ArrowDocuments):
         self.label_column = label_column
 
     def fingerprint(self) -> str:
-        return _digest("hf", self._dataset._fingerprint, self.text_column, self.label_column)
+        return source_digest("hf", self._dataset._fingerprint, self.text_column, self.label_column)
 
 
 class TfdsSource(_RowDocuments):
@@ -366,7 +365,7 @@ class TfdsSource(_RowDocuments):
         self._identity = identity  # (full name with version, split, data dir, info mtime)
 
     def fingerprint(self) -> str:
-        return _digest("tfds", self._identity, self.text_column, self.label_column)
+        return source_digest("tfds", self._identity, self.text_column, self.label_column)
 
     def _num_rows(self) -> int:
         return len(self._source)
@@ -378,7 +377,7 @@ class TfdsSource(_RowDocuments):
             rows = list(range(a, min(a + _SCAN_ROWS, self._num_rows())))
             for row, record in zip(rows, self._source.__getitems__(rows)):
                 try:
-                    if not _plain(record[self.text_column]).strip():
+                    if not plain(record[self.text_column]).strip():
                         empty.append(row)
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{self.name}: row {row} of feature '{self.text_column}' "
@@ -386,7 +385,7 @@ class TfdsSource(_RowDocuments):
         return np.asarray(empty, np.int64)
 
     def _read(self, rows: np.ndarray, column: str) -> list:
-        return [_plain(r[column]) for r in self._source.__getitems__(rows.tolist())]
+        return [plain(r[column]) for r in self._source.__getitems__(rows.tolist())]
 
 
 class InMemory(_RowDocuments):
@@ -397,7 +396,7 @@ class InMemory(_RowDocuments):
     def __init__(self, texts, labels, name: str):
         self.name = name
         try:
-            self._texts = [_plain(t) for t in _as_list(texts)]
+            self._texts = [plain(t) for t in as_list(texts)]
         except UnicodeDecodeError as e:
             raise ValueError(f"{name}: a text is bytes that are not UTF-8 ({e.reason}); decode "
                              f"the texts to str first.") from None
@@ -406,7 +405,7 @@ class InMemory(_RowDocuments):
         if wrong is not None:
             raise ValueError(f"{name}: text {wrong} is {type(self._texts[wrong]).__name__}, "
                              f"not str, bytes or None.")
-        self._labels = None if labels is None else _as_list(labels)
+        self._labels = None if labels is None else as_list(labels)
         self.label_column = None if labels is None else "label"
         if self._labels is not None and len(self._labels) != len(self._texts):
             raise ValueError(f"{name}: {len(self._texts)} texts but {len(self._labels)} labels; "
@@ -425,7 +424,7 @@ class InMemory(_RowDocuments):
         return h.hexdigest()
 
     def fingerprint(self) -> str:
-        return _digest("arrays", self._content_hash)
+        return source_digest("arrays", self._content_hash)
 
     def _num_rows(self) -> int:
         return len(self._texts)
@@ -437,86 +436,3 @@ class InMemory(_RowDocuments):
     def _read(self, rows: np.ndarray, column: str) -> list:
         values = self._texts if column == self.text_column else self._labels
         return [values[r] for r in rows.tolist()]
-
-
-# ---------------------------------------------------------------------------------------------
-# Small shared pieces
-
-
-def _file_stat(path: Path) -> tuple[str, int, int]:
-    st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
-
-
-def _digest(*parts) -> str:
-    text = json.dumps([_READER_VERSION, *parts], default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _log_dropped(name: str, dropped: int, total: int, what: str) -> None:
-    if dropped:
-        log.warning("%s: dropped %d %s of %d; %d documents remain.", name, dropped, what,
-                    total, total - dropped)
-
-
-def not_utf8(path: Path, detail: str) -> ValueError:
-    fixed = path.name.replace(".", ".utf8.", 1)
-    return ValueError(f"{path}: not UTF-8 text ({detail}). Convert it, e.g. "
-                      f"`iconv -f latin1 -t utf-8 {path.name} > {fixed}`, and point data.corpus "
-                      f"at the converted file.")
-
-
-def _check_utf8(path: Path) -> None:
-    """Raises naming `path` if it is not UTF-8; streams, so any size is fine."""
-    import codecs
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while block := f.read(_SCAN_BYTES):
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as e:
-                raise not_utf8(path, f"near byte {offset + e.start}: {e.reason}") from None
-            offset += len(block)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as e:
-        raise not_utf8(path, f"at the end: {e.reason}") from None
-
-
-def _plain(value):
-    """A value as Python: NumPy scalars and arrays -> Python, bytes -> str (UTF-8)."""
-    if isinstance(value, (np.generic, np.ndarray)):
-        value = value.tolist()
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def _as_list(values) -> list:
-    return values.tolist() if isinstance(values, np.ndarray) else list(values)
-
-
-def some_paths(paths: list[Path], shown: int = 3) -> str:
-    names = ", ".join(str(p) for p in paths[:shown])
-    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
-
-
-def require_columns(columns: list[str], where: str, text_column: str,
-                     label_column: str | None) -> None:
-    for key, column in (("data.text_column", text_column), ("data.label_column", label_column)):
-        if column is not None and column not in columns:
-            raise ValueError(f"{where} has no column '{column}' ({key}). Its columns: "
-                             f"{', '.join(map(str, columns)) or '(none)'}. Set {key}=<one of "
-                             f"them>" + (" or null for no labels." if key.endswith("label_column")
-                                         else "."))
-
-
-def require_text_type(dataset, where: str, column: str) -> None:
-    import datasets
-    feature = dataset.features[column]
-    if not (isinstance(feature, datasets.Value)
-            and feature.dtype in ("string", "large_string", "null")):
-        texts = [c for c, f in dataset.features.items()
-                 if isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")]
-        raise ValueError(f"{where}: column '{column}' holds {feature}, not text. Set "
-                         f"data.text_column to a text column (text columns: "
-                         f"{', '.join(texts) or 'none'}).")

@@ -16,14 +16,8 @@ import yaml
 
 from ptft_jax.ckpt.checkpoint import BestCheckpointer, Checkpointer
 from ptft_jax.config.load import from_dict
-from ptft_jax.config.schema import (
-    FINETUNE_TASKS,
-    IMAGE_TASKS,
-    MULTIMODAL_TASKS,
-    ConfigError,
-    pooling_for,
-    task_for,
-)
+from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
+                                    pooling_for, task_for)
 from ptft_jax.config.validate import validate
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.core.params import count

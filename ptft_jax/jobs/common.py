@@ -14,13 +14,8 @@ from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.core.mesh import broadcast_text
-from ptft_jax.data.tokenizer import (
-    TokenIds,
-    iter_texts,
-    load_tokenizer,
-    run_tokenizer_path,
-    train_tokenizer,
-)
+from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
+                                     train_tokenizer)
 
 log = logging.getLogger(__name__)
 

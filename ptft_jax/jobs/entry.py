@@ -7,14 +7,8 @@ from pathlib import Path
 
 import jax
 
-from ptft_jax.config.schema import (
-    FINETUNE_TASKS,
-    IMAGE_TASKS,
-    MULTIMODAL_TASKS,
-    Config,
-    ConfigError,
-    task_for,
-)
+from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, Config,
+                                    ConfigError, task_for)
 from ptft_jax.config.validate import validate
 from ptft_jax.core.mesh import initialize_distributed
 from ptft_jax.jobs.images import image_job

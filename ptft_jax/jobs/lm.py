@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ptft_jax.config.schema import Config, ConfigError, task_for
-from ptft_jax.data.cache import TokenCache, prepare_cache_once
+from ptft_jax.data.cache import TokenCache
+from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.packing import Packer
 from ptft_jax.data.tokenizer import TokenIds

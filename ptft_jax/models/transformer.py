@@ -12,17 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from ptft_jax.config.schema import ModelConfig
-from ptft_jax.models.layers import (
-    ACTIVATIONS,
-    Block,
-    constrain,
-    dense,
-    dtypes,
-    embedding_init,
-    init_recipe,
-    layer_norm,
-    zeros,
-)
+from ptft_jax.models.layers import (ACTIVATIONS, Block, constrain, dense, dtypes, embedding_init,
+                                    init_recipe, layer_norm, zeros)
 
 CHECKPOINT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer

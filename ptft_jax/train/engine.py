@@ -22,16 +22,8 @@ from ptft_jax.config.schema import Config, OptimConfig, resolve_mesh_shape
 from ptft_jax.core.lora import lora_spec
 from ptft_jax.core.mesh import LOGICAL_RULES, global_batch_array, make_mesh, process_rows
 from ptft_jax.core.params import check_rules_hit, flatten
-from ptft_jax.core.state import (
-    TrainState,
-    abstract_state,
-    carry_opt_state,
-    init_opt_state,
-    init_state,
-    model_variables,
-    state_shardings,
-    with_shardings,
-)
+from ptft_jax.core.state import (TrainState, abstract_state, carry_opt_state, init_opt_state,
+                                 init_state, model_variables, state_shardings, with_shardings)
 from ptft_jax.train.optim import hyperparams, make_optimizer, set_hyperparams
 from ptft_jax.train.plan import Plan, make_plan
 from ptft_jax.train.step import JitStep, PmapStep, pmap_sharding

@@ -20,21 +20,11 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 
-from ptft_jax.ckpt.checkpoint import (
-    BestCheckpointer,
-    Checkpointer,
-    CheckpointSaveFailed,
-    committed_steps,
-)
+from ptft_jax.ckpt.checkpoint import (BestCheckpointer, Checkpointer, CheckpointSaveFailed,
+                                      committed_steps)
 from ptft_jax.ckpt.integrity import DAMAGED_DIR, CheckpointDamaged
-from ptft_jax.config.schema import (
-    FINETUNE_TASKS,
-    IMAGE_KINDS,
-    MULTIMODAL_KINDS,
-    Config,
-    ConfigError,
-    task_for,
-)
+from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_KINDS, MULTIMODAL_KINDS, Config,
+                                    ConfigError, task_for)
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.models.flops import image_train_flops, matmul_params, train_flops_per_token
 from ptft_jax.tasks.base import add_sums
