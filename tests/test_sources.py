@@ -129,7 +129,7 @@ def test_text_scan_matches_python_split_in_tiny_windows(tmp_path, monkeypatch):
     lines = [" ".join(rng.choice(words, rng.integers(0, 4))) for _ in range(300)]
     text = "\n".join(lines)  # no final newline: the last line still counts
     (tmp_path / "d.txt").write_text(text, encoding="utf-8")
-    monkeypatch.setattr(sources, "_SCAN_BYTES", 7)
+    monkeypatch.setattr(sources, "SCAN_BYTES", 7)
     docs = _open(tmp_path / "d.txt")
     assert _all(docs) == [line.strip() for line in lines if line.strip()]
 

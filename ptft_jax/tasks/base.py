@@ -87,9 +87,9 @@ class Task(abc.ABC):
     def metrics(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
         """Metrics from sums accumulated on the host (NumPy, float64)."""
 
-    def predict(self, params, model_state, batch: dict) -> dict:
-        """Per row outputs (probabilities, embeddings, ...) for `ptft predict`, `ptft embed`
-        and split scoring; run by the step's jitted predict."""
+    def predict(self, params, model_state, batch: dict) -> Any:
+        """Per row outputs (an array of probabilities or values, or a dict of embeddings) for
+        `ptft predict` and split scoring; run by the step's jitted predict."""
         raise NotImplementedError(f"train.task {self.name} has no per-example predictions; "
                                   f"predict with a finetuned run.")
 
