@@ -61,6 +61,8 @@ def test_overrides_and_presets():
     (["model.preset=bert-tny"], "Did you mean 'bert-tiny'"),
     (["train.steps=ten"], "'train.steps' must be an integer"),
     (["train.steps"], "not of the form key.sub=value"),
+    (["model.remat=everything"], "'model.remat' is 'everything'; it must be one of: none, full"),
+    (["towers.text.pooling=max"], "'towers.text.pooling' is 'max'; it must be one of: mean, cls"),
 ])
 def test_bad_keys_and_values_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -78,7 +80,6 @@ def test_bad_keys_and_values_are_named(overrides, message):
     (["data.seq_len=256"], 1, "exceeds model.max_len"),
     (["model.num_heads=3"], 1, "divisible by model.num_heads"),
     (["train.task=clm"], 1, "needs model.kind 'decoder'"),
-    (["model.remat=everything"], 1, "'model.remat' is 'everything'"),
     (["optim.learning_rate=0"], 1, "must be positive"),
     (["optim.weight_decay_rules=[['(', false]]"], 1, "does not compile"),
 ])
@@ -86,6 +87,16 @@ def test_validate_rejects_before_compiling(overrides, devices, message):
     cfg = load_config("configs/pretrain_tiny_mlm.yaml", overrides)
     with pytest.raises(ConfigError, match=message):
         validate(cfg, devices)
+
+
+def test_validate_checks_the_allowed_values_of_a_config_built_in_code():
+    """The Literal types in schema.py are the one list of allowed values: load.py refuses
+    others as it reads, validate() for a Config that never went through YAML."""
+    cfg = load_config("configs/pretrain_tiny_mlm.yaml", [])
+    cfg.towers.image.model.resnet_block = "wide"
+    with pytest.raises(ConfigError, match="'towers.image.model.resnet_block' is 'wide'; it "
+                                          "must be one of: basic, bottleneck"):
+        validate(cfg, 1)
 
 
 def test_mesh_minus_one_takes_the_rest():

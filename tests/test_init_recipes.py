@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from ptft_jax.config.schema import PRESETS, ModelConfig
+from ptft_jax.config.presets import PRESETS
+from ptft_jax.config.schema import ModelConfig
 from ptft_jax.core.params import flatten
 from ptft_jax.models.transformer import LanguageModel
 from ptft_jax.models.vision import ImageClassifier

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from ptft_jax.config.hf import SHAPE_KEYS, is_hf, open_model
-from ptft_jax.config.schema import PRESETS, Config, ConfigError
+from ptft_jax.config.presets import PRESETS
+from ptft_jax.config.schema import Config, ConfigError, check_choice
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -51,6 +52,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is typing.Literal:
+        check_choice(value, typ, key)
+        return value
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"'{key}' must be true or false, got {value!r}.")

@@ -1,5 +1,6 @@
-"""The config's schema: dataclasses with every default in one place, the model presets,
-`ConfigError`, and the task names and what a config resolves to (its task, pooling, mesh).
+"""The config's schema: dataclasses with every default in one place, `ConfigError`, the
+allowed values of every key that has a fixed set (Literal types), and the task names and
+what a config resolves to (its task, pooling, mesh). presets.py holds the model shapes.
 
 load.py builds a Config from YAML and `a.b=value` overrides; validate.py checks what can be
 checked without compiling, so a bad config fails in a second, not after a minute of XLA.
@@ -8,53 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message says which key and how to fix it."""
 
 
-# Published shapes. BERT: Turc et al. 2019 (tiny/mini/small) and Devlin et al. 2018 (base);
-# GPT-2: Radford et al. 2019. gpt-tiny is ours: a decoder small enough for CPU tests.
-PRESETS: dict[str, dict[str, Any]] = {
-    "bert-tiny": dict(kind="encoder", num_layers=2, hidden_size=128, num_heads=2, mlp_dim=512),
-    "bert-mini": dict(kind="encoder", num_layers=4, hidden_size=256, num_heads=4, mlp_dim=1024),
-    "bert-small": dict(kind="encoder", num_layers=4, hidden_size=512, num_heads=8, mlp_dim=2048),
-    "bert-base": dict(kind="encoder", num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
-    "gpt-tiny": dict(kind="decoder", num_layers=2, hidden_size=128, num_heads=2, mlp_dim=512,
-                     max_len=256, vocab_size=50257),
-    "gpt-mini": dict(kind="decoder", num_layers=4, hidden_size=256, num_heads=4, mlp_dim=1024),
-    "gpt2-small": dict(kind="decoder", num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
-    "gpt2-medium": dict(kind="decoder", num_layers=24, hidden_size=1024, num_heads=16,
-                        mlp_dim=4096),
-    # ViT: Dosovitskiy et al. 2020 (B/16) and Touvron et al. 2021 (DeiT's Ti/16, S/16).
-    # The /4 variants are ours: patches of 4 px for 28-64 px images (Fashion-MNIST, CIFAR).
-    "vit-ti16": dict(kind="vit", num_layers=12, hidden_size=192, num_heads=3, mlp_dim=768),
-    "vit-s16": dict(kind="vit", num_layers=12, hidden_size=384, num_heads=6, mlp_dim=1536),
-    "vit-b16": dict(kind="vit", num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072),
-    "vit-ti4": dict(kind="vit", num_layers=12, hidden_size=192, num_heads=3, mlp_dim=768,
-                    patch_size=4, image_size=32),
-    "vit-mini4": dict(kind="vit", num_layers=4, hidden_size=192, num_heads=3, mlp_dim=768,
-                      patch_size=4, image_size=32),
-    # ResNet: He et al. 2015. The -small variants use a 3x3 stride-1 stem without max pooling
-    # (the usual CIFAR form), so 28-64 px images keep their detail.
-    "resnet18": dict(kind="resnet", resnet_stages=[2, 2, 2, 2], resnet_block="basic"),
-    "resnet50": dict(kind="resnet", resnet_stages=[3, 4, 6, 3], resnet_block="bottleneck"),
-    "resnet18-small": dict(kind="resnet", resnet_stages=[2, 2, 2, 2], resnet_block="basic",
-                           resnet_stem="small", image_size=32),
-}
-_BERT_COMMON = dict(vocab_size=30522, max_len=512, dropout=0.1, norm="post", activation="gelu",
-                    type_vocab_size=2)
-_GPT_COMMON = dict(vocab_size=50257, max_len=1024, dropout=0.1, norm="pre",
-                   activation="gelu_tanh", type_vocab_size=0)
-_VIT_COMMON = dict(dropout=0.0, norm="pre", activation="gelu", norm_eps=1e-6,
-                   type_vocab_size=0, patch_size=16, image_size=224)
-_RESNET_COMMON = dict(image_size=224, resnet_width=64, resnet_stem="imagenet")
-_COMMON = {"encoder": _BERT_COMMON, "decoder": _GPT_COMMON, "vit": _VIT_COMMON,
-           "resnet": _RESNET_COMMON}
-for _name, _shape in PRESETS.items():
-    PRESETS[_name] = {**_COMMON[_shape["kind"]], **_shape}
 IMAGE_KINDS = ("vit", "resnet")
 # Multimodal models, built from `towers.image` and `towers.text`: two towers aligned by a
 # contrastive loss, or both fused under a classification head (model.* then describes the
@@ -63,6 +24,44 @@ MULTIMODAL_KINDS = ("two_tower", "fusion")
 FUSIONS = ("concat", "gated", "cross_attention")
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lion", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant", "step", "plateau")
+
+PRETRAIN_TASKS = ("mlm", "clm")
+FINETUNE_TASKS = ("classification", "multi_label", "regression")
+# Supervised image classification is both: ptft pretrain trains an image component on one
+# labelled set, ptft finetune puts a new head on it for another.
+IMAGE_TASKS = ("image_classification",)
+# Image-text pairs: contrastive alignment of two towers (ptft pretrain; a tower may be locked
+# through finetune.freeze), and classification by the fused towers (ptft finetune).
+MULTIMODAL_TASKS = ("contrastive", "multimodal_classification")
+TASKS = PRETRAIN_TASKS + FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS
+
+
+# Keys with a fixed set of values are typed as Literal: these types are the one place the
+# values are written. load.py refuses any other value as it reads the YAML, and validate()
+# checks every such field of a Config built in code (`check_choices`).
+ModelKind = Literal[("encoder", "decoder") + IMAGE_KINDS + MULTIMODAL_KINDS]
+TaskName = Literal[("auto",) + TASKS]
+
+
+def check_choice(value: Any, typ: Any, key: str) -> None:
+    """`value` must be one of the Literal type `typ`'s values."""
+    options = get_args(typ)
+    if value not in options:
+        raise ConfigError(f"'{key}' is '{value}'; it must be one of: "
+                          f"{', '.join(map(str, options))}.")
+
+
+def check_choices(node: Any, where: str = "") -> None:
+    """Checks every Literal-typed field of a config dataclass, nested ones too."""
+    hints = get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, typ = getattr(node, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{where}{f.name}.")
+        elif get_origin(typ) is Literal:
+            check_choice(value, typ, f"{where}{f.name}")
 
 
 @dataclass
@@ -70,7 +69,7 @@ class ModelConfig:
     preset: str | None = None
     # encoder (BERT-style, MLM head) | decoder (GPT-style, LM head) | vit | resnet (images) |
     # two_tower | fusion (multimodal: the towers are `towers.image` and `towers.text`)
-    kind: str = "encoder"
+    kind: ModelKind = "encoder"
     vocab_size: int | None = None  # None: the tokenizer's size, rounded up to a multiple of 128
     hidden_size: int = 128
     num_layers: int = 2
@@ -79,29 +78,34 @@ class ModelConfig:
     max_len: int = 512
     type_vocab_size: int = 2  # BERT's segment (token type) embeddings; 0 for none
     dropout: float = 0.0
-    norm: str = "post"  # post (BERT) | pre (GPT-2, with a final norm)
-    activation: str = "gelu"  # gelu (exact) | gelu_tanh | relu
+    norm: Literal["pre", "post"] = "post"  # post (BERT) | pre (GPT-2, with a final norm)
+    activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu"  # gelu: the exact form
     norm_eps: float | None = None  # LayerNorm epsilon; None: 1e-12 for post-norm (BERT),
     #                                1e-5 for pre-norm (GPT-2)
-    dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
-    param_dtype: str = "float32"
+    # The compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = False
-    remat: str = "none"  # one of REMAT_POLICIES
-    attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+    remat: Literal[REMAT_POLICIES] = "none"
+    # The implementation of jax.nn.dot_product_attention
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
     # Image encoders. Images are resized to image_size once, when the image cache is built.
     image_size: int = 224
     channels: int = 3  # 1 for grayscale; grayscale sources are repeated to 3 channels if asked
     patch_size: int = 16  # ViT: square patches of this many pixels
-    image_pooling: str = "cls"  # ViT: cls (class token) | gap (mean of the patch tokens)
+    # ViT: cls (the class token) | gap (the mean of the patch tokens)
+    image_pooling: Literal["cls", "gap"] = "cls"
     resnet_stages: list = field(default_factory=lambda: [2, 2, 2, 2])  # blocks per stage
-    resnet_block: str = "basic"  # basic (ResNet-18/34) | bottleneck (ResNet-50 and deeper)
+    # basic (ResNet-18/34) | bottleneck (ResNet-50 and deeper)
+    resnet_block: Literal["basic", "bottleneck"] = "basic"
     resnet_width: int = 64  # channels of the first stage (doubling per stage)
-    resnet_stem: str = "imagenet"  # imagenet (7x7/2 conv + max pool) | small (3x3/1 conv)
+    # imagenet (7x7/2 conv + max pool) | small (3x3/1 conv)
+    resnet_stem: Literal["imagenet", "small"] = "imagenet"
     # kind fusion: how the towers' outputs meet. concat (pooled features, concatenated, an
     # MLP) | gated (a learned gate mixes the pooled features) | cross_attention (num_layers
     # blocks in which the text tokens attend to the image tokens); hidden_size, num_heads,
     # mlp_dim, num_layers and dropout size the fusion layers.
-    fusion: str = "concat"
+    fusion: Literal[FUSIONS] = "concat"
 
 
 @dataclass
@@ -113,7 +117,7 @@ class TowerConfig:
     # sets model.*; None: a fresh initialisation.
     init_from: str | None = None
     projection_dim: int = 128  # two_tower: width of the shared embedding space
-    pooling: str = "mean"  # the text tower's pooling: mean (over real tokens) | cls
+    pooling: Literal["mean", "cls"] = "mean"  # the text tower's: mean (over real tokens) | cls
 
 
 def _image_tower() -> TowerConfig:
@@ -133,7 +137,8 @@ class DataConfig:
     # "hf:OWNER/NAME" or "hf:OWNER/NAME/CONFIG"; TensorFlow Datasets through array_record,
     # "tfds:NAME[/CONFIG][:VERSION]" (TFDS_DATA_DIR locates it); or "bundled:kjv".
     corpus: str = "bundled:kjv"
-    format: str = "auto"  # auto (from the extension) | text | jsonl (.jsonl, .json) | csv | parquet
+    # auto: from the extension (.jsonl and .json are jsonl)
+    format: Literal["auto", "text", "jsonl", "csv", "parquet"] = "auto"
     text_column: str = "text"
     label_column: str | None = None
     split: str = "train"
@@ -143,7 +148,8 @@ class DataConfig:
     # [MASK] for WordPiece, <|endoftext|> for byte-level BPE); never masked by MLM.
     extra_special_tokens: list = field(default_factory=list)
     seq_len: int = 128
-    packing: str = "pack"  # pack: documents share rows (segment ids keep them apart) | pad
+    # pack: documents share rows (segment ids keep them apart) | pad: one per row
+    packing: Literal["pack", "pad"] = "pack"
     cache_dir: str | None = None  # the pre-tokenized cache; None = <run_dir>/data_cache
     num_workers: int = 0  # tokenizing processes for the cache; 0 = every core
     shuffle_seed: int = 0
@@ -178,7 +184,7 @@ class ObjectiveConfig:
     # Two towers: clip (softmax over the global batch, both directions; Radford et al. 2021)
     # | siglip (a sigmoid per pair; Zhai et al. 2023), with a learned temperature (initial
     # value below; SigLIP's paper starts at 0.1) and, for siglip, a learned bias.
-    contrastive_loss: str = "clip"
+    contrastive_loss: Literal["clip", "siglip"] = "clip"
     temperature: float = 0.07
     learn_temperature: bool = True
     siglip_bias: float = -10.0
@@ -202,14 +208,11 @@ class AugmentConfig:
 
 @dataclass
 class MeshConfig:
-    parallelism: str = "jit"  # jit (sharded over the mesh below) | pmap (pure data parallel)
+    # jit (sharded over the mesh below) | pmap (pure data parallel)
+    parallelism: Literal["jit", "pmap"] = "jit"
     data: int = -1  # -1: every device not used by the other axes
     fsdp: int = 1
     tensor: int = 1
-
-
-OPTIMIZERS = ("adamw", "adam", "sgd", "lamb", "lion", "adafactor")
-SCHEDULES = ("cosine", "linear", "constant", "step", "plateau")
 
 
 @dataclass
@@ -218,13 +221,13 @@ class OptimConfig:
     # batch BERT pretraining) | lion (b1, b2; use a ~3-10x lower LR) | adafactor (factored
     # second moments, update clipping). Every one takes the same decay rules, freezing and
     # LR factors.
-    name: str = "adamw"
+    name: Literal[OPTIMIZERS] = "adamw"
     learning_rate: float = 1e-3  # the peak
     warmup_steps: int = 100
     # After warmup: cosine | linear (to end_lr_ratio * peak at train.steps) | constant |
     # step (x decay_factor every decay_every steps) | plateau (constant, x plateau_factor
     # when the validation metric eval.metric stalls for plateau_patience evaluations)
-    schedule: str = "cosine"
+    schedule: Literal[SCHEDULES] = "cosine"
     end_lr_ratio: float = 0.1  # final LR as a fraction of the peak
     decay_every: int = 1000
     decay_factor: float = 0.1
@@ -253,7 +256,7 @@ class OptimConfig:
 class TrainConfig:
     # mlm | clm | classification | multi_label | regression | auto (mlm for encoders, clm for
     # decoders). ptft pretrain and ptft finetune run the same loop; the task is what differs.
-    task: str = "auto"
+    task: TaskName = "auto"
     steps: int = 1000
     global_batch: int = 32
     grad_accum: int = 1  # microbatches per step, accumulated inside the jitted step
@@ -274,7 +277,8 @@ class FinetuneConfig:
     # Start from a pretrained component: a ptft run directory, its checkpoints/ folder or one
     # step folder; or a Hugging Face model, "hf:DIR" (config.json, model.safetensors and a
     # tokenizer) or "hf:OWNER/NAME" (from the hub), whose config.json then sets model.*
-    # (BERT-family encoders and GPT-2; pretraining can continue from one too). Rules are regexes on parameter paths ('transformer/layers_0/attn/...'):
+    # (BERT-family encoders and GPT-2; pretraining can continue from one too). Rules are
+    # regexes on parameter paths ('transformer/layers_0/attn/...'):
     # a parameter is loaded when it matches a `load` regex and no `dont_load` regex; every
     # parameter not loaded must match `init_fresh` (else it is an error, not a silent init).
     init_from: str | None = None
@@ -284,13 +288,15 @@ class FinetuneConfig:
         "^head/", "^lora/", "^mlm_head/", "^output_bias$",
         # multimodal: what a contrastive run adds to its towers, and the fusion layers
         "^image_proj/", "^text_proj/", "^contrastive/", "^fusion/"])
-    pooling: str = "auto"  # cls | mean | last | auto (cls for encoders, last for decoders)
+    # auto: cls for encoders, last for decoders
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
     # Which parameters train. All of these combine.
     linear_probe: bool = False  # train the head only
     freeze: list = field(default_factory=list)  # regexes of parameters that never train
     lr_multipliers: list = field(default_factory=list)  # [[regex, factor], ...] first match wins
     layer_decay: float = 1.0  # layer-wise LR decay: layer l of L trains at decay^(L - l)
-    unfreeze: str = "none"  # none | gradual (on a step schedule) | adaptive (on eval plateaus)
+    # gradual: on a step schedule; adaptive: when the eval metric plateaus
+    unfreeze: Literal["none", "gradual", "adaptive"] = "none"
     unfreeze_every: int = 100  # gradual: steps per phase
     unfreeze_patience: int = 1  # adaptive: evaluations without improvement before a phase
     unfreeze_layers: int = 1  # layers unfrozen per phase, top down
@@ -355,15 +361,6 @@ class Config:
 # Tasks, pooling and the mesh shape a config resolves to (validate.py checks the rest)
 
 
-PRETRAIN_TASKS = ("mlm", "clm")
-FINETUNE_TASKS = ("classification", "multi_label", "regression")
-# Supervised image classification is both: ptft pretrain trains an image component on one
-# labelled set, ptft finetune puts a new head on it for another.
-IMAGE_TASKS = ("image_classification",)
-# Image-text pairs: contrastive alignment of two towers (ptft pretrain; a tower may be locked
-# through finetune.freeze), and classification by the fused towers (ptft finetune).
-MULTIMODAL_TASKS = ("contrastive", "multimodal_classification")
-TASKS = PRETRAIN_TASKS + FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS
 
 
 def task_for(cfg: Config) -> str:

@@ -8,15 +8,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ptft_jax.config.schema import (FINETUNE_TASKS, FUSIONS, IMAGE_KINDS, IMAGE_TASKS,
-                                    MULTIMODAL_KINDS, MULTIMODAL_TASKS, OPTIMIZERS, PRETRAIN_TASKS,
-                                    REMAT_POLICIES, SCHEDULES, TASKS, Config, ConfigError,
-                                    resolve_mesh_shape, task_for)
-
-
-def _one_of(value: str, options, key: str) -> None:
-    if value not in options:
-        raise ConfigError(f"'{key}' is '{value}'; it must be one of: {', '.join(options)}.")
+from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_KINDS, IMAGE_TASKS, MULTIMODAL_KINDS,
+                                    MULTIMODAL_TASKS, PRETRAIN_TASKS, Config, ConfigError,
+                                    check_choices, resolve_mesh_shape, task_for)
 
 
 def _validate_optimizer(cfg: Config) -> None:
@@ -46,22 +40,10 @@ def _validate_optimizer(cfg: Config) -> None:
 def validate(cfg: Config, num_devices: int) -> None:
     """Raises ConfigError naming the key at fault. Call before building anything expensive."""
     m, t, o = cfg.model, cfg.train, cfg.optim
-    _one_of(m.kind, ("encoder", "decoder") + IMAGE_KINDS + MULTIMODAL_KINDS, "model.kind")
-    _one_of(m.norm, ("pre", "post"), "model.norm")
-    _one_of(m.activation, ("gelu", "gelu_tanh", "relu"), "model.activation")
-    _one_of(m.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
-    _one_of(m.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
-    _one_of(m.remat, REMAT_POLICIES, "model.remat")
-    _one_of(m.attention, ("auto", "xla", "cudnn"), "model.attention")
-    _one_of(cfg.data.format, ("auto", "text", "jsonl", "csv", "parquet"), "data.format")
-    _one_of(cfg.data.packing, ("pack", "pad"), "data.packing")
+    check_choices(cfg)  # every key with a fixed set of values (Literal types in schema.py)
     if not all(isinstance(t, str) and t for t in cfg.data.extra_special_tokens):
         raise ConfigError("data.extra_special_tokens must be a list of non-empty strings, e.g. "
                           "['<doc>', '<title>'].")
-    _one_of(cfg.mesh.parallelism, ("jit", "pmap"), "mesh.parallelism")
-    _one_of(t.task, ("auto",) + TASKS, "train.task")
-    _one_of(o.name, OPTIMIZERS, "optim.name")
-    _one_of(o.schedule, SCHEDULES, "optim.schedule")
     for key, value in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
                        ("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim),
                        ("model.max_len", m.max_len), ("data.seq_len", cfg.data.seq_len),
@@ -176,8 +158,6 @@ def validate(cfg: Config, num_devices: int) -> None:
 
 def _validate_finetune(cfg: Config) -> None:
     f, e, task = cfg.finetune, cfg.eval, task_for(cfg)
-    _one_of(f.pooling, ("auto", "cls", "mean", "last"), "finetune.pooling")
-    _one_of(f.unfreeze, ("none", "gradual", "adaptive"), "finetune.unfreeze")
     for key in ("load", "dont_load", "init_fresh", "freeze"):
         _check_regexes(getattr(f, key), f"finetune.{key}")
     _check_regexes([f.lora_targets], "finetune.lora_targets")
@@ -256,9 +236,6 @@ def _check_rules(rules, key: str, value_type=None) -> None:
 
 def _validate_images(cfg: Config, prefix: str = "model") -> None:
     m, a = cfg.model, cfg.augment
-    _one_of(m.image_pooling, ("cls", "gap"), f"{prefix}.image_pooling")
-    _one_of(m.resnet_block, ("basic", "bottleneck"), f"{prefix}.resnet_block")
-    _one_of(m.resnet_stem, ("imagenet", "small"), f"{prefix}.resnet_stem")
     if m.channels not in (1, 3):
         raise ConfigError(f"{prefix}.channels ({m.channels}) must be 1 (grayscale) or 3 (RGB).")
     if m.image_size < 8 or m.patch_size < 1:
@@ -331,10 +308,7 @@ def _validate_multimodal(cfg: Config) -> None:
         if tower.hidden_size % tower.num_heads:
             raise ConfigError(f"towers.{name}.model.hidden_size ({tower.hidden_size}) must be "
                               f"divisible by towers.{name}.model.num_heads ({tower.num_heads}).")
-        if tower.remat not in REMAT_POLICIES:
-            _one_of(tower.remat, REMAT_POLICIES, f"towers.{name}.model.remat")
     _validate_images(dataclasses.replace(cfg, model=image), prefix="towers.image.model")
-    _one_of(towers.text.pooling, ("mean", "cls"), "towers.text.pooling")
     if task == "contrastive":
         dims = (towers.image.projection_dim, towers.text.projection_dim)
         if min(dims) < 1:
@@ -345,7 +319,6 @@ def _validate_multimodal(cfg: Config) -> None:
                               f"towers.text.projection_dim ({dims[1]}) differ: the two towers "
                               f"project into one shared space, so set both to the same width.")
         ob = cfg.objective
-        _one_of(ob.contrastive_loss, ("clip", "siglip"), "objective.contrastive_loss")
         if not ob.temperature > 0:
             raise ConfigError(f"objective.temperature ({ob.temperature}) must be positive "
                               f"(CLIP starts at 0.07, SigLIP at 0.1).")
@@ -370,7 +343,6 @@ def _validate_multimodal(cfg: Config) -> None:
             raise ConfigError("eval.zero_shot_classes must be a non-empty list of class names, "
                               "or null to take the eval split's labels.")
     else:
-        _one_of(m.fusion, FUSIONS, "model.fusion")
         if m.hidden_size % m.num_heads:
             raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by "
                               f"model.num_heads ({m.num_heads}) (the fusion layers).")
