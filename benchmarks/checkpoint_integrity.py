@@ -23,7 +23,7 @@ from ptft_jax.bench.report import device_slug, environment
 from ptft_jax.ckpt import integrity
 from ptft_jax.ckpt.checkpoint import Checkpointer
 from ptft_jax.config.load import load_config
-from ptft_jax.jobs.lm import lm_task
+from ptft_jax.tasks.factory import make_task
 from ptft_jax.tasks.lm import MlmSpec
 from ptft_jax.train.engine import build
 
@@ -48,7 +48,7 @@ def main() -> None:
     cfg = load_config(None, [f"model.preset={args.preset}", "model.vocab_size=30522",
                              "data.seq_len=128", "train.global_batch=8"])
     spec = MlmSpec(mask_id=4, special_ids=(0, 1, 2, 3, 4), random_low=5, random_high=30522)
-    engine = build(cfg, lm_task(cfg, spec))
+    engine = build(cfg, make_task(cfg, mlm=spec))
     state = engine.init(jax.random.key(0))
     arrays = {"params": state.params, "opt_state": state.opt_state}
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(arrays))

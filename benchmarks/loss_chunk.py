@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 
 from ptft_jax.bench import benchmark, report
-from ptft_jax.jobs.lm import lm_task
+from ptft_jax.tasks.factory import make_task
 from ptft_jax.tasks.lm import MlmSpec
 from ptft_jax.tasks.vocab_loss import positions_per_chunk
 from ptft_jax.train.engine import build
@@ -66,7 +66,7 @@ def memory_rows(chunks, echo=print) -> list[dict]:
     rows = []
     for chunk in chunks:
         cfg = dataclasses.replace(base, loss_chunk=chunk, dtype="bfloat16").config()
-        engine = build(cfg, lm_task(cfg, None))
+        engine = build(cfg, make_task(cfg))
         key = jax.random.key(0)
         batch = engine.to_device(benchmark.synthetic_batches(cfg, n=1)[0])
         state = engine.restore_target()  # shapes and shardings only: nothing allocated

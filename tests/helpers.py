@@ -4,7 +4,7 @@ import numpy as np
 
 from ptft_jax.config.load import load_config
 from ptft_jax.data.packing import Packer
-from ptft_jax.jobs.lm import lm_task
+from ptft_jax.tasks.factory import make_task
 from ptft_jax.tasks.lm import MlmSpec
 from ptft_jax.train.engine import build
 
@@ -28,7 +28,7 @@ def spec_for(cfg):
 
 def engine_for(cfg, devices=None, task=None):
     """The engine of a tiny LM config (masked LM with synthetic special ids for encoders)."""
-    return build(cfg, task or lm_task(cfg, spec_for(cfg), devices), devices)
+    return build(cfg, task or make_task(cfg, mlm=spec_for(cfg), devices=devices), devices)
 
 
 def batches(cfg, n, seed=0, mode="pack"):

@@ -11,6 +11,7 @@ from ptft_jax.ckpt.checkpoint import BestCheckpointer, Checkpointer
 from ptft_jax.ckpt.pretrained import read_params
 from ptft_jax.core import params as ptree
 from ptft_jax.data.labelled import Examples, LabelSpace
+from ptft_jax.jobs.common import text_throughput
 from ptft_jax.tasks.classify import ClassifyTask
 from ptft_jax.train.engine import build
 from ptft_jax.train.evaluate import evaluate
@@ -49,7 +50,7 @@ def examples(n, seq_len=16, seed=0, labels=LABELS):
 
 def job(cfg, task, n_train=40, eval_examples=None):
     return Job(cfg, task, examples(n_train), lambda: "synthetic", {}, lambda: None,
-               eval_examples, tokens_per_row=cfg.data.seq_len)
+               text_throughput(cfg, vocab_projection=False), eval_examples)
 
 
 def changed(a, b):

@@ -23,14 +23,18 @@ def test_bert_base_flops_per_token_by_hand():
         6 * (n - head + head * 20 / 128) + 12 * layers * seq * d
 
 
-def test_masked_lm_task_reports_its_slots_for_flops():
+def test_masked_lm_job_counts_its_slots_for_flops():
     from ptft_jax.data.tokenizer import TokenIds
-    from ptft_jax.jobs.lm import lm_task, mlm_spec
+    from ptft_jax.jobs.lm import lm_throughput
+    from ptft_jax.tasks.factory import make_task, mlm_spec
     cfg = load_config(None, ["model.preset=bert-base", "data.seq_len=128"])
     ids = TokenIds(vocab_size=30522, special_ids=(0, 1, 2, 3, 4), bos_id=2, eos_id=3, mask_id=4)
-    assert lm_task(cfg, mlm_spec(cfg, ids)).predicted_positions(128) == 20
+    mlm = lm_throughput(cfg, make_task(cfg, mlm=mlm_spec(cfg, ids)))
+    assert mlm.flops_per_unit == train_flops_per_token(cfg.model, 128, predicted_positions=20)
+    assert (mlm.unit, mlm.units_per_row) == ("tokens", 128)
     gpt = load_config(None, ["model.preset=gpt2-small", "train.task=clm"])
-    assert lm_task(gpt, None).predicted_positions(1024) == 1024
+    assert lm_throughput(gpt, make_task(gpt)).flops_per_unit == \
+        train_flops_per_token(gpt.model, gpt.data.seq_len)
 
 
 def test_gpt2_small_flops_and_mfu_by_hand():

@@ -28,7 +28,7 @@ from ptft_jax.convert.hf import flat_params
 from ptft_jax.convert.hf_weights import import_tensors
 from ptft_jax.core.params import flatten, match_rules, unflatten
 from ptft_jax.data.labelled import LabelSpace
-from ptft_jax.jobs.lm import lm_task
+from ptft_jax.tasks.factory import make_task
 from ptft_jax.tasks.classify import ClassifyTask
 from ptft_jax.tasks.contrastive import ContrastiveTask
 from ptft_jax.tasks.image import ImageClassifyTask
@@ -90,7 +90,7 @@ def test_bert_mlm_trains_like_bert_for_masked_lm(tmp_path):
     reference = transformers.BertForMaskedLM(transformers.BertConfig(**TEXT))
     cfg, flat = _hf_config(reference, tmp_path, "bert")
     spec = MlmSpec(mask_id=4, special_ids=(0, 1, 2, 3, 4), random_low=5, random_high=VOCAB)
-    engine = build(cfg, lm_task(cfg, spec), jax.devices()[:1])
+    engine = build(cfg, make_task(cfg, mlm=spec), jax.devices()[:1])
     rng = np.random.default_rng(0)
     batches = _cycle([packed_rows(rng, BATCH, SEQ, VOCAB) for _ in range(4)])
     ours, _ = ptft_losses(engine, flat, batches)
@@ -123,7 +123,7 @@ def test_gpt2_clm_trains_like_gpt2_lm_head_model(tmp_path):
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=SEQ, resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0))
     cfg, flat = _hf_config(reference, tmp_path, "gpt2", "model", "train.task=clm")
-    engine = build(cfg, lm_task(cfg, None), jax.devices()[:1])
+    engine = build(cfg, make_task(cfg), jax.devices()[:1])
     rng = np.random.default_rng(1)
     batches = _cycle([packed_rows(rng, BATCH, SEQ, VOCAB) for _ in range(4)])
     ours, _ = ptft_losses(engine, flat, batches)

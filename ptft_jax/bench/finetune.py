@@ -31,7 +31,7 @@ from ptft_jax.config.validate import validate
 from ptft_jax.core.params import split
 from ptft_jax.core.state import with_shardings
 from ptft_jax.data.labelled import LabelSpace
-from ptft_jax.tasks.classify import ClassifyTask
+from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.engine import build
 
 CASE_KEYS = ("name", "preset", "seq_len", "global_batch", "labels", "vocab_size", "finetune",
@@ -73,7 +73,7 @@ def run_case(case: dict, steps: int, warmup: int, overrides=()) -> dict:
     cfg = case_config(case, overrides)
     validate(cfg, jax.device_count())
     labels = LabelSpace("classification", tuple(f"c{i}" for i in range(case.get("labels", 4))))
-    task = ClassifyTask(cfg.model, labels, "cls")
+    task = make_task(cfg, labels)
     engine = build(cfg, task, phase=case.get("phase", 0))
     abstract = engine.abstract
     trainable, _ = split(abstract.params, engine.plan.trainable.__contains__)

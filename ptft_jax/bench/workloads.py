@@ -16,12 +16,11 @@ import dataclasses
 
 import numpy as np
 
-from ptft_jax.config.schema import tower_model
+from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.data.packing import Packer
-from ptft_jax.jobs.lm import lm_task
-from ptft_jax.models.flops import image_train_flops, multimodal_train_flops, train_flops_per_token
-from ptft_jax.tasks.contrastive import ContrastiveTask
-from ptft_jax.tasks.image import ImageClassifyTask
+from ptft_jax.jobs.lm import lm_throughput
+from ptft_jax.models.flops import image_train_flops, multimodal_train_flops
+from ptft_jax.tasks.factory import make_task
 from ptft_jax.tasks.lm import MlmSpec
 
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # synthetic data keeps ids below 5 free, as our tokenizers do
@@ -66,18 +65,18 @@ def synthetic_images(cfg, n: int = 2, seed: int = 0) -> list[dict]:
 def language_model(cfg, rows: str) -> Workload:
     spec = MlmSpec(mask_id=4, special_ids=SPECIAL_IDS, random_low=len(SPECIAL_IDS),
                    random_high=cfg.model.vocab_size) if cfg.train.task == "mlm" else None
-    task = lm_task(cfg, spec)
-    T = cfg.data.seq_len
-    flops = train_flops_per_token(cfg.model, T,
-                                       predicted_positions=task.predicted_positions(T))
+    task = make_task(cfg, mlm=spec)
     return Workload(task, synthetic_batches(cfg, rows=rows), "token",
-                    cfg.train.global_batch * T, flops)
+                    cfg.train.global_batch * cfg.data.seq_len,
+                    lm_throughput(cfg, task).flops_per_unit)
 
 
 def image_classification(cfg) -> Workload:
-    bn_axis = "batch" if cfg.mesh.parallelism == "pmap" else None
-    task = ImageClassifyTask(cfg.model, [str(i) for i in range(IMAGE_CLASSES)], cfg.augment,
-                             label_smoothing=0.1, bn_axis_name=bn_axis)
+    # The step trains with label smoothing 0.1, as the published image recipes do.
+    cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective,
+                                                                 label_smoothing=0.1))
+    labels = LabelSpace("classification", tuple(str(i) for i in range(IMAGE_CLASSES)))
+    task = make_task(cfg, labels)
     return Workload(task, synthetic_images(cfg), "image", cfg.train.global_batch,
                     image_train_flops(cfg.model, IMAGE_CLASSES))
 
@@ -104,10 +103,7 @@ def synthetic_pairs(cfg, n: int = 2, seed: int = 0) -> list[dict]:
 
 
 def contrastive(cfg) -> Workload:
-    axis = "batch" if cfg.mesh.parallelism == "pmap" else None
-    task = ContrastiveTask(tower_model(cfg, "image"), tower_model(cfg, "text"),
-                           cfg.towers.image.projection_dim, cfg.towers.text.pooling,
-                           cfg.objective, cfg.augment, axis_name=axis)
+    task = make_task(cfg)
     return Workload(task, synthetic_pairs(cfg), "pair", cfg.train.global_batch,
                     multimodal_train_flops(cfg))
 

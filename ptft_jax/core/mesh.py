@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ptft_jax.config.schema import DistributedConfig, MeshConfig, resolve_mesh_shape
+from ptft_jax.config.schema import Config, DistributedConfig, MeshConfig, resolve_mesh_shape
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +115,12 @@ def broadcast_text(text: str) -> str:
     padded = np.zeros(size, np.uint8)
     padded[: min(size, len(data))] = data[:size]
     return bytes(multihost_utils.broadcast_one_to_all(padded)).decode()
+
+
+def data_parallel_size(cfg: Config, devices=None) -> int:
+    """How many ways the global batch is split: every device under pmap, data x fsdp under
+    jit."""
+    if cfg.mesh.parallelism == "pmap":
+        return jax.device_count()
+    data, fsdp, _ = resolve_mesh_shape(cfg.mesh, len(devices or jax.devices()))
+    return data * fsdp

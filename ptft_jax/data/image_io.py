@@ -61,3 +61,25 @@ def as_array(value, where: str):
     if a.dtype != np.uint8 or a.ndim not in (2, 3):
         return BadImage(where, f"not a uint8 image array ({a.dtype} {a.shape})")
     return a[..., None] if a.ndim == 2 else a
+
+
+def gather_images(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """images[rows] as uint8, read from a (memory-mapped) cache in file order."""
+    order = np.argsort(rows)
+    out = np.empty((len(rows), *images.shape[1:]), np.uint8)
+    out[order] = images[rows[order]]
+    return out
+
+
+def read_image_files(paths) -> list:
+    """Each file decoded (data/image_io.decode), or a BadImage naming it if it cannot be
+    read."""
+    out = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            out.append(BadImage(str(path), str(e)))
+            continue
+        out.append(decode(data, str(path)))
+    return out

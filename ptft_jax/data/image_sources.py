@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ptft_jax.data.image_io import BadImage, as_array, decode, digest, file_key
+from ptft_jax.data.image_io import (as_array, digest, file_key,
+                                   read_image_files)
 from ptft_jax.data.opening import (open_hub_images, require_image_columns, tfds_builder,
                                    tfds_data_source)
 from ptft_jax.data.pairs import open_pairs
@@ -194,15 +195,7 @@ class ImageFolder:
         return [label for _, label in self.files]
 
     def read(self, start: int, stop: int) -> list:
-        out = []
-        for path, _ in self.files[start:stop]:
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                out.append(BadImage(str(path), str(e)))
-                continue
-            out.append(decode(data, str(path)))
-        return out
+        return read_image_files(path for path, _ in self.files[start:stop])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from ptft_jax.data.batching import PaddedBatches
 from ptft_jax.data.cache import CacheError, CorruptCache, MissingCache, StaleCache
 from ptft_jax.data.cache_build import exclusive
 from ptft_jax.data.fs import atomic_write, fsync_dir, write_tmp
-from ptft_jax.data.image_io import BadImage
+from ptft_jax.data.image_io import BadImage, gather_images
 
 log = logging.getLogger(__name__)
 
@@ -313,10 +313,7 @@ class ImageExamples(PaddedBatches):
 
     def rows(self, index) -> dict[str, np.ndarray]:
         rows = self.index[np.asarray(index, np.int64)]
-        order = np.argsort(rows)  # memory-mapped reads in file order
-        images = np.empty((len(rows), *self.images.shape[1:]), np.uint8)
-        images[order] = self.images[rows[order]]
-        return {"image": images, "label": self.label_ids[rows].astype(np.int32),
+        return {"image": gather_images(self.images, rows), "label": self.label_ids[rows].astype(np.int32),
                 "weight": np.ones(len(rows), np.float32)}
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ptft_jax.data.batching import PaddedBatches
+from ptft_jax.data.images import ImageExamples
 from ptft_jax.data.emoji import EmojiPairs
-from ptft_jax.data.image_io import BadImage, as_array, decode, digest, file_key
+from ptft_jax.data.image_io import (as_array, digest, file_key, gather_images,
+                                   read_image_files)
 from ptft_jax.data.opening import open_hub_images, require_image_columns
 
 
@@ -157,16 +158,7 @@ class FilePairs:
         return [r[column] if column is not None else None for r in self.rows]
 
     def read(self, start: int, stop: int) -> list:
-        out = []
-        for i in range(start, stop):
-            path = self._file(i)
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                out.append(BadImage(str(path), str(e)))
-                continue
-            out.append(decode(data, str(path)))
-        return out
+        return read_image_files(self._file(i) for i in range(start, stop))
 
 
 class HubPairs:
@@ -225,26 +217,19 @@ def open_pairs(corpus: str, split: str, image_column: str, text_column: str,
                      f"arrays, or hf:NAME.")
 
 
-class PairExamples(PaddedBatches):
-    """One split of image-text pairs: cached uint8 images, their token rows, label ids (or
-    -1 without labels). Rows on demand, like the other example sets."""
+class PairExamples(ImageExamples):
+    """One split of image-text pairs: the images (as ImageExamples), their token rows and
+    captions, label ids or None without labels."""
 
     def __init__(self, images: np.ndarray, texts, captions: list[str],
                  label_ids: np.ndarray | None, index: np.ndarray | None = None):
-        self.images, self.texts, self.captions = images, texts, captions
-        self.label_ids = label_ids
-        self.index = np.arange(len(images)) if index is None else index
-
-    def __len__(self) -> int:
-        return len(self.index)
+        super().__init__(images, label_ids, index)
+        self.texts, self.captions = texts, captions
 
     def rows(self, index) -> dict[str, np.ndarray]:
         rows = self.index[np.asarray(index, np.int64)]
-        order = np.argsort(rows)  # memory-mapped reads in file order
-        images = np.empty((len(rows), *self.images.shape[1:]), np.uint8)
-        images[order] = self.images[rows[order]]
         out = self.texts.rows(rows)
-        out["image"] = images
+        out["image"] = gather_images(self.images, rows)
         if self.label_ids is not None:
             out["label"] = self.label_ids[rows].astype(np.int32)
         out["weight"] = np.ones(len(rows), np.float32)

@@ -17,7 +17,7 @@ import yaml
 from ptft_jax.ckpt.checkpoint import BestCheckpointer, Checkpointer
 from ptft_jax.config.load import from_dict
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
-                                    pooling_for, task_for)
+                                    task_for)
 from ptft_jax.config.validate import validate
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.core.params import count
@@ -28,12 +28,11 @@ from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
 from ptft_jax.data.pairs import FilePairs, PairExamples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.jobs.images import image_split
-from ptft_jax.jobs.pairs import make_task, pairs_split
-from ptft_jax.tasks.classify import ClassifyTask
-from ptft_jax.tasks.image import ImageClassifyTask
+from ptft_jax.jobs.pairs import pairs_split
+from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.engine import build
 from ptft_jax.train.evaluate import evaluate, predict_outputs
-from ptft_jax.train.loop import eval_metric
+from ptft_jax.tasks.metrics import eval_metric
 
 
 def load_run(run_dir: str | Path, batch_size: int | None = None):
@@ -55,12 +54,9 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
         cfg.eval.batch_size = batch_size
     validate(cfg, jax.device_count())
     labels = LabelSpace.load(run_dir / "labels.json") if has_labels else None
-    if kind in MULTIMODAL_TASKS:
-        task = make_task(cfg, load_tokenizer(run_dir / "tokenizer.json"), labels)
-    elif kind in IMAGE_TASKS:
-        task = ImageClassifyTask(cfg.model, labels.names, cfg.augment, labels=labels)
-    else:
-        task = ClassifyTask(cfg.model, labels, pooling_for(cfg))
+    tokenizer_path = run_dir / "tokenizer.json"  # image runs have none
+    task = make_task(cfg, labels, load_tokenizer(tokenizer_path)
+                     if tokenizer_path.is_file() else None)
     engine = build(cfg, task)
     target = engine.restore_target()
     best_dir = run_dir / "best"

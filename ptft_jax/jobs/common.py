@@ -1,6 +1,6 @@
 """What every kind of job shares: the tokenizer (trained or loaded, saved into the run
 directory), the model's vocabulary fitted to it, and the pretrained component that
-`finetune.init_from` names."""
+`finetune.init_from` names; what a row of text costs."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,10 +16,20 @@ from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.core.mesh import broadcast_text
 from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
                                      train_tokenizer)
+from ptft_jax.models.flops import matmul_params, train_flops_per_token
+from ptft_jax.train.job import Throughput
 
 log = logging.getLogger(__name__)
 
 
+def text_throughput(cfg: Config, vocab_projection: bool,
+                    predicted_positions: int | None = None) -> Throughput:
+    """Throughput in tokens, each costing `train_flops_per_token` (a classifier's head runs
+    once per example, not per token: no vocabulary projection)."""
+    T = cfg.data.seq_len
+    return Throughput("tokens", T, train_flops_per_token(cfg.model, T, vocab_projection,
+                                                         predicted_positions),
+                      f"{matmul_params(cfg.model) / 1e6:.2f}M matmul params")
 
 
 def prepare_tokenizer(cfg: Config, run_dir: Path, documents):

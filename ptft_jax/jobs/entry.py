@@ -7,8 +7,8 @@ from pathlib import Path
 
 import jax
 
-from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, Config,
-                                    ConfigError, task_for)
+from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, PRETRAIN_TASKS,
+                                    Config, ConfigError, task_for)
 from ptft_jax.config.validate import validate
 from ptft_jax.core.mesh import initialize_distributed
 from ptft_jax.jobs.images import image_job
@@ -40,36 +40,41 @@ def check_paths(cfg: Config) -> None:
                               f"for this user); choose a writable folder.")
 
 
-# Settings a resumed run must share with the run it resumes, or it would not continue the
-# same run (other masks and dropout, another task). The data stream has its own check
-# (check_data_position), and the model's shapes theirs (Checkpointer.check_shapes).
+# What each command trains: the tasks it accepts, as data. Supervised image classification is
+# both (pretrain an image component on one labelled set, finetune a new head on another), and
+# contrastive alignment may continue under ptft finetune with a tower frozen.
+COMMAND_TASKS = {
+    "pretrain": PRETRAIN_TASKS + IMAGE_TASKS + ("contrastive",),
+    "finetune": FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS,
+}
+# Which job prepares each task's data, tokenizer and task object.
+JOB_MAKERS = {**dict.fromkeys(PRETRAIN_TASKS, pretrain_job),
+              **dict.fromkeys(FINETUNE_TASKS, finetune_job),
+              **dict.fromkeys(IMAGE_TASKS, image_job),
+              **dict.fromkeys(MULTIMODAL_TASKS, pairs_job)}
+
+
+def train(command: str, cfg: Config, on_eval=None) -> dict:
+    """`ptft pretrain` or `ptft finetune` (`command`): every check, then the one loop on the
+    job for the config's task. `on_eval`: see train.loop.run."""
+    initialize_distributed(cfg.distributed)
+    validate(cfg, jax.device_count())
+    check_paths(cfg)
+    task, allowed = task_for(cfg), COMMAND_TASKS[command]
+    if task not in allowed:
+        other = [c for c, tasks in COMMAND_TASKS.items() if task in tasks]
+        raise ConfigError(f"ptft {command} trains train.task {', '.join(allowed)}; '{task}' "
+                          f"is a task for ptft {' or '.join(other)}.")
+    return run(job_for(cfg), on_eval)
 
 
 def pretrain(cfg: Config, on_eval=None) -> dict:
-    initialize_distributed(cfg.distributed)
-    validate(cfg, jax.device_count())
-    check_paths(cfg)
-    if task_for(cfg) in FINETUNE_TASKS + ("multimodal_classification",):
-        raise ConfigError(f"train.task '{task_for(cfg)}' is a finetuning task: run ptft "
-                          f"finetune.")
-    return run(job_for(cfg), on_eval)
+    return train("pretrain", cfg, on_eval)
 
 
 def finetune(cfg: Config, on_eval=None) -> dict:
-    initialize_distributed(cfg.distributed)
-    validate(cfg, jax.device_count())
-    check_paths(cfg)
-    tasks = FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS
-    if task_for(cfg) not in tasks:
-        raise ConfigError(f"ptft finetune needs train.task to be one of {', '.join(tasks)} "
-                          f"(got '{task_for(cfg)}').")
-    return run(job_for(cfg), on_eval)
+    return train("finetune", cfg, on_eval)
 
 
 def job_for(cfg: Config) -> Job:
-    task = task_for(cfg)
-    if task in IMAGE_TASKS:
-        return image_job(cfg)
-    if task in MULTIMODAL_TASKS:
-        return pairs_job(cfg)
-    return finetune_job(cfg) if task in FINETUNE_TASKS else pretrain_job(cfg)
+    return JOB_MAKERS[task_for(cfg)](cfg)

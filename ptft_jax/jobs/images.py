@@ -12,8 +12,9 @@ from ptft_jax.data.image_sources import open_images
 from ptft_jax.data.images import ImageExamples, prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.jobs.common import check_labelled_splits, pretrained_init
-from ptft_jax.tasks.image import ImageClassifyTask
-from ptft_jax.train.job import Job
+from ptft_jax.tasks.factory import make_task
+from ptft_jax.models.flops import image_train_flops
+from ptft_jax.train.job import Job, Throughput
 
 
 def image_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, labels,
@@ -64,9 +65,7 @@ def image_job(cfg: Config) -> Job:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_labelled_splits(saved, labels, labels_path, train, "image", cfg.data.corpus)
-    bn_axis = "batch" if cfg.mesh.parallelism == "pmap" else None
-    task = ImageClassifyTask(cfg.model, labels.names, cfg.augment,
-                             cfg.objective.label_smoothing, bn_axis, labels)
+    task = make_task(cfg, labels)
 
     def save_files():
         if jax.process_index() == 0:
@@ -80,5 +79,7 @@ def image_job(cfg: Config) -> Job:
                 + f" of {m.image_size}x{m.image_size}x{m.channels} | {labels.num_outputs} "
                   f"classes")
     meta = {"labels": dataclasses.asdict(labels)}
-    return Job(cfg, task, train, lambda: describe, meta, save_files, evaluation,
-               pretrained_init(cfg, None, labels.names), tokens_per_row=1)
+    throughput = Throughput("examples", 1, image_train_flops(m, task.num_classes),
+                            f"{image_train_flops(m) / 3e9:.2f} GFLOPs/image")
+    return Job(cfg, task, train, lambda: describe, meta, save_files, throughput, evaluation,
+               pretrained_init(cfg, None, labels.names))

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import jax
 
-from ptft_jax.config.schema import Config, ConfigError, pooling_for, task_for
+from ptft_jax.config.schema import Config, ConfigError, task_for
 from ptft_jax.data.labelled import LabelSpace, open_examples
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path
-from ptft_jax.jobs.common import pretrained_init, resolve_vocab
-from ptft_jax.tasks.classify import ClassifyTask
+from ptft_jax.jobs.common import pretrained_init, resolve_vocab, text_throughput
+from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.job import Job
 
 
@@ -61,7 +61,7 @@ def finetune_job(cfg: Config) -> Job:
     if saved_labels is not None and saved_labels != labels:
         raise ConfigError(f"{labels_path} holds other labels than the data now gives; use a new "
                           f"run_dir.")
-    task = ClassifyTask(cfg.model, labels, pooling_for(cfg))
+    task = make_task(cfg, labels)
 
     def save_files():
         if jax.process_index() == 0:
@@ -78,5 +78,5 @@ def finetune_job(cfg: Config) -> Job:
                 + f" of up to {cfg.data.seq_len} tokens ({truncated:,} truncated) | "
                   f"{labels.kind}: {labels.num_outputs} output(s)")
     meta = {"tokenizer_vocab_size": token_ids.vocab_size, "labels": dataclasses.asdict(labels)}
-    return Job(cfg, task, train, lambda: describe, meta, save_files, evaluation, init_from,
-               tokens_per_row=cfg.data.seq_len)
+    return Job(cfg, task, train, lambda: describe, meta, save_files,
+               text_throughput(cfg, vocab_projection=False), evaluation, init_from)

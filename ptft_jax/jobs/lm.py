@@ -10,11 +10,11 @@ from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.packing import Packer
 from ptft_jax.data.tokenizer import TokenIds
-from ptft_jax.jobs.common import prepare_tokenizer, pretrained_init, resolve_vocab, save_tokenizer
-from ptft_jax.tasks.lm import CausalLM, MaskedLM, MlmSpec
-from ptft_jax.tasks.vocab_loss import LOSS_CHUNK_AUTO_TOKENS
-from ptft_jax.train.engine import data_parallel_size
-from ptft_jax.train.job import Job
+from ptft_jax.jobs.common import (prepare_tokenizer, pretrained_init, resolve_vocab, save_tokenizer,
+                                  text_throughput)
+from ptft_jax.tasks.factory import make_task, mlm_spec
+from ptft_jax.tasks.lm import MaskedLM
+from ptft_jax.train.job import Job, Throughput
 
 
 def open_token_cache(cfg: Config, run_dir: Path, documents) -> TokenCache:
@@ -25,28 +25,10 @@ def open_token_cache(cfg: Config, run_dir: Path, documents) -> TokenCache:
                               cfg.data.num_workers, progress=cfg.train.progress)
 
 
-def mlm_spec(cfg: Config, ids: TokenIds) -> MlmSpec:
-    first_regular = max(ids.special_ids) + 1  # our tokenizers put special tokens first
-    return MlmSpec.from_config(cfg.objective, mask_id=ids.mask_id, special_ids=ids.special_ids,
-                               random_low=first_regular, random_high=ids.vocab_size)
-
-
-def resolve_loss_chunk(cfg: Config) -> int:
-    """objective.loss_chunk (tokens per device per chunk of the vocabulary loss), or for null
-    the measured default: LOSS_CHUNK_AUTO_TOKENS (see benchmarks/loss_chunk.py)."""
-    if cfg.objective.loss_chunk is not None:
-        return cfg.objective.loss_chunk
-    return LOSS_CHUNK_AUTO_TOKENS
-
-
-def lm_task(cfg: Config, spec: MlmSpec | None, devices=None):
-    """The masked or causal LM task of `cfg` (spec: the tokenizer's masking ids, for MLM)."""
-    chunk = resolve_loss_chunk(cfg)
-    # Under pmap the step traces one device's rows; under jit, the global batch.
-    split = 1 if cfg.mesh.parallelism == "pmap" else data_parallel_size(cfg, devices)
-    if task_for(cfg) == "mlm":
-        return MaskedLM(cfg.model, spec, chunk, split)
-    return CausalLM(cfg.model, chunk, split)
+def lm_throughput(cfg: Config, task) -> Throughput:
+    """Tokens; masked LM computes its head at its masked slots only (models/flops.py)."""
+    slots = task.spec.num_slots(cfg.data.seq_len) if isinstance(task, MaskedLM) else None
+    return text_throughput(cfg, vocab_projection=True, predicted_positions=slots)
 
 
 def pretrain_job(cfg: Config) -> Job:
@@ -58,7 +40,7 @@ def pretrain_job(cfg: Config) -> Job:
     tokenizer = prepare_tokenizer(cfg, run_dir, documents)
     token_ids = TokenIds.of(tokenizer, cfg.model.kind)
     cfg = resolve_vocab(cfg, token_ids)
-    task = lm_task(cfg, mlm_spec(cfg, token_ids) if task_for(cfg) == "mlm" else None)
+    task = make_task(cfg, mlm=mlm_spec(cfg, token_ids) if task_for(cfg) == "mlm" else None)
 
     class LazyRows:
         """The packed rows, built on first use: the token cache is made only after every
@@ -89,5 +71,4 @@ def pretrain_job(cfg: Config) -> Job:
         return (f"{len(p)} rows of {cfg.data.seq_len} tokens ({cfg.data.packing}; "
                 f"{p.dropped_tokens} tail tokens dropped)")
     return Job(cfg, task, rows, describe, {"tokenizer_vocab_size": token_ids.vocab_size},
-               save_files, init_from=pretrained_init(cfg, token_ids),
-               tokens_per_row=cfg.data.seq_len)
+               save_files, lm_throughput(cfg, task), init_from=pretrained_init(cfg, token_ids))

@@ -16,7 +16,7 @@ import numpy as np
 
 from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
-from ptft_jax.config.schema import Config, ConfigError, task_for, tower_model
+from ptft_jax.config.schema import Config, ConfigError, task_for
 from ptft_jax.core.mesh import broadcast_text
 from ptft_jax.data.images import prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace, predict_examples
@@ -24,9 +24,8 @@ from ptft_jax.data.pairs import PairExamples, PairRecords, open_pairs
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path, train_tokenizer
 from ptft_jax.jobs.common import check_labelled_splits, fitted_vocab_size, pretrained_init
 from ptft_jax.models.flops import multimodal_train_flops
-from ptft_jax.tasks.contrastive import ContrastiveTask
-from ptft_jax.tasks.fused import FusedClassifyTask
-from ptft_jax.train.job import Job
+from ptft_jax.tasks.factory import make_task
+from ptft_jax.train.job import Job, Throughput
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +145,6 @@ def tower_init_from(cfg: Config, label_names=None, vocab_rows: int | None = None
     return init_from
 
 
-def make_task(cfg: Config, tokenizer, labels: LabelSpace | None):
-    """The two-tower or fused task of `cfg` (labels: the training split's, or None)."""
-    image, text = tower_model(cfg, "image"), tower_model(cfg, "text")
-    axis = "batch" if cfg.mesh.parallelism == "pmap" else None
-    if task_for(cfg) == "contrastive":
-        names = cfg.eval.zero_shot_classes or (list(labels.names) if labels else None)
-        return ContrastiveTask(image, text, cfg.towers.image.projection_dim,
-                               cfg.towers.text.pooling, cfg.objective, cfg.augment, tokenizer,
-                               cfg.data.seq_len, cfg.eval.prompts, names, axis)
-    return FusedClassifyTask(cfg.model, image, text, labels, cfg.towers.text.pooling,
-                             cfg.augment, tokenizer, axis)
-
-
 def pairs_job(cfg: Config) -> Job:
     run_dir, d, task_name = Path(cfg.run_dir), cfg.data, task_for(cfg)
     labels_path = run_dir / "labels.json"
@@ -180,7 +166,7 @@ def pairs_job(cfg: Config) -> Job:
     if task_name != "contrastive" and labels is None:
         raise ConfigError("train.task multimodal_classification needs labels: set "
                           "data.label_column.")
-    task = make_task(cfg, tokenizer, labels)
+    task = make_task(cfg, labels, tokenizer)
     image = cfg.towers.image.model
 
     def save_files():
@@ -199,6 +185,7 @@ def pairs_job(cfg: Config) -> Job:
     meta = {"tokenizer_vocab_size": token_ids.vocab_size}
     if labels is not None:
         meta["labels"] = dataclasses.asdict(labels)
-    return Job(cfg, task, train, lambda: describe, meta, save_files, evaluation,
-               tower_init_from(cfg, labels.names if labels else None, token_ids.vocab_size),
-               tokens_per_row=1, flops_per_row=multimodal_train_flops(cfg))
+    flops = multimodal_train_flops(cfg)
+    throughput = Throughput("examples", 1, flops, f"{flops / 3e9:.2f} GFLOPs/pair (forward)")
+    return Job(cfg, task, train, lambda: describe, meta, save_files, throughput, evaluation,
+               tower_init_from(cfg, labels.names if labels else None, token_ids.vocab_size))

@@ -15,11 +15,12 @@ import abc
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 from tokenizers import Tokenizer
 
 from ptft_jax.data.labelled import LabelSpace
-from ptft_jax.tasks.metrics import DEFAULT_METRIC
+from ptft_jax.tasks.metrics import DEFAULT_METRIC, classification_metrics
 
 
 def apply_model(model: nn.Module, params, model_state: dict, *args, train: bool, rngs=None,
@@ -79,10 +80,6 @@ class Task(abc.ABC):
         """(sums, new model_state) for one batch. `example_ids` are the rows' global indices
         (randomness keyed per example does not depend on microbatches or devices)."""
 
-    def predicted_positions(self, seq_len: int) -> int:
-        """Positions per row the output head runs on (FLOPs accounting; see models/flops.py)."""
-        return seq_len
-
     @abc.abstractmethod
     def metrics(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
         """Metrics from sums accumulated on the host (NumPy, float64)."""
@@ -104,6 +101,19 @@ class Task(abc.ABC):
         order) and those of `split_inputs`. Computes on the host; runs nothing."""
         raise NotImplementedError
 
+
+class ClassNamesTask(Task):
+    """A task whose model gives logits over `class_names` (image and image-text
+    classification): classification metrics, softmax probabilities as predictions."""
+    class_names: tuple[str, ...]
+
+    def metrics(self, sums) -> dict:
+        return classification_metrics(sums, list(self.class_names))
+
+    def predict(self, params, model_state, batch):
+        logits, _ = apply_model(self.model, params, model_state, *self.model_inputs(batch),
+                                train=False)
+        return jax.nn.softmax(logits, axis=-1)
 
 def add_sums(total: dict | None, sums: dict) -> dict:
     """Host-side accumulation in float64 (eval passes and log intervals)."""

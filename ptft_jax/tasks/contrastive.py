@@ -21,12 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptft_jax.config.schema import AugmentConfig, ModelConfig, ObjectiveConfig
-from ptft_jax.data.augment import augment, normalize
 from ptft_jax.data.batching import PaddedBatches
 from ptft_jax.data.labelled import predict_examples
 from ptft_jax.models.multimodal import TwoTower
 from ptft_jax.tasks import metrics
-from ptft_jax.tasks.base import Task, apply_model
+from ptft_jax.tasks.image_text import ImageTextTask
 
 RECALL_AT = (1, 5, 10)
 NEG_INF = -1e9
@@ -63,7 +62,7 @@ def pair_losses(image_emb, text_emb, scale, bias, weights, kind: str, axis_name=
     return loss, (nearest == rows).astype(jnp.float32)
 
 
-class ContrastiveTask(Task):
+class ContrastiveTask(ImageTextTask):
     name = "contrastive"
     shown = ("loss", "batch_i2t_accuracy")
     eval_shown = ("loss", "i2t_r1", "t2i_r1", "retrieval_mean", "zero_shot_accuracy")
@@ -82,31 +81,8 @@ class ContrastiveTask(Task):
                               objective.temperature, objective.siglip_bias,
                               objective.learn_temperature, axis_name)
 
-    def example_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
-        s, c = self.image_cfg.image_size, self.image_cfg.channels
-        zeros = np.zeros((batch_size, seq_len), np.int32)
-        return {"image": np.zeros((batch_size, s, s, c), np.uint8), "tokens": zeros,
-                "segment_ids": zeros + 1, "positions": zeros, "type_ids": zeros,
-                "weight": np.ones(batch_size, np.float32)}
-
-    def model_inputs(self, batch: dict) -> tuple:
-        return (normalize(batch["image"], self.aug), batch["tokens"], batch["segment_ids"],
-                batch["positions"], batch["type_ids"])
-
-    def predicted_positions(self, seq_len: int) -> int:
-        return 0
-
-    def _apply(self, params, model_state, batch, example_ids, key, train, rngs=None):
-        inputs = self.model_inputs(batch)
-        if train:
-            with jax.named_scope("augment"):
-                dummy = jnp.zeros((batch["image"].shape[0], 1), jnp.float32)
-                images, _ = augment(batch["image"], dummy, key, example_ids, self.aug)
-            inputs = (images, *inputs[1:])
-        return apply_model(self.model, params, model_state, *inputs, train=train, rngs=rngs)
-
     def sums(self, params, model_state, batch, example_ids, key, *, train, rngs=None):
-        (image_emb, text_emb, scale, bias), model_state = self._apply(
+        (image_emb, text_emb, scale, bias), model_state = self.apply(
             params, model_state, batch, example_ids, key, train, rngs)
         weights = batch["weight"]
         loss, correct = pair_losses(image_emb, text_emb, scale, bias, weights, self.kind,
@@ -127,7 +103,7 @@ class ContrastiveTask(Task):
     def predict(self, params, model_state, batch):
         """Per row: both embeddings and the pair's loss within this batch (what evaluation
         reads: one pass over the split)."""
-        (image_emb, text_emb, scale, bias), _ = self._apply(params, model_state, batch, None,
+        (image_emb, text_emb, scale, bias), _ = self.apply(params, model_state, batch, None,
                                                             None, False)
         loss, _ = pair_losses(image_emb, text_emb, scale, bias, batch["weight"], self.kind)
         return {"image": image_emb, "text": text_emb, "loss": loss}

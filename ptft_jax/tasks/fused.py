@@ -11,22 +11,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from tokenizers import Tokenizer
 
 from ptft_jax.config.schema import AugmentConfig, ModelConfig
-from ptft_jax.data.augment import augment, normalize
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.models.multimodal import FusionClassifier
 from ptft_jax.tasks import metrics
-from ptft_jax.tasks.base import Task, apply_model
+from ptft_jax.tasks.base import ClassNamesTask
+from ptft_jax.tasks.image_text import ImageTextTask
 
 
-class FusedClassifyTask(Task):
+class FusedClassifyTask(ImageTextTask, ClassNamesTask):
     name = "multimodal_classification"
     shown = ("loss", "accuracy", "macro_f1")
+    labelled = True
 
     def __init__(self, cfg: ModelConfig, image_cfg: ModelConfig, text_cfg: ModelConfig,
                  labels: LabelSpace | Sequence[str], text_pooling: str, aug: AugmentConfig,
@@ -40,37 +38,8 @@ class FusedClassifyTask(Task):
         self.model = FusionClassifier(cfg, image_cfg, text_cfg, self.num_classes, text_pooling,
                                       bn_axis_name)
 
-    def example_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
-        s, c = self.image_cfg.image_size, self.image_cfg.channels
-        zeros = np.zeros((batch_size, seq_len), np.int32)
-        return {"image": np.zeros((batch_size, s, s, c), np.uint8), "tokens": zeros,
-                "segment_ids": zeros + 1, "positions": zeros, "type_ids": zeros,
-                "label": np.zeros(batch_size, np.int32),
-                "weight": np.ones(batch_size, np.float32)}
-
-    def model_inputs(self, batch: dict) -> tuple:
-        return (normalize(batch["image"], self.aug), batch["tokens"], batch["segment_ids"],
-                batch["positions"], batch["type_ids"])
-
-    def predicted_positions(self, seq_len: int) -> int:
-        return 0
-
     def sums(self, params, model_state, batch, example_ids, key, *, train, rngs=None):
-        inputs = self.model_inputs(batch)
-        if train:
-            with jax.named_scope("augment"):
-                dummy = jnp.zeros((batch["image"].shape[0], 1), jnp.float32)
-                images, _ = augment(batch["image"], dummy, key, example_ids, self.aug)
-            inputs = (images, *inputs[1:])
-        logits, model_state = apply_model(self.model, params, model_state, *inputs,
-                                          train=train, rngs=rngs)
+        logits, model_state = self.apply(params, model_state, batch, example_ids, key, train,
+                                         rngs)
         return metrics.classification_sums(logits, batch["label"], batch["weight"],
                                               self.num_classes), model_state
-
-    def metrics(self, sums) -> dict:
-        return metrics.classification_metrics(sums, list(self.class_names))
-
-    def predict(self, params, model_state, batch):
-        logits, _ = apply_model(self.model, params, model_state, *self.model_inputs(batch),
-                                train=False)
-        return jax.nn.softmax(logits, axis=-1)

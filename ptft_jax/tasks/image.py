@@ -19,10 +19,10 @@ from ptft_jax.data.augment import augment, normalize
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.models.vision import ImageClassifier
 from ptft_jax.tasks import metrics
-from ptft_jax.tasks.base import Task, apply_model
+from ptft_jax.tasks.base import ClassNamesTask, apply_model
 
 
-class ImageClassifyTask(Task):
+class ImageClassifyTask(ClassNamesTask):
     name = "image_classification"
     shown = ("loss", "accuracy", "macro_f1")
 
@@ -46,9 +46,6 @@ class ImageClassifyTask(Task):
     def model_inputs(self, batch: dict) -> tuple:
         return (normalize(batch["image"], self.aug),)
 
-    def predicted_positions(self, seq_len: int) -> int:
-        return 1
-
     def sums(self, params, model_state, batch, example_ids, key, *, train, rngs=None):
         labels, weights = batch["label"], batch["weight"]
         if not train:
@@ -68,11 +65,3 @@ class ImageClassifyTask(Task):
         loss = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
         sums["loss_sum"] = jnp.sum(loss * weights)
         return sums, model_state
-
-    def metrics(self, sums) -> dict:
-        return metrics.classification_metrics(sums, list(self.class_names))
-
-    def predict(self, params, model_state, batch):
-        logits, _ = apply_model(self.model, params, model_state, *self.model_inputs(batch),
-                                train=False)
-        return jax.nn.softmax(logits, axis=-1)

@@ -123,9 +123,6 @@ class MaskedLM(LanguageModelTask):
         super().__init__(cfg, loss_chunk_tokens, data_parallel)
         self.spec = spec
 
-    def predicted_positions(self, seq_len: int) -> int:
-        return self.spec.num_slots(seq_len)
-
     def sums(self, params, model_state, batch, example_ids, key, *, train, rngs=None):
         tokens = batch["tokens"]
         valid = batch["segment_ids"] != 0 if "segment_ids" in batch else \

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptft_jax.config.schema import Config, ConfigError
+
 METRIC_MODES = {"loss": "min", "mse": "min", "mae": "min", "accuracy": "max",
                 "macro_f1": "max", "micro_f1": "max", "macro_precision": "max",
                 "macro_recall": "max", "exact_match": "max", "pearson": "max",
@@ -137,3 +139,13 @@ def regression_metrics(sums: dict) -> dict:
     mse = float(sums["loss_sum"]) / n
     return {"loss": mse, "mse": mse, "mae": float(sums["abs_sum"]) / n,
             "pearson": float(pearson)}
+
+
+def eval_metric(cfg: Config, task) -> tuple[str, str]:
+    """(name, "min" or "max") of the metric that decides the best checkpoint and early
+    stopping: eval.metric, or the task's default for "auto"."""
+    name = cfg.eval.metric if cfg.eval.metric != "auto" else task.default_metric
+    try:
+        return name, metric_mode(name)
+    except ValueError as e:
+        raise ConfigError(f"eval.metric: {e}") from None

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from ptft_jax.config.schema import Config, OptimConfig, resolve_mesh_shape
+from ptft_jax.config.schema import Config, OptimConfig
 from ptft_jax.core.lora import lora_spec
 from ptft_jax.core.mesh import LOGICAL_RULES, global_batch_array, make_mesh, process_rows
 from ptft_jax.core.params import check_rules_hit, flatten
@@ -102,13 +102,6 @@ class Engine:
                                engine.shardings.opt_state)
         host = host.replace(opt_state=carry_opt_state(host.opt_state, fresh))
         return engine, engine.place(host) if self.pmap else host
-
-
-def data_parallel_size(cfg: Config, devices=None) -> int:
-    if cfg.mesh.parallelism == "pmap":
-        return jax.device_count()
-    data, fsdp, _ = resolve_mesh_shape(cfg.mesh, len(devices or jax.devices()))
-    return data * fsdp
 
 
 def check_rules_match(params, rules, key: str) -> None:

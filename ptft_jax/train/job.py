@@ -1,24 +1,33 @@
 """What the loop needs from a job: every kind of job (jobs/) prepares its data, tokenizer and
-task and hands the loop one of these."""
+task and hands the loop one of these. The loop knows no task family: what it logs as
+throughput and MFU, the job says (Throughput)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Literal
 
 from ptft_jax.config.schema import Config
+from ptft_jax.tasks.base import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    """How a job's work is counted: the unit its throughput is logged in, how many units a
+    row holds, and (for MFU) the training FLOPs of one unit when every parameter trains."""
+    unit: Literal["tokens", "examples"]  # an image or an image-text pair is one example
+    units_per_row: int
+    flops_per_unit: float
+    size: str  # the model's size for the log's first line ("4.39M matmul params")
 
 
 @dataclasses.dataclass
 class Job:
     cfg: Config  # with model.vocab_size resolved from the tokenizer
-    task: object
+    task: Task
     train_rows: object  # anything with len() and rows(index) -> dict of arrays
-    describe: str  # one line for the log
+    describe: Callable[[], str]  # one line for the log
     meta: dict  # what checkpoints record beside the config
     save_files: Callable[[], None]  # writes the tokenizer (and labels) into the run directory
-    eval_examples: object = None  # data.labelled.Examples of the eval split, or None
-    init_from: Callable | None = None  # (engine, state) -> state with pretrained params
-    tokens_per_row: int = 0
-    # Training FLOPs of one row when every parameter trains (MFU); None: the loop derives them
-    # from the model (language models per token, image models per image).
-    flops_per_row: float | None = None
+    throughput: Throughput
+    eval_examples: object = None  # the eval split's examples (with rows()), or None
+    init_from: Callable | None = None  # (engine, state) -> (state, report) with pretrained params

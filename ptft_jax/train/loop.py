@@ -1,146 +1,58 @@
-"""The one training loop, for every task: config -> job -> engine -> state -> steps, with
-evaluation, early stopping, unfreezing phases and checkpoints.
+"""The one training loop, for every task, in stages: resume or initialise (train/resume.py),
+open the run directory, compile, then per step: train, log, evaluate and decide (early stop,
+plateau LR, adaptive unfreezing), save; and a final report.
 
-`ptft pretrain` and `ptft finetune` are this loop with different jobs (jobs/). Resume order:
-the run directory's own checkpoint, else `finetune.init_from`, else a fresh initialisation.
-Everything that can be wrong with the inputs is checked before the first compile and before
-anything is written.
+`ptft pretrain` and `ptft finetune` are this loop with different jobs (jobs/); the loop knows
+no task family: each job says what its throughput counts and what a row costs. Everything
+that can be wrong with the inputs is checked before the first compile and before anything is
+written.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import yaml
-from jax.experimental import multihost_utils
 
 from ptft_jax.ckpt.checkpoint import (BestCheckpointer, Checkpointer, CheckpointSaveFailed,
                                       committed_steps)
-from ptft_jax.ckpt.integrity import DAMAGED_DIR, CheckpointDamaged
-from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_KINDS, MULTIMODAL_KINDS, Config,
-                                    ConfigError, task_for)
 from ptft_jax.data.loader import BatchLoader, prefetch
-from ptft_jax.models.flops import image_train_flops, matmul_params, train_flops_per_token
 from ptft_jax.tasks.base import add_sums
-from ptft_jax.tasks.metrics import metric_mode
+from ptft_jax.tasks.metrics import eval_metric
 from ptft_jax.train import peak
-from ptft_jax.train.engine import build
 from ptft_jax.train.evaluate import evaluate
 from ptft_jax.train.job import Job
 from ptft_jax.train.log import MetricsWriter
-from ptft_jax.train.optim import get_hyperparam, hyperparams, plateau_step, set_hyperparams
+from ptft_jax.train.optim import get_hyperparam, plateau_step, set_hyperparams
 from ptft_jax.train.plan import phase_at_step
+from ptft_jax.train.resume import Start, check_data_position, resume_or_init
 from ptft_jax.train.safety import DivergenceGuard, SaveClock, StopOnSignal
 
-log = logging.getLogger(__name__)
 
+class IntervalClock:
+    """Seconds of the current log interval spent on steps: wall time less the pauses
+    (compiling, evaluating, saving), which are no step's time."""
 
-RESUME_KEYS = ("train.seed", "train.task")
+    def __init__(self):
+        self.restart()
 
+    def restart(self) -> None:
+        self.started, self.paused = time.perf_counter(), 0.0
 
-def check_resume_config(saved: dict, cfg: Config) -> None:
-    now = cfg.to_dict()
-
-    def get(tree, dotted):
-        for part in dotted.split("."):
-            tree = (tree or {}).get(part)
-        return tree
-    for key in RESUME_KEYS:
-        before, after = get(saved, key), get(now, key)
-        if before is not None and before != after:
-            raise ConfigError(f"{key} was {before!r} in this run directory and is {after!r} "
-                              f"now: a resume must keep it (exact resume). Set {key}={before!r}, "
-                              f"or use a new run_dir.")
-    before, after = get(saved, "optim.clip_norm"), cfg.optim.clip_norm
-    if before is not None and (before == 0) != (after == 0):
-        raise ConfigError(f"optim.clip_norm was {before} in this run directory and is {after} "
-                          f"now: turning clipping on or off changes the optimizer state's "
-                          f"structure. Keep it {'0' if before == 0 else 'non-zero'}, or use a "
-                          f"new run_dir.")
-
-
-def check_data_position(meta: dict, loader: BatchLoader) -> None:
-    """Exact resume needs the same rows in the same order: same seed, same number of rows per
-    epoch, same global batch. Anything else would silently replay or skip data."""
-    saved = meta.get("data", {})
-    now = loader.position(int(meta["step"]))
-    for key in ("seed", "rows_per_epoch", "samples_seen"):
-        if key in saved and saved[key] != now[key]:
-            raise ConfigError(
-                f"The checkpoint was reading a different data stream ({key}: {saved[key]} "
-                f"then, {now[key]} now): the corpus, data.seq_len, data.packing, "
-                f"data.shuffle_seed or train.global_batch changed. Restore them to resume "
-                f"exactly, or start a new run_dir.")
-
-
-def eval_metric(cfg: Config, task) -> tuple[str, str]:
-    name = cfg.eval.metric if cfg.eval.metric != "auto" else task.default_metric
-    try:
-        return name, metric_mode(name)
-    except ValueError as e:
-        raise ConfigError(f"eval.metric: {e}") from None
-
-
-@dataclasses.dataclass
-class Progress:
-    """What the loop knows beyond the state, saved in every checkpoint's metadata: the
-    unfreezing phase and the eval metric's history (for early stopping and adaptive
-    unfreezing)."""
-    phase: int = 0
-    best: float | None = None
-    best_step: int | None = None
-    since_best: int = 0  # evaluations without improvement (reset when a phase begins)
-    plateau: dict | None = None  # optim.schedule plateau: reduce-on-plateau's state
-
-    def improved(self, value: float, mode: str) -> bool:
-        if self.best is None or (value > self.best if mode == "max" else value < self.best):
-            self.best, self.since_best = value, 0
-            return True
-        self.since_best += 1
-        return False
-
-
-def restore_newest_intact(ckpt: Checkpointer, cfg: Config, task):
-    """(step, meta, progress, engine, state) of the run directory's newest intact checkpoint,
-    or None for a fresh run. A damaged step (missing items, unreadable, failed checksums) is
-    moved aside with a warning that names it and the fault, and the next older one is tried;
-    a checkpoint that does not fit the config is the user's to fix, and raises."""
-    while (step := ckpt.latest_step()) is not None:
-        fault = None
+    @contextlib.contextmanager
+    def pause(self):
+        t0 = time.perf_counter()
         try:
-            meta = ckpt.read_meta(step)
-            check_resume_config(meta.get("config", {}), cfg)
-            progress = Progress(**meta.get("progress", {}))
-            try:
-                engine = build(cfg, task, phase=progress.phase)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            state, meta = ckpt.restore(step, engine.restore_target())
-        except CheckpointDamaged as e:
-            fault = e.fault
-        if jax.process_count() > 1:  # damage one process saw is damage for all
-            faults = multihost_utils.process_allgather(np.int32(fault is not None))
-            if faults.any() and fault is None:
-                fault = "damaged as read by another process"
-        if fault is None:
-            return step, meta, progress, engine, state
-        where = ckpt.move_aside(step, fault)
-        if jax.process_index() == 0:
-            print(f"warning: checkpoint step {step} is damaged ({fault}); moved it to {where} "
-                  f"and falling back to the previous step.", file=sys.stderr, flush=True)
-    damaged = ckpt.directory.parent / DAMAGED_DIR
-    if damaged.is_dir() and any(damaged.iterdir()):
-        raise ConfigError(f"{ckpt.directory.parent} holds no intact checkpoint: every step is "
-                          f"damaged and was moved to {damaged}. Nothing was started. Check them "
-                          f"with `ptft checkpoints verify {ckpt.directory.parent}`; use a new "
-                          f"run_dir, or move {damaged} away to start this one afresh.")
-    return None
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
+
+    def step_seconds(self) -> float:
+        return time.perf_counter() - self.started - self.paused
 
 
 @contextlib.contextmanager
@@ -159,262 +71,284 @@ def abandon_on_save_failure(ckpt, best, writer):
         raise
 
 
-def run(job: Job, on_eval=None) -> dict:
-    """Trains `job` to train.steps (or a stop). `on_eval(step, metrics)` is called after each
-    evaluation; a string it returns stops the run there, saved, with that reason."""
-    cfg, task = job.cfg, job.task
-    is_main = jax.process_index() == 0
-    run_dir = Path(cfg.run_dir)
-    t, B = cfg.train, cfg.train.global_batch
+class Training:
+    """One run after its start is known. What the stages share (engine, state, progress,
+    the writers) lives here; each method is one stage of the loop."""
 
-    # Resume from the run directory's newest intact checkpoint, else initialise (and restore
-    # a pretrained component). Nothing is written to the run directory until every check here
-    # has passed (moving a damaged step aside is the one exception: it is never deleted).
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep,
-                        cfg.checkpoint.async_save)
-    init_key, train_key = jax.random.split(jax.random.key(t.seed))
-    init_report: list = []
-    try:
-        resumed = restore_newest_intact(ckpt, cfg, task)
-        if resumed:
-            start_step, meta, progress, engine, state = resumed
-            # The optimizer's hyperparameters are this config's (a resumed run may lower the
-            # LR, say); the plateau scale is the run's own and stays.
-            state = state.replace(opt_state=set_hyperparams(state.opt_state, {
-                k: v for k, v in hyperparams(cfg.optim, t.steps).items() if k != "lr_scale"}))
-            if start_step >= t.steps:
-                raise ConfigError(f"{run_dir} already holds a checkpoint at step {start_step}, "
-                                  f"at or past train.steps={t.steps}: nothing to do. Raise "
-                                  f"train.steps to continue training, or use a new run_dir.")
-        else:
-            start_step, meta, progress = 0, {}, Progress()
-            try:
-                engine = build(cfg, task, phase=progress.phase)
-                state = engine.init(init_key)
-                if job.init_from is not None:
-                    state, init_report = job.init_from(engine, state)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        finetuning = task_for(cfg) in FINETUNE_TASKS
-        evaluating = job.eval_examples is not None
-        metric, mode = eval_metric(cfg, task) if evaluating else (None, None)
-    except BaseException:
-        ckpt.close()
-        raise
-    job.save_files()
-    loader = BatchLoader(job.train_rows, B, cfg.data.shuffle_seed, engine.rows)
-    if start_step:
-        check_data_position(meta, loader)
-        state = engine.place(state)
-    if is_main:  # every check has passed: the config this run trains with
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    best = BestCheckpointer(run_dir / "best", metric, mode) if evaluating else None
+    def __init__(self, job: Job, ckpt: Checkpointer, start: Start,
+                 metric: tuple[str, str] | None, train_key):
+        cfg = job.cfg
+        self.job, self.cfg, self.task, self.ckpt, self.train_key = \
+            job, cfg, job.task, ckpt, train_key
+        self.engine, self.state, self.progress = start.engine, start.state, start.progress
+        self.start_step = self.step = start.step
+        self.metric, self.mode = metric or (None, None)
+        self.compiled, self.compile_seconds = None, 0.0
+        self.pending, self.last, self.last_eval = [], {}, {}
+        self.stop_reason: str | None = None
+        self.guard = DivergenceGuard(cfg)
+        self.save_clock = SaveClock(cfg.checkpoint.every_minutes)
+        self.interval = IntervalClock()
+        self.open_run_directory(start)
+        self.log_header(start.init_report)
 
-    # The MFU reference, timed before the input thread starts so nothing competes with it.
-    reference = peak.MfuReference()
-    batches = prefetch((engine.to_device(loader.batch(s)) for s in range(start_step, t.steps)),
-                       cfg.data.prefetch)
-    writer = MetricsWriter(run_dir, t.steps, start_step, is_main, t.progress)
-    images = cfg.model.kind in IMAGE_KINDS + MULTIMODAL_KINDS  # throughput in examples/s
-    size = (f"{job.flops_per_row / 3e9:.2f} GFLOPs/pair (forward)" if job.flops_per_row else
-            f"{image_train_flops(cfg.model) / 3e9:.2f} GFLOPs/image" if images else
-            f"{matmul_params(cfg.model) / 1e6:.2f}M matmul params")
-    writer.info(f"{task.name} | {cfg.model.kind} {cfg.model.preset or ''} "
-                f"{size} | {job.describe()} | "
-                f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-                f"{cfg.mesh.parallelism} | run dir {run_dir}"
-                + (f" | resumed at step {start_step}" if start_step else ""))
-    for line in [*init_report, *engine.plan.report]:
-        writer.info(f"  {line}")
-    # MFU counts only FLOPs that are computed: a frozen backbone skips most of them, so it is
-    # reported for pretraining and full finetuning only.
-    all_train = len(engine.plan.trainable) == len(jax.tree.leaves(engine.abstract.params)) \
-        and not engine.plan.grad_masks
-    # Images: a "token" is an image (tokens_per_row = 1), so tokens_per_s is images/s.
-    flops_per_token = None if not all_train else job.flops_per_row if job.flops_per_row else \
-        image_train_flops(cfg.model, task.num_classes) if images else \
-        train_flops_per_token(
-            cfg.model, job.tokens_per_row, vocab_projection=not finetuning,
-            predicted_positions=task.predicted_positions(job.tokens_per_row))
+    # -- stage: open the run directory (every check has passed) -------------------------------
+    def open_run_directory(self, start: Start) -> None:
+        cfg, job, t = self.cfg, self.job, self.cfg.train
+        job.save_files()
+        self.loader = BatchLoader(job.train_rows, t.global_batch, cfg.data.shuffle_seed,
+                                  self.engine.rows)
+        if self.step:
+            check_data_position(start.meta, self.loader)
+            self.state = self.engine.place(self.state)
+        run_dir = Path(cfg.run_dir)
+        if jax.process_index() == 0:  # the config this run trains with
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.best = None if self.metric is None else \
+            BestCheckpointer(run_dir / "best", self.metric, self.mode)
+        # The MFU reference, timed before the input thread starts so nothing competes with it.
+        self.reference = peak.MfuReference()
+        self.batches = prefetch((self.engine.to_device(self.loader.batch(s))
+                                 for s in range(self.step, t.steps)), cfg.data.prefetch)
+        self.writer = MetricsWriter(run_dir, t.steps, self.step, jax.process_index() == 0,
+                                    t.progress)
 
-    paused = [0.0]  # seconds of the current log interval spent evaluating or compiling
+    def log_header(self, init_report: list) -> None:
+        cfg, m, plan = self.cfg, self.cfg.model, self.engine.plan
+        self.writer.info(f"{self.task.name} | {m.kind} {m.preset or ''} "
+                         f"{self.job.throughput.size} | {self.job.describe()} | "
+                         f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+                         f"{cfg.mesh.parallelism} | run dir {Path(cfg.run_dir)}"
+                         + (f" | resumed at step {self.step}" if self.step else ""))
+        for line in [*init_report, *plan.report]:
+            self.writer.info(f"  {line}")
+        # MFU counts only FLOPs that are computed: a frozen backbone skips most of them, so
+        # it is reported for pretraining and full finetuning only.
+        all_train = len(plan.trainable) == len(jax.tree.leaves(self.engine.abstract.params)) \
+            and not plan.grad_masks
+        self.flops_per_unit = self.job.throughput.flops_per_unit if all_train else None
 
-    def compile_step(engine, state, batch):
-        t0, reused = time.perf_counter(), engine.step_fn._compiled is not None
-        compiled = engine.step_fn.compile(state, batch, train_key)
-        seconds = time.perf_counter() - t0
-        paused[0] += seconds
+    # -- stage: build the step for a phase -----------------------------------------------------
+    def compile(self) -> float:
+        """Compiles the step for the current engine (phase); seconds, 0 if it was reused."""
+        engine, reused = self.engine, self.engine.step_fn._compiled is not None
+        with self.interval.pause():
+            t0 = time.perf_counter()
+            self.compiled = engine.step_fn.compile(self.state, self.batch, self.train_key)
+            seconds = time.perf_counter() - t0
         if reused:
-            writer.info("compiled step reused (an earlier run in this process compiled it)")
-            return compiled, 0.0
-        writer.info(f"compile {seconds:.1f}s (phase {engine.plan.phase + 1} of "
-                    f"{engine.plan.num_phases})" if engine.plan.num_phases > 1 else
-                    f"compile {seconds:.1f}s | MFU against {reference.flops / 1e12:.2f} "
-                    f"TFLOP/s ({reference.source})")
-        return compiled, seconds
+            self.writer.info("compiled step reused (an earlier run in this process compiled it)")
+            return 0.0
+        plan = engine.plan
+        self.writer.info(f"compile {seconds:.1f}s (phase {plan.phase + 1} of "
+                         f"{plan.num_phases})" if plan.num_phases > 1 else
+                         f"compile {seconds:.1f}s | MFU against "
+                         f"{self.reference.flops / 1e12:.2f} TFLOP/s ({self.reference.source})")
+        return seconds
 
-    first = next(batches, None)
-    compiled, compile_seconds = compile_step(engine, state, first)
-    paused[0] = 0.0
+    def enter_phase(self, phase: int) -> None:
+        """A new unfreezing phase: a new trainable set, compiled before its first step."""
+        self.progress.phase = phase
+        self.engine, self.state = self.engine.for_phase(phase, self.state)
+        self.compiled = None
+        for line in self.engine.plan.report:
+            self.writer.info(f"  {line}")
 
-    def save(step):
-        t_save = time.perf_counter()
-        meta = {"config": cfg.to_dict(), "data": loader.position(step), "task": task.name,
-                "progress": dataclasses.asdict(progress), **job.meta}
-        ckpt.save(step, engine.host_state(state), meta)
-        paused[0] += time.perf_counter() - t_save  # checksums and the save's start: not a step
+    # -- stage: the step loop ------------------------------------------------------------------
+    def compile_first(self) -> None:
+        self.batch = next(self.batches)
+        self.compile_seconds = self.compile()
+        self.interval.restart()
 
-    def run_eval(step) -> dict:
-        values = evaluate(engine, state, job.eval_examples, cfg.eval.batch_size,
-                          progress=t.progress and is_main)
-        writer.write(step, {f"eval/{k}": v for k, v in values.items()},
-                     shown=[f"eval/{k}" for k in task.eval_shown])
-        if progress.improved(float(values[metric]), mode):
-            progress.best_step = step
-            best.save(step, engine.host_state(state), {"config": cfg.to_dict(), **job.meta,
-                                                        "step": step}, values)
-        return values
-
-    pending: list = []
-    guard = DivergenceGuard(cfg)
-    clock = SaveClock(cfg.checkpoint.every_minutes)
-    last: dict = {}
-    last_eval: dict = {}
-    stop_reason = None
-    step = start_step
-    interval_start = time.perf_counter()
-    batch = first
-    with StopOnSignal() as stop, abandon_on_save_failure(ckpt, best, writer):
-        while step < t.steps:
-            # Gradual unfreezing: a new phase is a new trainable set, compiled once.
-            if cfg.finetune.unfreeze == "gradual" and phase_at_step(cfg, step) != progress.phase:
-                progress.phase = phase_at_step(cfg, step)
-                engine, state = engine.for_phase(progress.phase, state)
-                compiled, _ = compile_step(engine, state, batch)
-                for line in engine.plan.report:
-                    writer.info(f"  {line}")
-            state, metrics = compiled(state, batch, train_key)
-            step += 1
-            pending.append(metrics)
-            guard.add(step, metrics)
-            writer.advance()
-            at_log = step % t.log_every == 0 or step == t.steps
-            will_save = ckpt.should_save(step) or step == t.steps or clock.due(at_log)
+    def train(self, stop: StopOnSignal, on_eval) -> None:
+        t = self.cfg.train
+        while self.step < t.steps:
+            if self.cfg.finetune.unfreeze == "gradual" and \
+                    phase_at_step(self.cfg, self.step) != self.progress.phase:
+                self.enter_phase(phase_at_step(self.cfg, self.step))
+            if self.compiled is None:
+                self.compile()
+            self.state, metrics = self.compiled(self.state, self.batch, self.train_key)
+            self.step += 1
+            self.pending.append(metrics)
+            self.guard.add(self.step, metrics)
+            self.writer.advance()
+            at_log = self.step % t.log_every == 0 or self.step == t.steps
+            will_save = self.ckpt.should_save(self.step) or self.step == t.steps or \
+                self.save_clock.due(at_log)
             stopping = stop.agreed(check_all_processes=at_log)
-            if at_log or will_save or stopping:
-                diverged = guard.check()
-                if diverged:
-                    stop_reason = diverged
-                    break
+            if (at_log or will_save or stopping) and self.diverged():
+                break
             if at_log:
-                values = [engine.host_state(v) for v in jax.device_get(pending)]  # waits
-                elapsed = time.perf_counter() - interval_start - paused[0]
-                sums = None
-                good = [v for v in values if not np.max(v["skipped"])]
-                for v in good:  # skipped steps' sums are not finite: left out, counted
-                    sums = add_sums(sums, v["sums"])
-                last = task.metrics(sums) if sums is not None else {}
-                last = {k: v for k, v in last.items() if np.isscalar(v)}
-                if len(good) < len(values):
-                    last["skipped_steps"] = len(values) - len(good)
-                tokens_per_s = len(values) * B * job.tokens_per_row / elapsed
-                if images:  # a token would be an image: images/s is examples_per_s
-                    last.update(examples_per_s=len(values) * B / elapsed)
-                else:
-                    last.update(tokens_per_s=tokens_per_s,
-                                tokens_per_s_per_device=tokens_per_s / jax.device_count())
-                last.update(grad_norm=float(np.mean([v["grad_norm"] for v in good]))
-                            if good else float("nan"),
-                            learning_rate=float(values[-1]["learning_rate"]),
-                            step_time_s=elapsed / len(values),
-                            examples_per_s=len(values) * B / elapsed)
-                if flops_per_token is not None:
-                    last["mfu"] = reference.mfu(tokens_per_s, flops_per_token)
-                    if reference.too_low:
-                        last["mfu_ceiling_too_low"] = True
-                        warning = reference.warning_once(last["mfu"])
-                        if warning:
-                            writer.info(warning)
-                writer.write(step, last, shown=[*task.shown, "learning_rate", "step_time_s",
-                                                "examples_per_s" if images else "tokens_per_s",
-                                                "mfu", "skipped_steps"])
-                pending = []
-            at_eval = evaluating and (step == t.steps or (cfg.eval.every and
-                                                          step % cfg.eval.every == 0))
-            if at_eval:
-                t_eval = time.perf_counter()
-                last_eval = run_eval(step)
-                if cfg.optim.schedule == "plateau":  # the LR scale lives in the state
-                    progress.plateau, scale = plateau_step(cfg.optim, progress.plateau,
-                                                           float(last_eval[metric]), mode)
-                    if scale != get_hyperparam(state.opt_state, "lr_scale"):
-                        state = state.replace(opt_state=set_hyperparams(state.opt_state,
-                                                                        {"lr_scale": scale}))
-                        writer.info(f"{metric} has plateaued: the LR is now {scale:g} x the "
-                                    f"schedule's")
-                paused[0] += time.perf_counter() - t_eval  # not part of any step's time
-                phases_left = progress.phase < engine.plan.num_phases - 1
-                if cfg.finetune.unfreeze == "adaptive" and phases_left and \
-                        progress.since_best >= cfg.finetune.unfreeze_patience:
-                    progress.phase += 1
-                    progress.since_best = 0
-                    writer.info(f"{metric} has not improved for "
-                                f"{cfg.finetune.unfreeze_patience} evaluation(s): unfreezing")
-                    engine, state = engine.for_phase(progress.phase, state)
-                    compiled = None  # compiled below, on the next batch
-                    for line in engine.plan.report:
-                        writer.info(f"  {line}")
-                elif cfg.eval.early_stopping and not phases_left and \
-                        progress.since_best >= cfg.eval.early_stopping:
-                    stop_reason = (f"early stopping: {metric} has not improved for "
-                                   f"{cfg.eval.early_stopping} evaluations (best "
-                                   f"{progress.best:.4g} at step {progress.best_step})")
-                if on_eval is not None and stop_reason is None:
-                    stop_reason = on_eval(step, last_eval)
+                self.log_interval()
+            if self.at_eval():
+                self.stop_reason = self.evaluate_and_decide(on_eval)
             if at_log:
-                interval_start = time.perf_counter()
-                paused[0] = 0.0
-            if will_save or stopping or stop_reason:
-                diverged = guard.check()  # steps since the last check (early stopping)
-                if diverged:
-                    stop_reason = diverged
+                self.interval.restart()
+            if will_save or stopping or self.stop_reason:
+                if self.diverged():  # steps since the last check (early stopping)
                     break
-                if not guard.suspect:  # never a state the guard is still unsure of
-                    save(step)
-                    clock.saved()
+                if not self.guard.suspect:  # never a state the guard is still unsure of
+                    self.save()
             if stopping:
-                writer.info(f"Stopped by {stop.signal_name}: " + (
-                    f"saved step {step}" if not guard.suspect else
-                    f"step {step} not saved, its last steps were skipped as non-finite "
+                self.writer.info(f"Stopped by {stop.signal_name}: " + (
+                    f"saved step {self.step}" if not self.guard.suspect else
+                    f"step {self.step} not saved, its last steps were skipped as non-finite "
                     f"(the newest checkpoint is the last good state)")
                     + ". Run the same command to resume.")
                 break
-            if stop_reason:
-                writer.info(stop_reason)
+            if self.stop_reason:
+                self.writer.info(self.stop_reason)
                 break
-            if step < t.steps:
-                batch = next(batches)
-                if compiled is None:
-                    compiled, _ = compile_step(engine, state, batch)
-    if stop_reason and stop_reason.startswith("diverged"):
-        kept = ckpt.latest_step()
-        writer.info(f"{stop_reason}. " + (f"The last checkpoint (step {kept}) is intact: lower "
-                                          f"optim.learning_rate (or raise optim.warmup_steps) "
-                                          f"and run the same command to resume from it."
-                                          if kept else "No checkpoint had been saved yet: "
-                                          "lower optim.learning_rate (or raise "
-                                          "optim.warmup_steps) and start again."))
-    with abandon_on_save_failure(ckpt, best, writer):
-        ckpt.close()  # waits for the last save: a failure surfaces here
-    last_saved = (committed_steps(ckpt.directory) or [None])[-1]
-    if best is not None:
-        best.close()
-    writer.close()
-    return {"run_dir": str(run_dir), "steps": step, "start_step": start_step,
-            "stopped_by_signal": stop.signal_name, "stop_reason": stop_reason,
-            "compile_seconds": compile_seconds, "peak_flops": reference.flops,
-            "flops_per_token": flops_per_token, "phase": progress.phase,
-            "best": progress.best, "best_step": progress.best_step, "metric": metric,
-            "diverged": bool(stop_reason and stop_reason.startswith("diverged")),
-            "last_saved_step": last_saved,
-            **last, **{f"eval/{k}": v for k, v in last_eval.items()}}
+            if self.step < t.steps:
+                self.batch = next(self.batches)
+
+    def diverged(self) -> bool:
+        reason = self.guard.check()
+        if reason:
+            self.stop_reason = reason
+        return bool(reason)
+
+    def at_eval(self) -> bool:
+        every = self.cfg.eval.every
+        return self.metric is not None and (self.step == self.cfg.train.steps or
+                                            bool(every and self.step % every == 0))
+
+    # -- stage: log an interval ----------------------------------------------------------------
+    def log_interval(self) -> None:
+        values = [self.engine.host_state(v) for v in jax.device_get(self.pending)]  # waits
+        self.pending = []
+        seconds = self.interval.step_seconds()
+        good = [v for v in values if not np.max(v["skipped"])]
+        sums = None
+        for v in good:  # skipped steps' sums are not finite: left out, counted
+            sums = add_sums(sums, v["sums"])
+        last = self.task.metrics(sums) if sums is not None else {}
+        last = {k: v for k, v in last.items() if np.isscalar(v)}
+        if len(good) < len(values):
+            last["skipped_steps"] = len(values) - len(good)
+        tp, rows = self.job.throughput, len(values) * self.cfg.train.global_batch
+        units_per_s = rows * tp.units_per_row / seconds
+        if tp.unit == "tokens":
+            last.update(tokens_per_s=units_per_s,
+                        tokens_per_s_per_device=units_per_s / jax.device_count())
+        last.update(grad_norm=float(np.mean([v["grad_norm"] for v in good]))
+                    if good else float("nan"),
+                    learning_rate=float(values[-1]["learning_rate"]),
+                    step_time_s=seconds / len(values), examples_per_s=rows / seconds)
+        if self.flops_per_unit is not None:
+            last["mfu"] = self.reference.mfu(units_per_s, self.flops_per_unit)
+            if self.reference.too_low:
+                last["mfu_ceiling_too_low"] = True
+                warning = self.reference.warning_once(last["mfu"])
+                if warning:
+                    self.writer.info(warning)
+        self.last = last
+        self.writer.write(self.step, last, shown=[*self.task.shown, "learning_rate",
+                                                  "step_time_s", f"{tp.unit}_per_s", "mfu",
+                                                  "skipped_steps"])
+
+    # -- stage: evaluate and decide ------------------------------------------------------------
+    def evaluate_and_decide(self, on_eval) -> str | None:
+        """Evaluates, keeps the best checkpoint, then decides: plateau LR, adaptive
+        unfreezing, early stopping, or `on_eval`'s stop. The stop reason, or None."""
+        with self.interval.pause():  # not part of any step's time
+            self.last_eval = self.evaluate()
+            self.adjust_plateau(float(self.last_eval[self.metric]))
+        p, f = self.progress, self.cfg.finetune
+        phases_left = p.phase < self.engine.plan.num_phases - 1
+        reason = None
+        if f.unfreeze == "adaptive" and phases_left and p.since_best >= f.unfreeze_patience:
+            self.writer.info(f"{self.metric} has not improved for {f.unfreeze_patience} "
+                             f"evaluation(s): unfreezing")
+            p.since_best = 0
+            self.enter_phase(p.phase + 1)
+        elif self.cfg.eval.early_stopping and not phases_left and \
+                p.since_best >= self.cfg.eval.early_stopping:
+            reason = (f"early stopping: {self.metric} has not improved for "
+                      f"{self.cfg.eval.early_stopping} evaluations (best {p.best:.4g} at step "
+                      f"{p.best_step})")
+        if on_eval is not None and reason is None:
+            reason = on_eval(self.step, self.last_eval)
+        return reason
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        values = evaluate(self.engine, self.state, self.job.eval_examples, cfg.eval.batch_size,
+                          progress=cfg.train.progress and jax.process_index() == 0)
+        self.writer.write(self.step, {f"eval/{k}": v for k, v in values.items()},
+                          shown=[f"eval/{k}" for k in self.task.eval_shown])
+        if self.progress.improved(float(values[self.metric]), self.mode):
+            self.progress.best_step = self.step
+            self.best.save(self.step, self.engine.host_state(self.state),
+                           {"config": cfg.to_dict(), **self.job.meta, "step": self.step},
+                           values)
+        return values
+
+    def adjust_plateau(self, value: float) -> None:
+        """optim.schedule plateau: the LR scale lives in the optimizer state."""
+        if self.cfg.optim.schedule != "plateau":
+            return
+        self.progress.plateau, scale = plateau_step(self.cfg.optim, self.progress.plateau,
+                                                    value, self.mode)
+        opt_state = self.state.opt_state
+        if scale != get_hyperparam(opt_state, "lr_scale"):
+            self.state = self.state.replace(
+                opt_state=set_hyperparams(opt_state, {"lr_scale": scale}))
+            self.writer.info(f"{self.metric} has plateaued: the LR is now {scale:g} x the "
+                             f"schedule's")
+
+    # -- stage: save ---------------------------------------------------------------------------
+    def save(self) -> None:
+        with self.interval.pause():  # checksums and the save's start: not a step
+            meta = {"config": self.cfg.to_dict(), "data": self.loader.position(self.step),
+                    "task": self.task.name, "progress": dataclasses.asdict(self.progress),
+                    **self.job.meta}
+            self.ckpt.save(self.step, self.engine.host_state(self.state), meta)
+        self.save_clock.saved()
+
+    # -- stage: final report -------------------------------------------------------------------
+    def finish(self, stop: StopOnSignal) -> dict:
+        diverged = bool(self.stop_reason and self.stop_reason.startswith("diverged"))
+        if diverged:
+            kept = self.ckpt.latest_step()
+            self.writer.info(f"{self.stop_reason}. " + (
+                f"The last checkpoint (step {kept}) is intact: lower optim.learning_rate (or "
+                f"raise optim.warmup_steps) and run the same command to resume from it."
+                if kept else "No checkpoint had been saved yet: lower optim.learning_rate (or "
+                "raise optim.warmup_steps) and start again."))
+        with abandon_on_save_failure(self.ckpt, self.best, self.writer):
+            self.ckpt.close()  # waits for the last save: a failure surfaces here
+        last_saved = (committed_steps(self.ckpt.directory) or [None])[-1]
+        if self.best is not None:
+            self.best.close()
+        self.writer.close()
+        p = self.progress
+        return {"run_dir": str(Path(self.cfg.run_dir)), "steps": self.step,
+                "start_step": self.start_step, "stopped_by_signal": stop.signal_name,
+                "stop_reason": self.stop_reason,
+                "compile_seconds": self.compile_seconds, "peak_flops": self.reference.flops,
+                "flops_per_unit": self.flops_per_unit, "phase": p.phase, "best": p.best,
+                "best_step": p.best_step, "metric": self.metric, "diverged": diverged,
+                "last_saved_step": last_saved, **self.last,
+                **{f"eval/{k}": v for k, v in self.last_eval.items()}}
+
+
+def run(job: Job, on_eval=None) -> dict:
+    """Trains `job` to train.steps (or a stop). `on_eval(step, metrics)` is called after each
+    evaluation; a string it returns stops the run there, saved, with that reason."""
+    cfg = job.cfg
+    ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.every,
+                        cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    init_key, train_key = jax.random.split(jax.random.key(cfg.train.seed))
+    try:  # nothing is written to the run directory until these checks have passed
+        start = resume_or_init(job, ckpt, init_key)
+        metric = eval_metric(cfg, job.task) if job.eval_examples is not None else None
+    except BaseException:
+        ckpt.close()
+        raise
+    training = Training(job, ckpt, start, metric, train_key)
+    training.compile_first()
+    with StopOnSignal() as stop, abandon_on_save_failure(ckpt, training.best, training.writer):
+        training.train(stop, on_eval)
+    return training.finish(stop)

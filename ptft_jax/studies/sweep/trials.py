@@ -116,7 +116,7 @@ def run_trial(sweep: Sweep, trial, log) -> float:
 
     try:
         cfg = config_with(sweep.raw, settings)
-        result = (entry.pretrain if sweep.command == "pretrain" else entry.finetune)(cfg, on_eval)
+        result = entry.train(sweep.command, cfg, on_eval)
     except (ConfigError, ValueError) as e:  # a combination that validation refuses
         raise failed(str(e).splitlines()[0], str(e)) from None
     except Exception as e:  # noqa: BLE001 - one trial's crash must not end the sweep
