@@ -1,0 +1,73 @@
+"""`ptft eval`, `ptft predict`, `ptft embed` and `ptft export` as commands (cli.py parses
+their arguments). Each returns the process's exit code; bad input raises ConfigError or
+ValueError, which the command line prints as one line (exit code 2)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ptft_jax.infer.embed import embed as embed_texts
+from ptft_jax.infer.embed import load_encoder, write
+from ptft_jax.infer.export import export_hf
+from ptft_jax.infer.predict import (evaluate_run, export_run, image_files, is_image_run,
+                                    predict_images, predict_pairs, predict_run, read_inputs,
+                                    run_task, write_jsonl)
+
+
+def evaluate(args) -> int:
+    result = evaluate_run(args.run_dir, args.split, args.corpus, args.batch_size,
+                          progress=sys.stderr.isatty())
+    confusion = result.pop("confusion", None)
+    print(json.dumps(result, indent=1))
+    if confusion is not None:
+        print("confusion matrix (rows: true, columns: predicted)", file=sys.stderr)
+        for row in confusion:
+            print("  " + " ".join(f"{int(v):5d}" for v in row), file=sys.stderr)
+    return 0
+
+
+def export(args) -> int:
+    if args.format == "hf":
+        result = export_hf(args.run_dir, args.out_dir)
+        print(f"exported {result['source']} to {result['out_dir']} as {result['architecture']}: "
+              f"{result['tensors']} tensors, {result['parameters']:,} parameters"
+              + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
+        return 0
+    result = export_run(args.run_dir, args.out_dir)
+    print(f"exported {result['source']} to {result['out_dir']}: {result['parameters']:,} "
+          f"parameters" + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
+    return 0
+
+
+def embed(args) -> int:
+    if args.output and args.output != "-" and not Path(args.output).parent.is_dir():
+        raise ValueError(f"--output {args.output}: folder {Path(args.output).parent} does not "
+                         f"exist.")
+    if args.seq_len < 3 or args.batch_size < 1:
+        raise ValueError("--seq-len must be at least 3 and --batch-size at least 1.")
+    texts, _ = read_inputs(args.input)
+    encoder = load_encoder(args.source)
+    vectors = embed_texts(encoder, texts, args.pooling, args.seq_len, args.batch_size,
+                          progress=sys.stderr.isatty())
+    write(vectors, texts, args.output)
+    print(f"embedded {len(texts)} text(s) with {encoder.description}: {vectors.shape[1]} dims, "
+          f"{args.pooling or encoder.pooling} pooling"
+          + (f", into {args.output}" if args.output else ""), file=sys.stderr)
+    return 0
+
+
+def predict(args) -> int:
+    progress = sys.stderr.isatty()
+    if run_task(args.run_dir) in ("contrastive", "multimodal_classification"):
+        rows = predict_pairs(args.run_dir, args.input, args.batch_size, progress=progress)
+    elif is_image_run(args.run_dir):
+        rows = predict_images(args.run_dir, image_files(args.input), args.batch_size,
+                              progress=progress)
+    else:
+        texts, pairs = read_inputs(args.input)
+        rows = predict_run(args.run_dir, texts, pairs, args.batch_size, progress=progress)
+    n = write_jsonl(rows, args.output)
+    print(f"predicted {n} example(s)" + (f" into {args.output}" if args.output else ""),
+          file=sys.stderr)
+    return 0
