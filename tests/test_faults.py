@@ -21,7 +21,7 @@ from ptft_jax.config.schema import ConfigError
 from ptft_jax.core.params import flatten
 from ptft_jax.jobs.entry import pretrain
 from ptft_jax.jobs.lm import pretrain_job
-from ptft_jax.train.loop import restore_newest_intact
+from ptft_jax.train.resume import restore_newest_intact
 from tests.test_resume import _arrays
 
 REPO = Path(__file__).resolve().parents[1]

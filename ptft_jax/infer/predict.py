@@ -22,7 +22,8 @@ from ptft_jax.config.validate import validate
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.core.params import count
 from ptft_jax.core.state import TrainState
-from ptft_jax.data.image_sources import IMAGE_SUFFIXES, BadImage, decode
+from ptft_jax.data.image_io import BadImage, decode
+from ptft_jax.data.image_sources import IMAGE_SUFFIXES
 from ptft_jax.data.images import ImageExamples, convert
 from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
 from ptft_jax.data.pairs import FilePairs, PairExamples
