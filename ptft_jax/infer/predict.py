@@ -31,9 +31,9 @@ from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.jobs.images import image_split
 from ptft_jax.jobs.pairs import pairs_split
 from ptft_jax.tasks.factory import make_task
+from ptft_jax.tasks.metrics import eval_metric
 from ptft_jax.train.engine import build
 from ptft_jax.train.evaluate import evaluate, predict_outputs
-from ptft_jax.tasks.metrics import eval_metric
 
 
 def load_run(run_dir: str | Path, batch_size: int | None = None):

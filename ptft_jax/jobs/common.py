@@ -14,6 +14,7 @@ from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.core.mesh import broadcast_text
+from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
                                      train_tokenizer)
 from ptft_jax.models.flops import matmul_params, train_flops_per_token
@@ -95,10 +96,22 @@ def check_labelled_splits(saved, labels, labels_path: Path, train, what: str,
                           f"{corpus}.")
 
 
-def save_tokenizer(tokenizer, run_dir: Path) -> None:
-    if jax.process_index() == 0 and not (run_dir / "tokenizer.json").exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
+def saved_labels(run_dir: Path) -> LabelSpace | None:
+    """The label space a run directory was started with (labels.json), or None."""
+    path = run_dir / "labels.json"
+    return LabelSpace.load(path) if path.exists() else None
+
+
+def save_run_files(run_dir: Path, tokenizer=None, labels: LabelSpace | None = None) -> None:
+    """The tokenizer (a vocab.txt is saved as JSON too) and the label space into the run
+    directory, by process 0, once: a resumed run keeps the files it started with."""
+    if jax.process_index() != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None and not (run_dir / "tokenizer.json").exists():
         tokenizer.save(str(run_dir / "tokenizer.json"))
+    if labels is not None and not (run_dir / "labels.json").exists():
+        labels.save(run_dir / "labels.json")
 
 
 def pretrained_init(cfg: Config, token_ids: TokenIds | None, label_names=None):

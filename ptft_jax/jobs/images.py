@@ -4,16 +4,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.data.image_sources import open_images
 from ptft_jax.data.images import ImageExamples, prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace
-from ptft_jax.jobs.common import check_labelled_splits, pretrained_init
-from ptft_jax.tasks.factory import make_task
+from ptft_jax.jobs.common import (check_labelled_splits, pretrained_init, save_run_files,
+                                  saved_labels)
 from ptft_jax.models.flops import image_train_flops
+from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.job import Job, Throughput
 
 
@@ -54,7 +54,7 @@ def image_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, labe
 def image_job(cfg: Config) -> Job:
     run_dir = Path(cfg.run_dir)
     labels_path = run_dir / "labels.json"
-    saved = LabelSpace.load(labels_path) if labels_path.exists() else None
+    saved = saved_labels(run_dir)
     try:
         train, labels = image_split(cfg, run_dir, cfg.data.split, None, saved,
                                      cfg.data.per_class)
@@ -68,10 +68,7 @@ def image_job(cfg: Config) -> Job:
     task = make_task(cfg, labels)
 
     def save_files():
-        if jax.process_index() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not labels_path.exists():
-                labels.save(labels_path)
+        save_run_files(run_dir, labels=labels)
 
     m = cfg.model
     describe = (f"{len(train):,} training images"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
 
 from ptft_jax.config.schema import Config, ConfigError, task_for
-from ptft_jax.data.labelled import LabelSpace, open_examples
+from ptft_jax.data.labelled import open_examples
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path
-from ptft_jax.jobs.common import pretrained_init, resolve_vocab, text_throughput
+from ptft_jax.jobs.common import (pretrained_init, resolve_vocab, save_run_files, saved_labels,
+                                  text_throughput)
 from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.job import Job
 
@@ -42,13 +42,13 @@ def finetune_job(cfg: Config) -> Job:
     cfg = resolve_vocab(cfg, token_ids)
     kind = task_for(cfg)
     labels_path = run_dir / "labels.json"
-    saved_labels = LabelSpace.load(labels_path) if labels_path.exists() else None
+    saved = saved_labels(run_dir)
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
     # The examples are tokenized into a cache next to a copy of the tokenizer, so the cache's
     # tokenizer check has a file to read before the run directory is written.
     try:
         train, labels = open_examples(cfg.data, cfg.data.split, tokenizer_path, cache_root,
-                                      kind, saved_labels, cfg.model.kind,
+                                      kind, saved, cfg.model.kind,
                                       progress=cfg.train.progress)
         evaluation = None
         if cfg.data.eval_split or cfg.data.eval_corpus:
@@ -58,18 +58,13 @@ def finetune_job(cfg: Config) -> Job:
                                           corpus=cfg.data.eval_corpus)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if saved_labels is not None and saved_labels != labels:
+    if saved is not None and saved != labels:
         raise ConfigError(f"{labels_path} holds other labels than the data now gives; use a new "
                           f"run_dir.")
     task = make_task(cfg, labels)
 
     def save_files():
-        if jax.process_index() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "tokenizer.json").exists():  # a vocab.txt is saved as JSON too
-                tokenizer.save(str(run_dir / "tokenizer.json"))
-            if not labels_path.exists():
-                labels.save(labels_path)
+        save_run_files(run_dir, tokenizer, labels)
 
     init_from = pretrained_init(cfg, token_ids, labels.names)
     truncated = train.truncated + (evaluation.truncated if evaluation is not None else 0)

@@ -10,7 +10,7 @@ from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.packing import Packer
 from ptft_jax.data.tokenizer import TokenIds
-from ptft_jax.jobs.common import (prepare_tokenizer, pretrained_init, resolve_vocab, save_tokenizer,
+from ptft_jax.jobs.common import (prepare_tokenizer, pretrained_init, resolve_vocab, save_run_files,
                                   text_throughput)
 from ptft_jax.tasks.factory import make_task, mlm_spec
 from ptft_jax.tasks.lm import MaskedLM
@@ -63,7 +63,7 @@ def pretrain_job(cfg: Config) -> Job:
     rows = LazyRows()
 
     def save_files():
-        save_tokenizer(tokenizer, run_dir)
+        save_run_files(run_dir, tokenizer)
         rows.build()
 
     def describe():

@@ -22,7 +22,8 @@ from ptft_jax.data.images import prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace, predict_examples
 from ptft_jax.data.pairs import PairExamples, PairRecords, open_pairs
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path, train_tokenizer
-from ptft_jax.jobs.common import check_labelled_splits, fitted_vocab_size, pretrained_init
+from ptft_jax.jobs.common import (check_labelled_splits, fitted_vocab_size, pretrained_init,
+                                  save_run_files, saved_labels)
 from ptft_jax.models.flops import multimodal_train_flops
 from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.job import Job, Throughput
@@ -148,7 +149,7 @@ def tower_init_from(cfg: Config, label_names=None, vocab_rows: int | None = None
 def pairs_job(cfg: Config) -> Job:
     run_dir, d, task_name = Path(cfg.run_dir), cfg.data, task_for(cfg)
     labels_path = run_dir / "labels.json"
-    saved = LabelSpace.load(labels_path) if labels_path.exists() else None
+    saved = saved_labels(run_dir)
     try:
         source = open_pairs(d.corpus, d.split, d.image_column, d.text_column, d.label_column)
         tokenizer = pairs_tokenizer(cfg, run_dir, source.texts())
@@ -170,12 +171,7 @@ def pairs_job(cfg: Config) -> Job:
     image = cfg.towers.image.model
 
     def save_files():
-        if jax.process_index() == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "tokenizer.json").exists():
-                tokenizer.save(str(run_dir / "tokenizer.json"))
-            if labels is not None and not labels_path.exists():
-                labels.save(labels_path)
+        save_run_files(run_dir, tokenizer, labels)
 
     describe = (f"{len(train):,} training pairs"
                 + (f", {len(evaluation):,} eval pairs" if evaluation is not None else "")

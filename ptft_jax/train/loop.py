@@ -89,6 +89,12 @@ class Training:
         self.guard = DivergenceGuard(cfg)
         self.save_clock = SaveClock(cfg.checkpoint.every_minutes)
         self.interval = IntervalClock()
+        # MFU counts only FLOPs that are computed: a frozen backbone skips most of them, so
+        # it is reported for pretraining and full finetuning only.
+        plan = self.engine.plan
+        all_train = len(plan.trainable) == len(jax.tree.leaves(self.engine.abstract.params)) \
+            and not plan.grad_masks
+        self.flops_per_unit = job.throughput.flops_per_unit if all_train else None
         self.open_run_directory(start)
         self.log_header(start.init_report)
 
@@ -122,11 +128,6 @@ class Training:
                          + (f" | resumed at step {self.step}" if self.step else ""))
         for line in [*init_report, *plan.report]:
             self.writer.info(f"  {line}")
-        # MFU counts only FLOPs that are computed: a frozen backbone skips most of them, so
-        # it is reported for pretraining and full finetuning only.
-        all_train = len(plan.trainable) == len(jax.tree.leaves(self.engine.abstract.params)) \
-            and not plan.grad_masks
-        self.flops_per_unit = self.job.throughput.flops_per_unit if all_train else None
 
     # -- stage: build the step for a phase -----------------------------------------------------
     def compile(self) -> float:
