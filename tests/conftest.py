@@ -1,8 +1,11 @@
 """Fakes 8 CPU devices before JAX initialises, and offers small configs and corpora."""
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+from tests.xla_flags import fake_devices  # noqa: E402  (imports nothing: JAX not started)
+
+# Subprocesses (CLI runs, two-process runs) inherit these flags or set their own from
+# tests/xla_flags.py.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fake_devices(8)).strip()
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Many tests compile the same small programs (the same tiny model's init and step on the same

@@ -14,6 +14,7 @@ import numpy as np
 
 from ptft_jax.ckpt.pretrained import read_params
 from ptft_jax.core.params import flatten
+from tests.xla_flags import fake_devices
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pretrain_tiny_mlm.yaml"
@@ -31,7 +32,7 @@ def _free_port() -> int:
 def _env(num_devices: int) -> dict:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_DATASETS_OFFLINE="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+               XLA_FLAGS=fake_devices(num_devices),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     return env
 

@@ -15,6 +15,7 @@ import yaml
 from ptft_jax.config.schema import ConfigError
 from ptft_jax.studies import experiment
 from tests.test_multimodal import _write_pairs
+from tests.xla_flags import fake_devices
 
 TOWERS = {"image": {"model": {"preset": "vit-mini4", "image_size": 8, "patch_size": 4,
                               "hidden_size": 32, "num_heads": 2, "mlp_dim": 64,
@@ -92,7 +93,7 @@ def test_experiment_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     root = tmp_path / "exp"
     # One CPU device: the stages compile several times faster than on 8 fake ones (the
     # sharded steps are tested elsewhere).
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": fake_devices(1)}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=env)
     # Interrupt as soon as some stage has saved a checkpoint short of its last step.

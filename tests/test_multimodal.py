@@ -20,6 +20,7 @@ from ptft_jax.train.engine import build
 from ptft_jax.train.plan import make_plan
 from tests.helpers import (ONE_DEVICE_AND_MESH, assert_same_gradients, host_params, mean_gradients,
                            run_steps)
+from tests.xla_flags import fake_devices
 
 VOCAB = 64
 TOWERS = ["towers.image.model.preset=vit-mini4", "towers.image.model.image_size=8",
@@ -324,7 +325,8 @@ def _cli(*args):
     import subprocess
     import sys
     result = subprocess.run([sys.executable, "-m", "ptft_jax.cli", *args], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+                            text=True, timeout=600,
+                            env={**os.environ, "XLA_FLAGS": fake_devices(1)})
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result.stdout
 

@@ -41,10 +41,10 @@ def _train(cfg, n_steps=3, devices=None, state=None):
     return engine, state, history
 
 
-@pytest.mark.parametrize("kind, dropout", [("encoder", 0.0), ("decoder", 0.0), ("encoder", 0.2)])
+# The encoder with dropout on: the masks are one draw over the global batch, the same however
+# the batch is sharded (with dropout off, the same step minus the masks).
+@pytest.mark.parametrize("kind, dropout", [("decoder", 0.0), ("encoder", 0.2)])
 def test_sharded_step_equals_single_device(kind, dropout):
-    # With dropout on too: the masks are one draw over the global batch, the same however
-    # the batch is sharded.
     one_cfg = tiny_config(kind, f"model.dropout={dropout}")
     one_engine, one_state, one_hist = _train(one_cfg, devices=jax.devices()[:1])
     mesh_cfg = tiny_config(kind, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",

@@ -18,6 +18,7 @@ from ptft_jax.studies.sweep.study import open_study, prepare, resolve_options
 from ptft_jax.studies.sweep.trials import run_sweep
 from ptft_jax.train.step import COMPILES
 from tests.test_finetune_job import _labelled
+from tests.xla_flags import fake_devices
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,8 @@ def test_the_pruner_stops_a_clearly_worse_trial(tmp_path, base):
 
 
 def test_two_workers_share_a_sqlite_study(tmp_path, base, monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "")  # each worker on one CPU device: quicker to compile
+    # Each worker on one CPU device: quicker to compile.
+    monkeypatch.setenv("XLA_FLAGS", fake_devices(1))
     sweep = _sweep(tmp_path, base, {"optim.learning_rate": {"log_uniform": [1e-4, 1e-2]}},
                    sampler="random", trials=4, workers=2, pruner="none")
     report = run_sweep(sweep)
