@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "file listing image paths. For an image-text run: "
                                           "a .jsonl / .csv with 'image' and 'text'")
     pr.add_argument("--output", "-o", help="where to write JSONL (default: stdout)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace the --output file if it exists (default: refuse)")
     pr.add_argument("--batch-size", type=int, help="examples per batch (default: "
                                                    "eval.batch_size)")
     em = sub.add_parser("embed", help="L2-normalised sentence embeddings of texts, from a "
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "'text'; default: stdin")
     em.add_argument("--output", "-o", help="FILE.npy (an array, one row per text) or a JSONL "
                                            "file; default: JSONL on stdout")
+    em.add_argument("--overwrite", action="store_true",
+                    help="replace the --output file if it exists (default: refuse)")
     em.add_argument("--pooling", choices=("mean", "cls", "last"),
                     help="default: the model's own (sentence-transformers' 1_Pooling), else "
                          "mean for encoders and last for decoders")
@@ -110,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     _config_arguments(tt)
     tt.add_argument("--out", help="where to save tokenizer.json (default: <run_dir>/"
                                   "tokenizer.json, where pretraining looks)")
-    tt.add_argument("--force", action="store_true", help="replace an existing file")
+    tt.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                    help="replace an existing file")
     d = sub.add_parser("data", help="data tools")
     d_sub = d.add_subparsers(dest="action", required=True)
     dp = d_sub.add_parser("prepare", help="tokenize data.corpus once into the cache at "
@@ -193,8 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input found while reading data or checkpoints
         print(f"ptft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, say: what ptft wrote before is whole (core/files.py)
+        print(f"ptft {args.command}: error: {io_error(e)}", file=sys.stderr)
+        return 4 if e.errno in STORAGE_ERRORS else 2
     except KeyboardInterrupt:
         return 130
+
+
+# Failures of the storage rather than of the input: exit code 4, as a failed checkpoint save.
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
+def io_error(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    hint = (" Free some space (or choose another folder) and run the same command again; "
+            "files ptft wrote before are intact." if e.errno in STORAGE_ERRORS else "")
+    return f"{where}{e.strerror or e}.{hint}"
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ def test_export_refuses_what_hf_cannot_hold(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(Config().to_dict()))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not an empty folder"):
+    with pytest.raises(ConfigError, match="is a folder that is not empty"):
         export_hf(run, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="holds no checkpoint"):

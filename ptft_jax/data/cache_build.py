@@ -23,7 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ptft_jax.data.fs import atomic_write, fsync_dir, write_tmp
+from ptft_jax.core.files import TMP_SUFFIX, atomic_write, claim_folder, fsync_dir, write_tmp
 from ptft_jax.data.tokenizer import load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def prepare_cache(documents: Documents, tokenizer_path: str | Path, cache_dir: s
               "source": {"name": documents.name, "fingerprint": documents.fingerprint()},
               "num_docs": len(documents), "vocab_size": vocab_size,
               "dtype": token_dtype(vocab_size).name}
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    # A folder of the user's is refused before anything in it is touched (partial/ would be).
+    claim_folder(cache_dir, "token cache", "data.cache_dir", legacy=[LOCK_FILE])
     partial = cache_dir / PARTIAL_DIR
     with exclusive(cache_dir):
         finished = _reusable_cache(cache_dir, inputs, overwrite)
@@ -230,7 +231,7 @@ def _available_cores() -> int:
 
 def _tokenize_shards(documents: Documents, tokenizer: Tokenizer, partial: Path, plan: dict,
                      num_workers: int, progress: bool) -> dict:
-    for stray in partial.glob("*.tmp"):  # from a process killed mid-write
+    for stray in partial.glob(f"*{TMP_SUFFIX}"):  # from a process killed mid-write
         stray.unlink()
     shards = range(_num_shards(plan))
     finished = {s for s in shards if _shard_path(partial, s).exists()}

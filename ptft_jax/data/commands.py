@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ptft_jax.config.load import load_config
 from ptft_jax.config.schema import ConfigError
+from ptft_jax.core.files import atomic_write_text
 from ptft_jax.data.cache_build import prepare_cache
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import iter_texts, run_tokenizer_path, train_tokenizer
@@ -53,9 +54,7 @@ def tokenizer_train(args) -> int:
                                 cfg.data.tokenizer_vocab_size, progress=sys.stderr.isatty(),
                                 extra_special_tokens=cfg.data.extra_special_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")  # an interrupted save leaves no half file at `out`
-    tokenizer.save(str(tmp))
-    os.replace(tmp, out)
+    atomic_write_text(out, tokenizer.to_str(pretty=True))
     print(f"saved {out}: {tokenizer.get_vocab_size():,} tokens, trained in "
           f"{time.perf_counter() - t0:.1f}s")
     return 0

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from ptft_jax.data.batching import PaddedBatches
-from ptft_jax.data.cache import CacheError, CorruptCache, MissingCache, StaleCache
+from ptft_jax.data.cache import LOCK_FILE, CacheError, CorruptCache, MissingCache, StaleCache
 from ptft_jax.data.cache_build import exclusive
-from ptft_jax.data.fs import atomic_write, fsync_dir, write_tmp
+from ptft_jax.core.files import atomic_write, claim_folder, fsync_dir, write_tmp
 from ptft_jax.data.image_io import BadImage, gather_images
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def prepare_image_cache(source, cache_dir, size: int, channels: int, resize: boo
               "shard_images": shard_images}
     if (cache_dir / META_FILE).exists():
         return ImageCache.open(cache_dir, inputs)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(cache_dir, "image cache", "data.cache_dir", legacy=[LOCK_FILE])
     partial = cache_dir / PARTIAL_DIR
     with exclusive(cache_dir):
         if (cache_dir / META_FILE).exists():  # finished while we waited
@@ -313,7 +313,8 @@ class ImageExamples(PaddedBatches):
 
     def rows(self, index) -> dict[str, np.ndarray]:
         rows = self.index[np.asarray(index, np.int64)]
-        return {"image": gather_images(self.images, rows), "label": self.label_ids[rows].astype(np.int32),
+        return {"image": gather_images(self.images, rows),
+                "label": self.label_ids[rows].astype(np.int32),
                 "weight": np.ones(len(rows), np.float32)}
 
 

@@ -18,12 +18,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ptft_jax.core.files import atomic_write_json
 from ptft_jax.data.batching import PaddedBatches
 from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents
@@ -83,10 +83,7 @@ class LabelSpace:
         return out
 
     def save(self, path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"kind": self.kind, "names": list(self.names)}, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(Path(path), {"kind": self.kind, "names": list(self.names)})
 
     @classmethod
     def load(cls, path) -> "LabelSpace":

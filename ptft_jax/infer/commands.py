@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ptft_jax.core.files import check_new_folder, check_output_file
 from ptft_jax.infer.embed import embed as embed_texts
 from ptft_jax.infer.embed import load_encoder, write
 from ptft_jax.infer.export import export_hf
@@ -28,6 +29,7 @@ def evaluate(args) -> int:
 
 
 def export(args) -> int:
+    check_new_folder(Path(args.out_dir), "OUT_DIR")  # before the run is read
     if args.format == "hf":
         result = export_hf(args.run_dir, args.out_dir)
         print(f"exported {result['source']} to {result['out_dir']} as {result['architecture']}: "
@@ -40,10 +42,14 @@ def export(args) -> int:
     return 0
 
 
+def check_output(args) -> None:
+    """--output: a file that may be written, checked before any work (core/files.py)."""
+    if args.output not in (None, "-"):
+        check_output_file(args.output, "--output", [args.input], args.overwrite)
+
+
 def embed(args) -> int:
-    if args.output and args.output != "-" and not Path(args.output).parent.is_dir():
-        raise ValueError(f"--output {args.output}: folder {Path(args.output).parent} does not "
-                         f"exist.")
+    check_output(args)
     if args.seq_len < 3 or args.batch_size < 1:
         raise ValueError("--seq-len must be at least 3 and --batch-size at least 1.")
     texts, _ = read_inputs(args.input)
@@ -58,6 +64,7 @@ def embed(args) -> int:
 
 
 def predict(args) -> int:
+    check_output(args)
     progress = sys.stderr.isatty()
     if run_task(args.run_dir) in ("contrastive", "multimodal_classification"):
         rows = predict_pairs(args.run_dir, args.input, args.batch_size, progress=progress)

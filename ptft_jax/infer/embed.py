@@ -24,6 +24,7 @@ from ptft_jax.config import hf
 from ptft_jax.config.load import from_dict
 from ptft_jax.config.schema import ConfigError, ModelConfig
 from ptft_jax.convert.hf import flat_params
+from ptft_jax.core.files import atomic_write, writing_text
 from ptft_jax.core.params import unflatten
 from ptft_jax.data.labelled import predict_examples
 from ptft_jax.data.tokenizer import load_tokenizer
@@ -103,15 +104,22 @@ def embed(encoder: Encoder, texts: list[str], pooling: str | None = None, seq_le
 
 
 def write(vectors: np.ndarray, texts: list[str], output: str | None) -> None:
-    """`.npy` (one row per text), else JSONL ({"text", "embedding"}) to a file or stdout."""
+    """`.npy` (one row per text), else JSONL ({"text", "embedding"}) to a file or stdout. A
+    file appears whole or not at all; non-finite vectors (a diverged model) are refused."""
+    if not np.isfinite(vectors).all():
+        raise ValueError("the model's embeddings are not all finite numbers (NaN or infinity): "
+                         "its weights are non-finite, from a run that diverged. Use an earlier "
+                         "checkpoint or retrain with a lower learning rate.")
     if output and output.endswith(".npy"):
-        np.save(output, vectors)
+        atomic_write(Path(output), lambda f: np.save(f, vectors))
         return
-    out = sys.stdout if output in (None, "-") else open(output, "w", encoding="utf-8")
-    try:
+
+    def lines(out):
         for text, vector in zip(texts, vectors):
             out.write(json.dumps({"text": text,
                                   "embedding": [round(float(v), 7) for v in vector]}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    if output in (None, "-"):
+        lines(sys.stdout)
+    else:
+        with writing_text(Path(output)) as out:
+            lines(out)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,8 @@ from ptft_jax.ckpt.pretrained import inference_params
 from ptft_jax.config.load import from_dict
 from ptft_jax.config.schema import FINETUNE_TASKS, ConfigError, pooling_for, task_for
 from ptft_jax.convert.hf_weights import export_tensors
+from ptft_jax.core.files import (MARKER, check_new_folder, move_into_place, new_sibling_folder,
+                                 remove_stale_siblings)
 from ptft_jax.core.params import flatten, unstack_layers
 from ptft_jax.data.tokenizer import BPE_SPECIALS, WORDPIECE_SPECIALS, load_tokenizer
 
@@ -123,9 +124,7 @@ def export_hf(run_dir, out_dir) -> dict:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a ptft run directory (no config.yaml).")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConfigError(f"{out_dir} exists and is not an empty folder; export into a new "
-                          f"folder.")
+    check_new_folder(out_dir, "OUT_DIR")
     cfg = from_dict(yaml.safe_load(config_path.read_text()))
     finetuned = task_for(cfg) in FINETUNE_TASKS
     labels = json.loads((run_dir / "labels.json").read_text()) if finetuned else None
@@ -138,18 +137,17 @@ def export_hf(run_dir, out_dir) -> dict:
     config = hf_config(cfg, family, architecture, tokenizer, labels)
     config["exported_from"] = str(step_dir)
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out_dir, "hf export")
+    tmp = new_sibling_folder(out_dir, "hf export")
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it 0600
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     _tokenizer_files(tokenizer, family, cfg.model.max_len, tmp)
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    os.replace(tmp, out_dir)
+    (tmp / MARKER).unlink()  # a Hugging Face folder: nothing of ptft's own in it
+    move_into_place(tmp, out_dir)
     return {"out_dir": str(out_dir), "source": str(step_dir), "architecture": architecture,
             "tensors": len(tensors), "parameters": int(sum(t.size for t in tensors.values())),
             "lora_merged": merged}

@@ -19,6 +19,8 @@ from ptft_jax.config.load import from_dict
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
                                     task_for)
 from ptft_jax.config.validate import validate
+from ptft_jax.core.files import (check_new_folder, move_into_place, new_sibling_folder,
+                                 remove_stale_siblings, writing_text)
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.core.params import count
 from ptft_jax.core.state import TrainState
@@ -116,9 +118,7 @@ def export_run(run_dir, out_dir) -> dict:
 
     import jax.numpy as jnp
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} exists and is not empty; export into a new folder.")
+    run_dir, out_dir = Path(run_dir), check_new_folder(Path(out_dir), "OUT_DIR")
     engine, state, cfg, source = load_run(run_dir)
     host = engine.host_state(state)
     params, spec = host.params, lora_spec(cfg)
@@ -127,16 +127,21 @@ def export_run(run_dir, out_dir) -> dict:
         params = merge(params, spec)
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0,
                                                                 init_from=None))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Written into a hidden sibling and renamed into place: a killed export leaves no
+    # half-written run at out_dir.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out_dir, "run")
+    tmp = new_sibling_folder(out_dir, "run")
     for name in ("tokenizer.json", "labels.json"):
-        shutil.copyfile(run_dir / name, out_dir / name)
+        shutil.copyfile(run_dir / name, tmp / name)
     step = int(source.rsplit("step ", 1)[1].rstrip(")"))
-    ckpt = Checkpointer(out_dir / "checkpoints", async_save=False)
+    ckpt = Checkpointer(tmp / "checkpoints", async_save=False)
     ckpt.save(step, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
                                model_state=host.model_state),
               {"config": cfg.to_dict(), "exported_from": source, "lora_merged": merged})
     ckpt.close()
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    move_into_place(tmp, out_dir)
     return {"out_dir": str(out_dir), "source": source, "lora_merged": merged,
             "parameters": count(params)}
 
@@ -278,14 +283,27 @@ def _prediction(labels: LabelSpace, row) -> dict:
 
 
 def write_jsonl(rows: Iterable[dict], path: str | None) -> int:
+    """One JSON line per row, to stdout or to `path` (which appears whole once every row is
+    written, and not at all if one fails). A row with a non-finite number is an error: NaN
+    is not JSON, and a model that outputs it has diverged."""
     import sys
-    out = sys.stdout if path in (None, "-") else open(path, "w", encoding="utf-8")
-    n = 0
+
+    def write(out) -> int:
+        n = 0
+        for n, row in enumerate(rows, 1):
+            out.write(json_line(row))
+        return n
+    if path in (None, "-"):
+        return write(sys.stdout)
+    with writing_text(Path(path)) as out:
+        return write(out)
+
+
+def json_line(row: dict) -> str:
     try:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
-            n += 1
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    return n
+        return json.dumps(row, allow_nan=False) + "\n"
+    except ValueError:
+        raise ValueError("the model's output is not a finite number (NaN or infinity): its "
+                         "checkpoint holds non-finite weights, from a run that diverged. "
+                         "Use an earlier checkpoint or retrain with a lower learning rate.") \
+            from None

@@ -13,12 +13,14 @@ from tokenizers import Tokenizer
 from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.core.files import atomic_write_text, claim_folder
 from ptft_jax.core.mesh import broadcast_text
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
                                      train_tokenizer)
 from ptft_jax.models.flops import matmul_params, train_flops_per_token
 from ptft_jax.train.job import Throughput
+from ptft_jax.train.resume import LEGACY_RUN
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,17 @@ def saved_labels(run_dir: Path) -> LabelSpace | None:
     return LabelSpace.load(path) if path.exists() else None
 
 
+def data_cache_root(cfg: Config, run_dir: Path) -> Path:
+    """Where a job's data caches go: data.cache_dir, else data_cache/ in the run directory,
+    which is then taken as ptft's (marked, core/files.py) before the first cache is written:
+    the caches are the first thing a job writes there."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    if jax.process_index() == 0:
+        claim_folder(run_dir, "run", "run_dir", LEGACY_RUN)
+    return run_dir / "data_cache"
+
+
 def save_run_files(run_dir: Path, tokenizer=None, labels: LabelSpace | None = None) -> None:
     """The tokenizer (a vocab.txt is saved as JSON too) and the label space into the run
     directory, by process 0, once: a resumed run keeps the files it started with."""
@@ -109,7 +122,7 @@ def save_run_files(run_dir: Path, tokenizer=None, labels: LabelSpace | None = No
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None and not (run_dir / "tokenizer.json").exists():
-        tokenizer.save(str(run_dir / "tokenizer.json"))
+        atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
     if labels is not None and not (run_dir / "labels.json").exists():
         labels.save(run_dir / "labels.json")
 

@@ -3,6 +3,7 @@ written, pick the job for its task (the data, tokenizer and task each kind of jo
 and run the one loop (train/loop.py) on it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
@@ -10,19 +11,22 @@ import jax
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, PRETRAIN_TASKS,
                                     Config, ConfigError, task_for)
 from ptft_jax.config.validate import validate
+from ptft_jax.core.files import check_ownable
 from ptft_jax.core.mesh import initialize_distributed
+from ptft_jax.data.cache import LOCK_FILE
 from ptft_jax.jobs.images import image_job
 from ptft_jax.jobs.labelled import finetune_job
 from ptft_jax.jobs.lm import pretrain_job
 from ptft_jax.jobs.pairs import pairs_job
 from ptft_jax.train.job import Job
 from ptft_jax.train.loop import run
+from ptft_jax.train.resume import LEGACY_RUN
 
 
 def check_paths(cfg: Config) -> None:
-    """run_dir (and data.cache_dir) must be folders this process can write, or creatable ones:
-    a clear error now rather than a traceback after the tokenizer or cache was built."""
-    import os
+    """run_dir (and data.cache_dir) must be folders this process can write, or creatable ones,
+    and not folders of the user's (core/files.py): a clear error now rather than a traceback
+    after the tokenizer or cache was built."""
     for key, value in (("run_dir", cfg.run_dir), ("data.cache_dir", cfg.data.cache_dir)):
         if not value:
             continue
@@ -38,6 +42,13 @@ def check_paths(cfg: Config) -> None:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"{key} '{value}' cannot be written ('{existing}' is read-only "
                               f"for this user); choose a writable folder.")
+    if jax.process_index() != 0:  # process 0 writes these folders (and may have begun to)
+        return
+    if cfg.data.cache_dir and task_for(cfg) in PRETRAIN_TASKS:  # the folder is the token cache
+        check_ownable(Path(cfg.data.cache_dir), "token cache", "data.cache_dir", [LOCK_FILE])
+    # Taken (marked) at its first write: a job's data cache (jobs/common.data_cache_root) or
+    # the training loop's run files, whichever comes first; nothing is written here.
+    check_ownable(Path(cfg.run_dir), "run", "run_dir", LEGACY_RUN)
 
 
 # What each command trains: the tasks it accepts, as data. Supervised image classification is

@@ -10,8 +10,8 @@ from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.data.image_sources import open_images
 from ptft_jax.data.images import ImageExamples, prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace
-from ptft_jax.jobs.common import (check_labelled_splits, pretrained_init, save_run_files,
-                                  saved_labels)
+from ptft_jax.jobs.common import (check_labelled_splits, data_cache_root, pretrained_init,
+                                  save_run_files, saved_labels)
 from ptft_jax.models.flops import image_train_flops
 from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.job import Job, Throughput
@@ -28,7 +28,7 @@ def image_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, labe
     source = open_images(corpus, split, d.image_column, d.label_column)
     if len(source) == 0:
         raise ValueError(f"data.corpus '{corpus}' split '{split}' holds no images.")
-    root = Path(d.cache_dir) if d.cache_dir else run_dir / "data_cache"
+    root = data_cache_root(cfg, run_dir)
     tag = hashlib.sha1(corpus.encode()).hexdigest()[:8]
     cache = prepare_image_cache_once(
         source, root / f"images-{split}-{tag}-{m.image_size}px-{m.channels}c", m.image_size,

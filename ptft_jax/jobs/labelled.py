@@ -9,8 +9,8 @@ from pathlib import Path
 from ptft_jax.config.schema import Config, ConfigError, task_for
 from ptft_jax.data.labelled import open_examples
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path
-from ptft_jax.jobs.common import (pretrained_init, resolve_vocab, save_run_files, saved_labels,
-                                  text_throughput)
+from ptft_jax.jobs.common import (data_cache_root, pretrained_init, resolve_vocab, save_run_files,
+                                  saved_labels, text_throughput)
 from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.job import Job
 
@@ -43,7 +43,7 @@ def finetune_job(cfg: Config) -> Job:
     kind = task_for(cfg)
     labels_path = run_dir / "labels.json"
     saved = saved_labels(run_dir)
-    cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
+    cache_root = data_cache_root(cfg, run_dir)
     # The examples are tokenized into a cache next to a copy of the tokenizer, so the cache's
     # tokenizer check has a file to read before the run directory is written.
     try:

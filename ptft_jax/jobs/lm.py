@@ -10,8 +10,8 @@ from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.packing import Packer
 from ptft_jax.data.tokenizer import TokenIds
-from ptft_jax.jobs.common import (prepare_tokenizer, pretrained_init, resolve_vocab, save_run_files,
-                                  text_throughput)
+from ptft_jax.jobs.common import (data_cache_root, prepare_tokenizer, pretrained_init,
+                                  resolve_vocab, save_run_files, text_throughput)
 from ptft_jax.tasks.factory import make_task, mlm_spec
 from ptft_jax.tasks.lm import MaskedLM
 from ptft_jax.train.job import Job, Throughput
@@ -20,7 +20,7 @@ from ptft_jax.train.job import Job, Throughput
 def open_token_cache(cfg: Config, run_dir: Path, documents) -> TokenCache:
     """The pre-tokenized cache of the documents, built on first use (resumably) by process 0;
     the other processes open it once it is ready (the cache folder must be shared)."""
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
+    cache_dir = data_cache_root(cfg, run_dir)
     return prepare_cache_once(documents, run_dir / "tokenizer.json", cache_dir,
                               cfg.data.num_workers, progress=cfg.train.progress)
 

@@ -22,8 +22,8 @@ from ptft_jax.data.images import prepare_image_cache_once, select
 from ptft_jax.data.labelled import LabelSpace, predict_examples
 from ptft_jax.data.pairs import PairExamples, PairRecords, open_pairs
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path, train_tokenizer
-from ptft_jax.jobs.common import (check_labelled_splits, fitted_vocab_size, pretrained_init,
-                                  save_run_files, saved_labels)
+from ptft_jax.jobs.common import (check_labelled_splits, data_cache_root, fitted_vocab_size,
+                                  pretrained_init, save_run_files, saved_labels)
 from ptft_jax.models.flops import multimodal_train_flops
 from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.job import Job, Throughput
@@ -87,7 +87,7 @@ def pairs_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, toke
     source = source or open_pairs(corpus, split, d.image_column, d.text_column, d.label_column)
     if len(source) == 0:
         raise ValueError(f"data.corpus '{corpus}' split '{split}' holds no image-text pairs.")
-    root = Path(d.cache_dir) if d.cache_dir else run_dir / "data_cache"
+    root = data_cache_root(cfg, run_dir)
     tag = hashlib.sha1(corpus.encode()).hexdigest()[:8]
     cache = prepare_image_cache_once(
         PairRecords(source),

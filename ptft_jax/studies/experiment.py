@@ -37,6 +37,7 @@ from ptft_jax.ckpt.checkpoint import committed_steps
 from ptft_jax.config.load import from_dict, merge_dicts, with_hf_model
 from ptft_jax.config.schema import ConfigError
 from ptft_jax.config.validate import validate
+from ptft_jax.core.files import atomic_write_json, atomic_write_text, claim_folder
 from ptft_jax.data.pairs import open_pairs
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, train_tokenizer
 from ptft_jax.jobs.entry import finetune, pretrain
@@ -311,17 +312,15 @@ def prepare_texts_and_tokenizer(cfg: ExperimentConfig) -> tuple[Path, int]:
             texts = [t.replace("\n", " ") for t in source.texts()]
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        claim_folder(root, "experiment", "experiment.dir", legacy=["plan.json"])
         texts_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = texts_path.with_suffix(".tmp")
-        tmp.write_text("\n".join(texts) + "\n", encoding="utf-8")
-        tmp.replace(texts_path)
+        atomic_write_text(texts_path, "\n".join(texts) + "\n")
         if data.get("tokenizer"):
             tok = load_tokenizer(data["tokenizer"])
         else:
             tok = train_tokenizer("encoder", iter(texts), int(data.get("tokenizer_vocab_size",
                                                                         4096)))
-        tok.save(str(tok_path.with_suffix(".tmp")))
-        tok_path.with_suffix(".tmp").replace(tok_path)
+        atomic_write_text(tok_path, tok.to_str(pretty=True))
     size = TokenIds.of(load_tokenizer(tok_path), "encoder").vocab_size
     return tok_path, -(-size // 128) * 128
 
@@ -349,9 +348,7 @@ def _write_result(stage: Stage, cfg, wall_s: float | None) -> dict:
     if evals:
         result["final"] = {k[5:]: v for k, v in evals[-1].items()
                            if k.startswith("eval/") and isinstance(v, (int, float))}
-    path = Path(stage.run_dir) / "result.json"
-    path.with_suffix(".tmp").write_text(json.dumps(result))
-    path.with_suffix(".tmp").replace(path)
+    atomic_write_json(Path(stage.run_dir) / "result.json", result, indent=None)
     return result
 
 
@@ -387,7 +384,7 @@ def run(path, echo=print) -> list[dict]:
         raise ConfigError(f"{plan_path} holds another plan (the config changed since the "
                           f"experiment started); use a new experiment.dir, or restore the "
                           f"config to resume.")
-    plan_path.write_text(json.dumps(described, indent=1))
+    atomic_write_json(plan_path, described)
     # Seeds repeat the same shapes: a persistent compilation cache saves most recompiles.
     jax.config.update("jax_compilation_cache_dir", str(root / "jax_cache"))
     rows = []

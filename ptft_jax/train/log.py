@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ptft_jax.core.files import atomic_write_text
+
 
 class MetricsWriter:
     """Writes on process 0 only; every other process gets a writer that does nothing."""
@@ -92,9 +94,7 @@ def supersede_rows_after(path: Path, step: int) -> int:
     if moved:
         with open(path.with_name("metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in moved))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
     return len(moved)
 
 

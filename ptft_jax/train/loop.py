@@ -20,6 +20,7 @@ import yaml
 
 from ptft_jax.ckpt.checkpoint import (BestCheckpointer, Checkpointer, CheckpointSaveFailed,
                                       committed_steps)
+from ptft_jax.core.files import atomic_write_text, claim_folder
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.tasks.base import add_sums
 from ptft_jax.tasks.metrics import eval_metric
@@ -29,7 +30,7 @@ from ptft_jax.train.job import Job
 from ptft_jax.train.log import MetricsWriter
 from ptft_jax.train.optim import get_hyperparam, plateau_step, set_hyperparams
 from ptft_jax.train.plan import phase_at_step
-from ptft_jax.train.resume import Start, check_data_position, resume_or_init
+from ptft_jax.train.resume import LEGACY_RUN, Start, check_data_position, resume_or_init
 from ptft_jax.train.safety import DivergenceGuard, SaveClock, StopOnSignal
 
 
@@ -101,15 +102,18 @@ class Training:
     # -- stage: open the run directory (every check has passed) -------------------------------
     def open_run_directory(self, start: Start) -> None:
         cfg, job, t = self.cfg, self.job, self.cfg.train
+        run_dir = Path(cfg.run_dir)
+        if jax.process_index() == 0:  # checked before anything was written (jobs/entry.py)
+            claim_folder(run_dir, "run", "run_dir", LEGACY_RUN)
         job.save_files()
         self.loader = BatchLoader(job.train_rows, t.global_batch, cfg.data.shuffle_seed,
                                   self.engine.rows)
         if self.step:
             check_data_position(start.meta, self.loader)
             self.state = self.engine.place(self.state)
-        run_dir = Path(cfg.run_dir)
         if jax.process_index() == 0:  # the config this run trains with
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            atomic_write_text(run_dir / "config.yaml",
+                              yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.best = None if self.metric is None else \
             BestCheckpointer(run_dir / "best", self.metric, self.mode)
         # The MFU reference, timed before the input thread starts so nothing competes with it.

@@ -20,6 +20,10 @@ from ptft_jax.train.engine import Engine, build
 from ptft_jax.train.job import Job
 from ptft_jax.train.optim import hyperparams, set_hyperparams
 
+# A run directory is a folder ptft marks as a "run" (core/files.py); one made before ptft
+# marked its folders is known by its config and its checkpoints.
+LEGACY_RUN = ("config.yaml", "checkpoints")
+
 # Settings a resumed run must share with the run it resumes, or it would not continue the
 # same run (other masks and dropout, another task). The data stream has its own check
 # (check_data_position), and the model's shapes theirs (Checkpointer.check_shapes).

@@ -30,6 +30,7 @@ from ptft_jax.config.load import (from_dict, merge_dicts, parse_overrides, read_
                                   with_hf_model)
 from ptft_jax.config.schema import ConfigError, task_for
 from ptft_jax.config.validate import validate
+from ptft_jax.core.files import claim_folder
 from ptft_jax.core.params import unflatten
 from ptft_jax.studies.sweep.space import Param, extremes, grid_size, load_space
 from ptft_jax.tasks.metrics import DEFAULT_METRIC, METRIC_MODES, TASK_METRICS
@@ -181,8 +182,8 @@ def prepare(opts: SweepOptions) -> Sweep:
     storage = opts.storage or f"sqlite:///{Path(sweep_dir).resolve() / 'study.db'}"
     sweep = Sweep(opts, raw, params, command, metric, direction, trials, sweep_dir, storage,
                   opts.study_name or path.stem, devices_per_worker)
-    if storage.startswith("sqlite:///"):
-        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    # The trials' run directories and the report go there; a folder of the user's is refused.
+    claim_folder(Path(sweep_dir), "sweep", "--dir", legacy=["study.db"])
     study = open_study(sweep)  # a storage that cannot be opened fails here
     _check_same_space(study, sweep)
     return sweep

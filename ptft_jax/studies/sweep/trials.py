@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from ptft_jax.config.schema import ConfigError
+from ptft_jax.core.files import atomic_write_text
 from ptft_jax.jobs import entry
 from ptft_jax.studies.sweep.report import write_report
 from ptft_jax.studies.sweep.space import overrides
@@ -62,7 +63,8 @@ def requeue_dead_trials(study) -> list[int]:
 
 def _write_status(run_dir: Path, record: dict) -> None:
     if run_dir.is_dir():
-        (run_dir / "sweep_trial.json").write_text(json.dumps(record, indent=1, default=str))
+        atomic_write_text(run_dir / "sweep_trial.json",
+                          json.dumps(record, indent=1, default=str))
 
 
 class TrialFailed(Exception):
