@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+
+import numpy as np
 from pathlib import Path
 
 from ptft_jax.core.files import check_new_folder, check_output_file
@@ -20,7 +22,15 @@ def evaluate(args) -> int:
     result = evaluate_run(args.run_dir, args.split, args.corpus, args.batch_size,
                           progress=sys.stderr.isatty())
     confusion = result.pop("confusion", None)
-    print(json.dumps(result, indent=1))
+    try:
+        text = json.dumps(result, indent=1, allow_nan=False)  # NaN is not JSON
+    except ValueError:
+        bad = sorted(k for k, v in result.items() if isinstance(v, float) and not np.isfinite(v))
+        raise ValueError(f"{args.run_dir}: the evaluation gave non-finite {', '.join(bad)}: the "
+                         f"checkpoint's weights are not finite numbers, from a run that "
+                         f"diverged. Evaluate an earlier checkpoint or retrain with a lower "
+                         f"learning rate.") from None
+    print(text)
     if confusion is not None:
         print("confusion matrix (rows: true, columns: predicted)", file=sys.stderr)
         for row in confusion:
