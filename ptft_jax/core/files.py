@@ -152,33 +152,31 @@ def check_new_folder(path: Path, name: str) -> Path:
     return path
 
 
-def move_into_place(tmp: Path, path: Path) -> None:
-    """Renames the finished folder `tmp` (from new_sibling_folder) onto `path`, which must be
-    missing or empty (check_new_folder)."""
-    if path.exists():
-        path.rmdir()  # empty, checked before the work started
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def new_sibling_folder(path: Path, kind: str) -> Path:
-    """A fresh, marked temporary folder beside `path`, to be filled and renamed onto it: a
-    killed writer leaves it behind under a name no later run takes (remove_stale_siblings
-    clears such leftovers)."""
+@contextlib.contextmanager
+def building_folder(path: Path, kind: str, marked: bool = True) -> Iterator[Path]:
+    """A hidden, marked sibling of `path` to fill in a `with` block: renamed onto `path`
+    (missing or empty, see check_new_folder) when the block ends, removed if it fails. A
+    killed writer's leftover has a name no later build takes, and the next build of `path`
+    removes it. `marked=False` drops the marker at the end (a folder for another tool)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+        if stale.is_dir() and marked_kind(stale) == kind:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would have made it, not mkdtemp's 0700
-    atomic_write_json(tmp / MARKER, {"kind": kind})
-    return tmp
-
-
-def remove_stale_siblings(path: Path, kind: str) -> None:
-    """Deletes the temporary folders new_sibling_folder made for `path` that a killed writer
-    left behind (only folders marked with `kind`)."""
-    path = Path(path)
-    for tmp in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
-        if tmp.is_dir() and marked_kind(tmp) == kind:
-            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would have made it, not mkdtemp's 0700
+        atomic_write_json(tmp / MARKER, {"kind": kind})
+        yield tmp
+        if not marked:
+            (tmp / MARKER).unlink()
+        if path.exists():
+            path.rmdir()  # empty, checked before the work started
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
 
 
 # -- output files -----------------------------------------------------------------------------

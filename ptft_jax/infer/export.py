@@ -24,8 +24,7 @@ from ptft_jax.ckpt.pretrained import inference_params
 from ptft_jax.config.load import from_dict
 from ptft_jax.config.schema import FINETUNE_TASKS, ConfigError, pooling_for, task_for
 from ptft_jax.convert.hf_weights import export_tensors
-from ptft_jax.core.files import (MARKER, check_new_folder, move_into_place, new_sibling_folder,
-                                 remove_stale_siblings)
+from ptft_jax.core.files import building_folder, check_new_folder
 from ptft_jax.core.params import flatten, unstack_layers
 from ptft_jax.data.tokenizer import BPE_SPECIALS, WORDPIECE_SPECIALS, load_tokenizer
 
@@ -137,17 +136,14 @@ def export_hf(run_dir, out_dir) -> dict:
     config = hf_config(cfg, family, architecture, tokenizer, labels)
     config["exported_from"] = str(step_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(out_dir, "hf export")
-    tmp = new_sibling_folder(out_dir, "hf export")
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it 0600
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    _tokenizer_files(tokenizer, family, cfg.model.max_len, tmp)
-    (tmp / MARKER).unlink()  # a Hugging Face folder: nothing of ptft's own in it
-    move_into_place(tmp, out_dir)
+    # A Hugging Face folder: nothing of ptft's own (no marker) is left in it.
+    with building_folder(out_dir, "hf export", marked=False) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes it 0600
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        _tokenizer_files(tokenizer, family, cfg.model.max_len, tmp)
     return {"out_dir": str(out_dir), "source": str(step_dir), "architecture": architecture,
             "tensors": len(tensors), "parameters": int(sum(t.size for t in tensors.values())),
             "lora_merged": merged}

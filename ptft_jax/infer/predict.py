@@ -19,8 +19,7 @@ from ptft_jax.config.load import from_dict
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
                                     task_for)
 from ptft_jax.config.validate import validate
-from ptft_jax.core.files import (check_new_folder, move_into_place, new_sibling_folder,
-                                 remove_stale_siblings, writing_text)
+from ptft_jax.core.files import building_folder, check_new_folder, writing_text
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.core.params import count
 from ptft_jax.core.state import TrainState
@@ -127,21 +126,18 @@ def export_run(run_dir, out_dir) -> dict:
         params = merge(params, spec)
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0,
                                                                 init_from=None))
-    # Written into a hidden sibling and renamed into place: a killed export leaves no
+    # Built in a hidden sibling and renamed into place: a killed export leaves no
     # half-written run at out_dir.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(out_dir, "run")
-    tmp = new_sibling_folder(out_dir, "run")
-    for name in ("tokenizer.json", "labels.json"):
-        shutil.copyfile(run_dir / name, tmp / name)
-    step = int(source.rsplit("step ", 1)[1].rstrip(")"))
-    ckpt = Checkpointer(tmp / "checkpoints", async_save=False)
-    ckpt.save(step, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
-                               model_state=host.model_state),
-              {"config": cfg.to_dict(), "exported_from": source, "lora_merged": merged})
-    ckpt.close()
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    move_into_place(tmp, out_dir)
+    with building_folder(out_dir, "run") as tmp:
+        for name in ("tokenizer.json", "labels.json"):
+            shutil.copyfile(run_dir / name, tmp / name)
+        step = int(source.rsplit("step ", 1)[1].rstrip(")"))
+        ckpt = Checkpointer(tmp / "checkpoints", async_save=False)
+        ckpt.save(step, TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                   opt_state=None, model_state=host.model_state),
+                  {"config": cfg.to_dict(), "exported_from": source, "lora_merged": merged})
+        ckpt.close()
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return {"out_dir": str(out_dir), "source": source, "lora_merged": merged,
             "parameters": count(params)}
 
