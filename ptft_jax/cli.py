@@ -20,7 +20,9 @@ import errno
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from ptft_jax.config.schema import ConfigError
 
@@ -54,6 +56,20 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="a YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*",
                         help="key.sub=value overrides, e.g. train.steps=100")
+
+
+def at_least(low: int, what: str):
+    """An argparse type: an integer >= low, else argparse's one-line error saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: the number of {what} must be at least "
+                                             f"{low}")
+        return value
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     em.add_argument("--pooling", choices=("mean", "cls", "last"),
                     help="default: the model's own (sentence-transformers' 1_Pooling), else "
                          "mean for encoders and last for decoders")
-    em.add_argument("--seq-len", type=int, default=256, help="tokens per text, at most the "
-                                                             "model's max_len (default 256)")
+    em.add_argument("--seq-len", type=int, help="tokens per text, at most the model's max_len "
+                                                "(default: 256, or max_len if lower)")
     em.add_argument("--batch-size", type=int, default=64, help="texts per batch (default 64)")
     ex = sub.add_parser("export", help="a run as a params-only run directory (--format ptft) "
                                        "or a Hugging Face model directory (--format hf), LoRA "
@@ -146,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="benchmark the input pipeline alone (the cases file's pipeline list)")
     b.add_argument("--finetune", action="store_true",
                    help="benchmark finetuning strategies (the cases file's finetune list)")
-    b.add_argument("--fake-cpu-devices", type=int, default=0,
+    b.add_argument("--fake-cpu-devices", type=at_least(1, "CPU devices to fake"), default=0,
                    help="on a CPU, fake this many devices (for the memory set: 8)")
     b.add_argument("--cases-file", help="a cases YAML (default: the one that ships with ptft, "
                                         "ptft_jax/bench/cases.yaml)")
@@ -191,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    previous = _stop_on_signals(args.command)
     try:
         return run_command(args)
     except ConfigError as e:
@@ -202,8 +219,31 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, say: what ptft wrote before is whole (core/files.py)
         print(f"ptft {args.command}: error: {io_error(e)}", file=sys.stderr)
         return 4 if e.errno in STORAGE_ERRORS else 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second signal while training saved and stopped
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_on_signals(command: str) -> dict:
+    """Until a training loop installs its own handlers (which stop between steps and save),
+    SIGINT and SIGTERM end the process as they would anyway, but say so: a SIGTERM would end
+    it silently. Everything ptft writes survives a kill at any moment (files appear whole or
+    not at all, caches resume), so dying at once is safe; an exception raised here instead
+    could be swallowed by whatever callback the signal interrupts. Returns the previous
+    handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        print(f"ptft {command}: stopped by {signal.Signals(signum).name} " + (
+            "during start-up, before the first training step: nothing was trained or saved. "
+            "Run the same command to start." if command in ("pretrain", "finetune") else
+            "before it finished; no file was left half-written."), file=sys.stderr, flush=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 # Failures of the storage rather than of the input: exit code 4, as a failed checkpoint save.

@@ -20,6 +20,7 @@ import gzip  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from ptft_jax.config.load import load_config  # noqa: E402
 from ptft_jax.data.corpus import BUNDLED  # noqa: E402
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices (set before JAX initialises)"
@@ -33,3 +34,15 @@ def small_corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "small.txt"
     path.write_text("".join(lines), encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, small_corpus):
+    """One short pretraining run that finetuning tests start from (they only read it)."""
+    from ptft_jax.jobs.entry import pretrain
+    run = tmp_path_factory.mktemp("pretrained") / "pre"
+    pretrain(load_config("configs/pretrain_tiny_mlm.yaml", [
+        f"run_dir={run}", f"data.corpus={small_corpus}", "data.tokenizer_vocab_size=512",
+        "train.steps=2", "train.global_batch=8", "checkpoint.every=0", "data.seq_len=32",
+        "model.max_len=32", "train.progress=false"]))
+    return run

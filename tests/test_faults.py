@@ -95,7 +95,26 @@ DAMAGE = {  # kind -> (what is done to the newest step, words the recorded fault
     "deleted params item": (lambda d: shutil.rmtree(d / "params"), "params item is missing"),
     "random bytes": (_random_bytes, ""),  # a read error or a checksum mismatch
     "one flipped bit": (_flip_one_bit, "checksum mismatch in 1 array"),
+    # Metadata is checked like data: valid JSON of the wrong shape, and a folder holding
+    # another step's state (steps 5 -> 6 would never have been trained).
+    "metadata a list": (lambda d: _meta_file(d).write_text("[1, 2, 3]"), "not an object"),
+    "metadata empty": (lambda d: _meta_file(d).write_text("{}"), "no valid step"),
+    "step not a number": (lambda d: _edit_meta(d, step="abc"), "no valid step"),
+    "data position of another step": (lambda d: _edit_meta(d, data={"step": 6,
+                                                                    "samples_seen": 3}),
+                                      "data position of 3 samples"),
+    "a copy of step 5 named 6": (lambda d: (shutil.rmtree(d), shutil.copytree(
+        d.parent / "5", d)), "step 5's, in a folder named 6"),
 }
+
+
+def _meta_file(step_dir: Path) -> Path:
+    return step_dir / "meta" / "metadata"
+
+
+def _edit_meta(step_dir: Path, **values):
+    meta = json.loads(_meta_file(step_dir).read_text())
+    _meta_file(step_dir).write_text(json.dumps({**meta, **values}))
 
 
 def _truncate(f: Path):
@@ -171,6 +190,30 @@ def test_fallback_through_the_cli_resumes_bit_identically(base_run, tmp_path, sm
     rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3, 4, 5, 6]
     assert main(["checkpoints", "verify", str(run)]) == 0
+
+
+def test_damage_is_reported_in_one_line_with_no_orbax_tracebacks(base_run, tmp_path,
+                                                                small_corpus):
+    """Orbax and TensorStore log a failed read from each thread and coroutine it passes
+    through; a fallback or a verify says what is wrong once."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    _truncate(_biggest_data_file(run / "checkpoints" / "6" / "params"))
+    (run / "checkpoints" / "5" / "params" / "manifest.ocdbt").unlink()
+    result = _ptft("checkpoints", "verify", str(run))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr == "", result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if "DAMAGED" in line]
+    assert len(rows) == 2 and "params/manifest.ocdbt is missing" in rows[0], rows
+    # A resume over both (a deleted data file left Orbax's coroutines raising after it).
+    _biggest_data_file(run / "checkpoints" / "4" / "params").unlink()
+    result = _ptft("pretrain", "--config", "configs/pretrain_tiny_mlm.yaml",
+                   *_overrides(run, small_corpus, "train.steps=4", "checkpoint.every=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert [line.split(" is damaged")[0] for line in lines if line.startswith("warning")] == \
+        [f"warning: checkpoint step {s}" for s in (6, 5, 4)], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(lines) <= 5, result.stderr[-3000:]
 
 
 def _ptft(*args, wrapper=(), timeout=600):

@@ -6,28 +6,16 @@ import json
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from ptft_jax.config.load import load_config
 from ptft_jax.core import params as ptree
 from ptft_jax.data.corpus import BUNDLED
-from ptft_jax.jobs.entry import pretrain
 from ptft_jax.jobs.labelled import finetune_job
 from ptft_jax.train.engine import build
 from tests.helpers import host_params
 from tests.test_main_job import _ptft
 
 SHORT = ["data.seq_len=32", "model.max_len=32", "train.progress=false"]
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, small_corpus):
-    """One short pretraining run that every test here finetunes from (they only read it)."""
-    run = tmp_path_factory.mktemp("pretrained") / "pre"
-    pretrain(load_config("configs/pretrain_tiny_mlm.yaml", [
-        f"run_dir={run}", f"data.corpus={small_corpus}", "data.tokenizer_vocab_size=512",
-        "train.steps=2", "train.global_batch=8", "checkpoint.every=0", *SHORT]))
-    return run
 
 
 def _labelled(tmp_path, n_train=48, n_eval=20):

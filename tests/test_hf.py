@@ -199,7 +199,7 @@ def test_pickle_only_directory_is_refused_with_the_conversion_recipe(tmp_path):
 def test_unparsable_config_json(tmp_path):
     d = _copy("bert_model", tmp_path)
     (d / "config.json").write_text("{'model_type': bert")
-    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"config\.json: line 1, column 2: not valid JSON"):
         hf.open_model(f"hf:{d}")
 
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from ptft_jax.ckpt.pretrained import inference_checkpoint, read_params
+from ptft_jax.ckpt.pretrained import first_intact, read_params
 from ptft_jax.config import hf
 from ptft_jax.config.load import load_config
 from ptft_jax.config.schema import ModelConfig
@@ -102,7 +102,7 @@ def test_classifier_from_hf_finetunes_and_exports_back(tmp_path, capsys):
 
 def _lm_logits(run: Path, ids: np.ndarray) -> np.ndarray:
     cfg = load_config(run / "config.yaml")
-    params = read_params(inference_checkpoint(run))
+    params, _ = first_intact(run, read_params)
     if lora_spec(cfg) is not None:
         params = merge(params, lora_spec(cfg))
     model_cfg = ModelConfig(**{**cfg.model.__dict__, "dtype": "float32", "dropout": 0.0})

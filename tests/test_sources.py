@@ -240,7 +240,7 @@ BAD_INPUTS = {
     "mixed formats": (lambda d: write(d / "b.csv", "csv") and write(d / "a.txt", "text").parent,
                       {}, r"mixes formats \(csv, text\)"),
     "a split of local files": (lambda d: write(d / "d.txt", "text"), {"split": "test"},
-                               r"one split, 'train' \(asked for 'test'\)"),
+                               "one split, but split 'test' was asked for"),
     "unknown bundled corpus": (lambda d: "bundled:nope", {}, r"no bundled corpus 'nope'"),
 }
 

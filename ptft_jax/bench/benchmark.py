@@ -21,12 +21,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import yaml
 
 from ptft_jax.bench import profiling
 from ptft_jax.bench.report import REPO, device_slug, environment, markdown_table, plot, summary_line
 from ptft_jax.bench.workloads import synthetic_batches, workload  # noqa: F401 (re-export)
 from ptft_jax.config.load import load_config
+from ptft_jax.config.reading import read_yaml
 from ptft_jax.config.schema import ConfigError
 from ptft_jax.config.validate import validate
 from ptft_jax.models.layers import dtypes
@@ -100,10 +100,28 @@ class Case:
         return cfg
 
 
+def read_cases(path: Path) -> dict:
+    """A bench cases file (--cases-file): a YAML mapping; `ptft bench`, --finetune and
+    --pipeline read it here, so a bad one is one line naming the file and the line."""
+    return read_yaml(path, "the bench cases file", dict, "pass --cases-file")
+
+
+def named_cases(listed: list[dict], names: list[str], what: str, path: Path) -> list[dict]:
+    """The cases of one list of the cases file (`pipeline:`, `finetune:`) that --cases names,
+    or all of them; a name not in the list is refused, listing the names that are."""
+    known = [c.get("name") for c in listed]
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ConfigError(f"No {what} case(s) {', '.join(missing)} in {path}; {what} cases: "
+                          f"{', '.join(map(str, known))}.")
+    return [c for c in listed if not names or c.get("name") in names]
+
+
 def load_cases(path: Path, sets: list[str], names: list[str]) -> list[Case]:
-    if not path.is_file():
-        raise ConfigError(f"No benchmark cases file at {path}; pass --cases-file.")
-    doc = yaml.safe_load(path.read_text())
+    doc = read_cases(path)
+    if not isinstance(doc.get("sets"), dict):
+        raise ConfigError(f"{path}: no 'sets:' mapping of set names to lists of cases; the "
+                          f"bench cases file needs one (see {DEFAULT_CASES}).")
     defaults, all_sets = doc.get("defaults", {}), doc["sets"]
     for s in sets:
         if s not in all_sets:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 
-from ptft_jax.bench.benchmark import load_torch_reference, state_bytes_on_first_device, timed_steps
+from ptft_jax.bench.benchmark import (load_torch_reference, named_cases, read_cases,
+                                     state_bytes_on_first_device, timed_steps)
 from ptft_jax.bench.report import device_slug, environment
 from ptft_jax.config.load import load_config
 from ptft_jax.config.schema import ConfigError
@@ -112,8 +112,8 @@ def run_case(case: dict, steps: int, warmup: int, overrides=()) -> dict:
 
 def run(names, cases_file: Path, out_dir: Path, steps: int, warmup: int,
         with_torch: bool = True, echo=print, overrides=()) -> list[dict]:
-    doc = yaml.safe_load(cases_file.read_text())
-    cases = [c for c in doc.get("finetune", []) if not names or c["name"] in names]
+    doc = read_cases(cases_file)
+    cases = named_cases(doc.get("finetune", []), names, "finetune", cases_file)
     for c in cases:
         unknown = set(c) - set(CASE_KEYS)
         if unknown:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 
+from ptft_jax.bench.benchmark import named_cases, read_cases
 from ptft_jax.bench.report import device_slug, environment
 from ptft_jax.config.schema import DataConfig, MeshConfig
 from ptft_jax.core.mesh import batch_sharding, global_batch_array, make_mesh
@@ -89,8 +89,8 @@ def open_documents_bundled():
 
 
 def run_pipeline(names: list[str], cases_file: Path, out_dir: Path, echo=print) -> list[dict]:
-    doc = yaml.safe_load(cases_file.read_text())
-    cases = [c for c in doc.get("pipeline", []) if not names or c["name"] in names]
+    doc = read_cases(cases_file)
+    cases = named_cases(doc.get("pipeline", []), names, "pipeline", cases_file)
     env = environment()
     out = out_dir / device_slug(env)
     out.mkdir(parents=True, exist_ok=True)

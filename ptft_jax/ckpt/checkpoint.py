@@ -16,8 +16,6 @@
 """
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import jax
@@ -70,52 +68,19 @@ def committed_steps(directory: Path) -> list[int]:
                   if p.name.isdigit()) if directory.is_dir() else []
 
 
-class _RepeatedSaveErrors(logging.Filter):
-    """Orbax logs a failed write with a traceback from each thread it passes through before
-    raising it; ptft reports the raised error itself, in one line."""
-    MARKS = ("raised an exception", "Save Finalize thread", "Checkpointer failed",
-             "Failed to run", "exception was never retrieved")
-
-    def filter(self, record) -> bool:
-        message = record.getMessage()
-        if record.name == "asyncio" and "orbax" not in message and \
-                "OCDBT" not in message:
-            return True  # asyncio's own records about code that is not Orbax's
-        return not (record.levelno >= logging.ERROR and
-                    any(mark in message for mark in self.MARKS))
-
-
-def _quiet_failed_saves() -> None:
-    """Installed once: the filter above, and an unraisable-exception hook that drops the
-    'Event loop is closed' errors TensorStore's callbacks raise after a failed write (every
-    other unraisable exception still goes to the previous hook)."""
-    if getattr(_quiet_failed_saves, "done", False):
-        return
-    _quiet_failed_saves.done = True
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(_RepeatedSaveErrors())
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and \
-                "Event loop is closed" in str(unraisable.exc_value):
-            return
-        previous(unraisable)
-    sys.unraisablehook = hook
-
-
 class Checkpointer:
     def __init__(self, directory: str | Path, every: int = 0, keep: int = 3,
-                 async_save: bool = True):
-        _quiet_failed_saves()
+                 async_save: bool = True, read_only: bool = False):
+        integrity.quiet_orbax_once()
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every if every > 0 else 1,
             # The folder is made at the first save, so that a run refused by a later check
             # leaves nothing behind.
             enable_async_checkpointing=async_save, create=False,
-            # What a kill or a failed save left half-written is removed at the next start.
-            cleanup_tmp_directories=True)
+            # What a kill or a failed save left half-written is removed at the next start;
+            # a reader (inference) leaves the folder alone: a run may still be saving into it.
+            cleanup_tmp_directories=not read_only, read_only=read_only)
         self.every = every
         self.saving: int | None = None  # the step whose (async) save may still be running
         self.manager = ocp.CheckpointManager(
@@ -157,7 +122,7 @@ class Checkpointer:
             arrays["opt_state"] = state.opt_state
         if _has_leaves(state.model_state):
             arrays["model_state"] = state.model_state
-        sums = integrity.item_checksums(arrays)
+        sums = integrity.save_checksums(arrays, step)  # StateNotFinite: nothing written
         items = {item: ocp.args.StandardSave(tree) for item, tree in arrays.items()}
         items["meta"] = ocp.args.JsonSave({**meta, "step": step, "checksums": sums})
         self.wait()  # the previous save's failure is reported as that step's
@@ -287,10 +252,10 @@ class BestCheckpointer:
         arrays = {"params": state.params}
         if _has_leaves(state.model_state):
             arrays["model_state"] = state.model_state
+        sums = integrity.save_checksums(arrays, step)  # StateNotFinite: nothing written
         items = {item: ocp.args.StandardSave(tree) for item, tree in arrays.items()}
         items["meta"] = ocp.args.JsonSave({
-            **meta, "step": step, "metrics": _json_safe(metrics),
-            "checksums": integrity.item_checksums(arrays)})
+            **meta, "step": step, "metrics": _json_safe(metrics), "checksums": sums})
         try:
             self.manager.save(step, args=ocp.args.Composite(**items),
                               metrics={self.metric: float(metrics[self.metric])}, force=True)
@@ -331,11 +296,12 @@ def _restore_verified(manager, step: int, step_dir: Path, meta: dict, args: dict
                                      f"than this config's state ({cause}). Restore the settings "
                                      f"it was written with, or use a new run_dir.") from None
         raise CheckpointDamaged(step_dir, f"its arrays cannot be read ({cause})") from None
-    for item, expected in (meta.get("checksums") or {}).items():
-        if item in args:
-            fault = integrity.compare(expected, restored[item], item)
-            if fault:
-                raise CheckpointDamaged(step_dir, fault)
+    sums = meta.get("checksums")
+    for item in args:
+        fault = integrity.compare(sums.get(item) if sums is not None else None,
+                                  restored[item], item)
+        if fault:
+            raise CheckpointDamaged(step_dir, fault)
     return restored
 
 

@@ -10,6 +10,7 @@ read from under another subtree name (`rename`): a text encoder pretrained under
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
@@ -18,7 +19,9 @@ import numpy as np
 from ptft_jax.ckpt import integrity
 from ptft_jax.ckpt.checkpoint import CheckpointMismatch
 from ptft_jax.config import hf
-from ptft_jax.config.schema import FinetuneConfig
+from ptft_jax.config.reading import read_yaml
+from ptft_jax.config.schema import (IMAGE_KINDS, MULTIMODAL_KINDS, ConfigError,
+                                    FinetuneConfig, ModelConfig)
 from ptft_jax.convert.hf import flat_params
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.core.params import (any_rule, check_rules_hit, flatten, is_stacked, path_str,
@@ -40,30 +43,74 @@ def pretrained_source(path: str | Path) -> tuple[Path, int]:
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and
                    (p / "params").is_dir()) if folder.is_dir() else []
     if not steps:
-        raise ValueError(f"finetune.init_from: {path} holds no ptft checkpoint; give a run "
-                         f"directory (with checkpoints/), its checkpoints folder or one step "
-                         f"folder.")
+        raise ValueError(f"finetune.init_from: {path} is not a ptft run (it holds no "
+                         f"checkpoint step folder); give a run directory (with checkpoints/), "
+                         f"its checkpoints folder or one step folder, or hf:NAME.")
     return folder / str(steps[-1]), steps[-1]
 
 
-def inference_checkpoint(run_dir: Path) -> Path:
-    """The step folder inference reads: a run's best checkpoint if it has one, else its
-    latest."""
+def check_init_from(path, image_task: bool, key: str = "finetune.init_from") -> None:
+    """What init_from names, checked before anything is built or written: it exists, is a
+    ptft run (or its checkpoints folder, or a step folder), and trained a component of the
+    kind the task needs (text or image). ConfigError naming the key and the path."""
+    if not path or is_hf_path(path):
+        return  # none, or an HF directory: checked where it is opened
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{key}: {path} does not exist; give a ptft run directory, its "
+                          f"checkpoints folder or one step folder, or hf:NAME for a Hugging "
+                          f"Face model.")
+    try:
+        pretrained_source(path)
+    except ValueError as e:  # not a ptft run
+        raise ConfigError(str(e)) from None
+    config = next((folder / "config.yaml" for folder in (path, *path.parents[:2])
+                   if (folder / "config.yaml").is_file()), None)
+    if config is None:
+        return  # a bare checkpoints folder: the parameters' shapes are checked when loaded
+    kind = ((read_yaml(config, "the run's config").get("model") or {}).get("kind")
+            or ModelConfig.kind)
+    if kind not in MULTIMODAL_KINDS and (kind in IMAGE_KINDS) != image_task:
+        needed, has = ("an image", "a text") if image_task else ("a text", "an image")
+        raise ConfigError(f"{key}: {path} is a run of {has} model (model.kind {kind}); this "
+                          f"task needs {needed} component: give a run that trained one.")
+
+
+def first_intact(run_dir: Path, read):
+    """(read(step_dir), step_dir) of the first intact step of a run that inference reads: its
+    best checkpoint, else the newest of checkpoints/, then the older ones. A damaged step
+    (CheckpointDamaged from `read`) is passed over with one warning line naming it and the
+    fault; the run directory is left as it is (training, not inference, moves steps aside)."""
     run_dir = Path(run_dir)
-    for folder in (run_dir / "best", run_dir / "checkpoints"):
+    candidates = [*integrity.step_folders(run_dir / "best"),
+                  *integrity.step_folders(run_dir / "checkpoints")]
+    if not candidates:
+        raise ValueError(f"{run_dir} holds no checkpoint; give the run_dir of a ptft run that "
+                         f"has saved one.")
+    faults = []
+    for step_dir in candidates:
         try:
-            return pretrained_source(folder)[0]
-        except ValueError:
+            result = read(step_dir)
+        except integrity.CheckpointDamaged as e:
+            faults.append((f"{step_dir.parent.name}/{step_dir.name}", e.fault))
             continue
-    raise ValueError(f"{run_dir} holds no checkpoint; give the run_dir of a ptft run that has "
-                     f"saved one.")
+        for where, fault in faults:
+            print(f"warning: checkpoint {where} of {run_dir} is damaged ({fault}); reading "
+                  f"{step_dir.parent.name}/{step_dir.name} instead, the newest intact step.",
+                  file=sys.stderr, flush=True)
+        return result, step_dir
+    faults = [f"{where}: {fault}" for where, fault in faults]
+    raise ValueError(f"{run_dir} holds no intact checkpoint ({len(faults)} damaged; first: "
+                     f"{faults[0]}). `ptft checkpoints verify {run_dir}` lists them; resuming "
+                     f"its training run (same command) moves them aside and trains from the "
+                     f"newest intact step, or from scratch.")
 
 
 def inference_params(run_dir: Path, cfg) -> tuple[dict, Path, bool]:
     """(params as host arrays, the step folder read, whether LoRA was merged) of a run: its
-    best checkpoint, else its latest, with LoRA adapters folded into the weights."""
-    step_dir = inference_checkpoint(run_dir)
-    params = read_params(step_dir)
+    best checkpoint, else its latest intact one, with LoRA adapters folded into the
+    weights."""
+    params, step_dir = first_intact(run_dir, read_params)
     spec = lora_spec(cfg)
     merged = spec is not None and LORA_KEY in params
     return (merge(params, spec) if merged else params), step_dir, merged

@@ -6,10 +6,11 @@ and ViTs. Reading and mapping the weights is convert/hf.py's.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from ptft_jax.config.reading import read_json
 
 PREFIX = "hf:"
 PACKAGE = "pkg:"  # hf:pkg:PACKAGE/SUBDIR, a model inside an installed Python package
@@ -59,7 +60,7 @@ class HfModel:
         path = self.directory / "1_Pooling" / "config.json"
         if not path.is_file():
             return None
-        pooling = json.loads(path.read_text())
+        pooling = read_json(path, "sentence-transformers' 1_Pooling/config.json")
         if pooling.get("pooling_mode_mean_tokens"):
             return "mean"
         if pooling.get("pooling_mode_cls_token"):
@@ -128,13 +129,7 @@ def open_model(spec: str) -> HfModel:
     if not config_path.is_file():
         raise ValueError(f"{directory} has no config.json; a Hugging Face model directory "
                          f"holds config.json, model.safetensors and tokenizer files.")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e}); re-download or fix it.") \
-            from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object.")
+    config = read_json(config_path, "a Hugging Face model's config.json")
     family = config.get("model_type")
     archs = config.get("architectures") or []
     if family not in ARCHITECTURES:

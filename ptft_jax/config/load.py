@@ -17,6 +17,7 @@ import yaml
 
 from ptft_jax.config.hf import SHAPE_KEYS, is_hf, open_model
 from ptft_jax.config.presets import PRESETS
+from ptft_jax.config.reading import read_yaml
 from ptft_jax.config.schema import Config, ConfigError, check_choice
 
 
@@ -83,9 +84,30 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def _not_a_section(cls, value: Any, key: str) -> ConfigError:
+    keys = list(_field_types(cls))
+    return ConfigError(f"'{key}' is a section, not a value (got {value!r}): set the keys under "
+                       f"it, e.g. {key}.{keys[0]}=...; its keys: {', '.join(keys)}.")
+
+
+def check_sections(cls, data: dict, where: str = "") -> None:
+    """Every section given (`model`, `towers.image`, ...) is a mapping of its keys, not a
+    scalar such as `model=5`; the sections' own code reads them as mappings."""
+    types = _field_types(cls)
+    for key, value in data.items():
+        typ = types.get(key)
+        if typ is None or not dataclasses.is_dataclass(typ) or value is None:
+            continue  # an unknown key is named later, with the closest valid one
+        if not isinstance(value, dict):
+            raise _not_a_section(typ, value, f"{where}{key}")
+        check_sections(typ, value, f"{where}{key}.")
+
+
 def _build(cls, data: dict, where: str = ""):
     if not isinstance(data, dict):
-        raise ConfigError(f"'{where.rstrip('.') or 'config'}' must be a mapping, got {data!r}.")
+        if where:
+            raise _not_a_section(cls, data, where.rstrip("."))
+        raise ConfigError(f"The config must be a mapping, got {data!r}.")
     _check_keys(cls, data, where)
     types = _field_types(cls)
     kwargs = {}
@@ -133,28 +155,25 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def read_yaml_mapping(path: str | Path, what: str, missing_hint: str = "") -> dict:
-    """A YAML file holding a mapping (empty: {}); a ConfigError naming `what` and the file
-    when it is missing, not YAML, or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} '{path}' does not exist.{missing_hint}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} '{path}' must hold a mapping at the top level.")
-    return data
+    """A YAML file holding a mapping (empty: {}); an UnreadableFile (config/reading.py)
+    naming `what`, the file and the line when it is missing, not UTF-8, not YAML, or not a
+    mapping."""
+    return read_yaml(path, what, dict, missing_hint)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- overrides; then model presets are expanded."""
     data: dict = {}
     if path is not None:
-        data = read_yaml_mapping(path, "Config file", " Shipped configs are in configs/ (for "
-                                 "example configs/pretrain_tiny_mlm.yaml).")
+        data = read_yaml_mapping(path, "the --config file", "shipped configs are in configs/, "
+                                 "for example configs/pretrain_tiny_mlm.yaml")
     data = merge_dicts(data, parse_overrides(overrides or []))
     return from_dict(with_hf_model(data))
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The config a run directory was trained with (its config.yaml, as the run wrote it)."""
+    return from_dict(read_yaml(Path(run_dir) / "config.yaml", "a run's config.yaml"))
 
 
 def expand_model(model: dict | None, key: str = "model") -> dict:
@@ -175,6 +194,7 @@ def expand_model(model: dict | None, key: str = "model") -> dict:
 
 
 def from_dict(data: dict) -> Config:
+    check_sections(Config, data)
     data = {**data, "model": expand_model(data.get("model"))}
     towers = data.get("towers")
     if isinstance(towers, dict):
@@ -197,6 +217,7 @@ def with_hf_model(data: dict) -> dict:
     its tokenizer is the default data.tokenizer. A model key set to another value is an
     error (the weights could not load), not a silent override. A multimodal model's towers
     (`towers.image.init_from`, `towers.text.init_from`) take theirs the same way."""
+    check_sections(Config, data)
     spec = (data.get("finetune") or {}).get("init_from")
     if isinstance(spec, str) and is_hf(spec):
         model, tokenizer = _hf_model_keys(spec, data.get("model"), "model",

@@ -1,6 +1,7 @@
 """The config's schema: dataclasses with every default in one place, `ConfigError`, the
 allowed values of every key that has a fixed set (Literal types), and the task names and
-what a config resolves to (its task, pooling, mesh). presets.py holds the model shapes.
+what a config resolves to (its task, pooling, mesh). presets.py holds the model shapes,
+ranges.py the range of every number.
 
 load.py builds a Config from YAML and `a.b=value` overrides; validate.py checks what can be
 checked without compiling, so a bad config fails in a second, not after a minute of XLA.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
 
 
 class ConfigError(ValueError):
@@ -40,7 +41,8 @@ TASKS = PRETRAIN_TASKS + FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS
 
 # Keys with a fixed set of values are typed as Literal: these types are the one place the
 # values are written. load.py refuses any other value as it reads the YAML, and validate()
-# checks every such field of a Config built in code (`check_choices`).
+# checks every such field of a Config built in code (ranges.check_values, which also holds
+# every number's range).
 ModelKind = Literal[("encoder", "decoder") + IMAGE_KINDS + MULTIMODAL_KINDS]
 TaskName = Literal[("auto",) + TASKS]
 
@@ -51,17 +53,6 @@ def check_choice(value: Any, typ: Any, key: str) -> None:
     if value not in options:
         raise ConfigError(f"'{key}' is '{value}'; it must be one of: "
                           f"{', '.join(map(str, options))}.")
-
-
-def check_choices(node: Any, where: str = "") -> None:
-    """Checks every Literal-typed field of a config dataclass, nested ones too."""
-    hints = get_type_hints(type(node))
-    for f in dataclasses.fields(node):
-        value, typ = getattr(node, f.name), hints[f.name]
-        if dataclasses.is_dataclass(value):
-            check_choices(value, f"{where}{f.name}.")
-        elif get_origin(typ) is Literal:
-            check_choice(value, typ, f"{where}{f.name}")
 
 
 @dataclass

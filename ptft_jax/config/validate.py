@@ -8,71 +8,40 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from ptft_jax.config.ranges import check_values
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_KINDS, IMAGE_TASKS, MULTIMODAL_KINDS,
                                     MULTIMODAL_TASKS, PRETRAIN_TASKS, Config, ConfigError,
-                                    check_choices, resolve_mesh_shape, task_for)
+                                    resolve_mesh_shape, task_for)
 
 
 def _validate_optimizer(cfg: Config) -> None:
     o = cfg.optim
-    for key in ("b1", "b2", "momentum"):
-        if not 0 <= getattr(o, key) < 1:
-            raise ConfigError(f"optim.{key} ({getattr(o, key)}) must be in [0, 1), e.g. 0.9.")
     if o.nesterov and o.name != "sgd":
         raise ConfigError(f"optim.nesterov is SGD's option; optim.name is '{o.name}'. Set "
                           f"optim.name: sgd or drop optim.nesterov.")
-    if o.schedule == "step" and (o.decay_every < 1 or not 0 < o.decay_factor <= 1):
-        raise ConfigError(f"optim.schedule 'step' needs optim.decay_every >= 1 (steps) and "
-                          f"optim.decay_factor in (0, 1] (e.g. 0.1); got {o.decay_every} and "
-                          f"{o.decay_factor}.")
-    if o.schedule == "plateau":
-        if cfg.data.eval_split is None and cfg.data.eval_corpus is None or not cfg.eval.every:
-            raise ConfigError("optim.schedule 'plateau' lowers the LR when the validation "
-                              "metric stalls: set data.eval_split (or data.eval_corpus) and "
-                              "eval.every.")
-        if not 0 < o.plateau_factor < 1 or o.plateau_patience < 1 or o.plateau_cooldown < 0 \
-                or not o.plateau_threshold > 0 or not 0 <= o.plateau_min_scale < 1:
-            raise ConfigError("optim.plateau_factor must be in (0, 1), optim.plateau_patience "
-                              ">= 1 (evaluations), optim.plateau_cooldown >= 0, "
-                              "optim.plateau_threshold > 0, optim.plateau_min_scale in [0, 1).")
+    if o.schedule == "plateau" and (cfg.data.eval_split is None and cfg.data.eval_corpus is None
+                                    or not cfg.eval.every):
+        raise ConfigError("optim.schedule 'plateau' lowers the LR when the validation metric "
+                          "stalls: set data.eval_split (or data.eval_corpus) and eval.every.")
 
 
 def validate(cfg: Config, num_devices: int) -> None:
     """Raises ConfigError naming the key at fault. Call before building anything expensive."""
     m, t, o = cfg.model, cfg.train, cfg.optim
-    check_choices(cfg)  # every key with a fixed set of values (Literal types in schema.py)
+    check_values(cfg)  # every key's own choices, finiteness and range (config/ranges.py)
     if not all(isinstance(t, str) and t for t in cfg.data.extra_special_tokens):
         raise ConfigError("data.extra_special_tokens must be a list of non-empty strings, e.g. "
                           "['<doc>', '<title>'].")
-    for key, value in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
-                       ("model.num_heads", m.num_heads), ("model.mlp_dim", m.mlp_dim),
-                       ("model.max_len", m.max_len), ("data.seq_len", cfg.data.seq_len),
-                       ("train.steps", t.steps), ("train.global_batch", t.global_batch),
-                       ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
-                       ("train.max_skipped_steps", t.max_skipped_steps),
-                       ("train.loss_spike_window", t.loss_spike_window),
-                       ("checkpoint.keep", cfg.checkpoint.keep)]:
-        if value < 1:
-            raise ConfigError(f"'{key}' is {value}; it must be at least 1.")
-    if m.vocab_size is not None and m.vocab_size < 8:
-        raise ConfigError(f"'model.vocab_size' is {m.vocab_size}; use null to take the "
-                          f"tokenizer's size, or a size of at least the tokenizer's vocabulary.")
-    if m.norm_eps is not None and not 0 < m.norm_eps < 1:
-        raise ConfigError(f"model.norm_eps ({m.norm_eps}) must be in (0, 1); null takes the "
-                          f"norm's usual value.")
     d = cfg.data
-    if d.shuffle_seed < 0:
-        raise ConfigError(f"data.shuffle_seed ({d.shuffle_seed}) must be a non-negative "
-                          f"integer.")
-    if d.prefetch < 1:
-        raise ConfigError(f"data.prefetch ({d.prefetch}) must be at least 1: the number of "
-                          f"batches placed on the devices ahead of the step (2 is usual).")
+    _check_columns(cfg)
+    _check_local_splits(cfg)
     text = cfg.towers.text.model if m.kind in MULTIMODAL_KINDS else m  # the text model
     smallest = 128 if text.kind == "encoder" else 257  # a byte-level BPE starts from 256 bytes
     if d.tokenizer is None and d.tokenizer_vocab_size < smallest:
+        kind = "WordPiece" if text.kind == "encoder" else "byte-level BPE"
         raise ConfigError(f"data.tokenizer_vocab_size ({d.tokenizer_vocab_size}) is too small "
-                          f"to train a {'WordPiece' if text.kind == 'encoder' else 'byte-level BPE'}"
-                          f" tokenizer; use at least {smallest} (8192 or more is usual).")
+                          f"to train a {kind} tokenizer; use at least {smallest} (8192 or more "
+                          f"is usual).")
     if m.attention == "cudnn" and _backend() not in ("gpu", "cuda"):
         raise ConfigError(f"model.attention 'cudnn' needs an NVIDIA GPU; this machine's JAX "
                           f"backend is '{_backend()}'. Use model.attention=auto.")
@@ -97,34 +66,15 @@ def validate(cfg: Config, num_devices: int) -> None:
     if task_for(cfg) == "clm" and m.kind != "decoder":
         raise ConfigError("train.task 'clm' needs model.kind 'decoder' (causal); "
                           "use 'mlm' for an encoder.")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout ({m.dropout}) must be in [0, 1).")
     ob = cfg.objective
-    if not 0 < ob.mask_rate < 1:
-        raise ConfigError(f"objective.mask_rate ({ob.mask_rate}) must be in (0, 1).")
-    if ob.mask_token_rate < 0 or ob.random_token_rate < 0 or \
-            ob.mask_token_rate + ob.random_token_rate > 1:
-        raise ConfigError("objective.mask_token_rate and objective.random_token_rate must be "
-                          "non-negative and sum to at most 1.")
-    if ob.loss_chunk is not None and ob.loss_chunk < 0:
-        raise ConfigError(f"objective.loss_chunk ({ob.loss_chunk}) must be a number of tokens "
-                          f"per device (e.g. 4096), 0 to turn chunking off, or null for the "
-                          f"default.")
+    if ob.mask_token_rate + ob.random_token_rate > 1:
+        raise ConfigError("objective.mask_token_rate and objective.random_token_rate must sum "
+                          "to at most 1.")
     if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
         raise ConfigError(f"train.loss_spike_factor ({t.loss_spike_factor}) must be above 1 "
                           f"(e.g. 5: stop when a step's loss is 5x the recent mean), or 0 "
                           f"to turn the check off.")
-    if o.learning_rate <= 0:
-        raise ConfigError(f"optim.learning_rate ({o.learning_rate}) must be positive.")
-    if o.warmup_steps < 0 or o.clip_norm < 0 or o.weight_decay < 0:
-        raise ConfigError("optim.warmup_steps, optim.clip_norm and optim.weight_decay must be "
-                          "non-negative.")
     _validate_optimizer(cfg)
-    if cfg.checkpoint.every < 0:
-        raise ConfigError("checkpoint.every must be >= 0 (0 saves only at the end).")
-    if not cfg.checkpoint.every_minutes >= 0:  # also refuses NaN
-        raise ConfigError(f"checkpoint.every_minutes ({cfg.checkpoint.every_minutes}) must be "
-                          f">= 0 (0: no time-based saves; e.g. 30 saves every half hour).")
     _check_rules(o.weight_decay_rules, "optim.weight_decay_rules", bool)
     _validate_finetune(cfg)
 
@@ -167,18 +117,6 @@ def _validate_finetune(cfg: Config) -> None:
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
                 raise ConfigError(f"finetune.lr_multipliers: the factor for {pattern!r} must be "
                                   f"a non-negative number, got {factor!r}.")
-    if not 0 < f.layer_decay <= 1:
-        raise ConfigError(f"finetune.layer_decay ({f.layer_decay}) must be in (0, 1]; 1 turns "
-                          f"it off (0.65-0.9 are usual).")
-    for key in ("unfreeze_every", "unfreeze_patience", "unfreeze_layers"):
-        if getattr(f, key) < 1:
-            raise ConfigError(f"'finetune.{key}' is {getattr(f, key)}; it must be at least 1.")
-    if f.lora_rank < 0 or f.lora_alpha <= 0 or not 0 <= f.lora_dropout < 1:
-        raise ConfigError("finetune.lora_rank must be >= 0 (0: no LoRA), finetune.lora_alpha "
-                          "positive and finetune.lora_dropout in [0, 1).")
-    if e.every < 0 or e.early_stopping < 0 or e.batch_size < 1:
-        raise ConfigError("eval.every and eval.early_stopping must be >= 0 and eval.batch_size "
-                          ">= 1.")
     if task in PRETRAIN_TASKS:
         if f.linear_probe or f.lora_rank or f.unfreeze != "none" or f.freeze:
             raise ConfigError(f"train.task is '{task}' (pretraining); the finetune.* strategies "
@@ -195,9 +133,52 @@ def _validate_finetune(cfg: Config) -> None:
     if (e.early_stopping or f.unfreeze == "adaptive") and e.every == 0:
         raise ConfigError("eval.early_stopping and finetune.unfreeze 'adaptive' act on periodic "
                           "evaluations: set eval.every to a number of steps.")
-    if f.linear_probe and f.unfreeze != "none":
-        raise ConfigError("finetune.linear_probe trains the head only; it cannot be combined "
-                          "with finetune.unfreeze (which unfreezes backbone layers).")
+    # What finetune.linear_probe (the head only) cannot be combined with: (is it on, what it
+    # trains, the value that turns it off).
+    beside_probe = {"unfreeze": (f.unfreeze != "none", "unfreezes backbone layers", "none"),
+                    "lora_rank": (f.lora_rank > 0, "trains adapters inside the backbone", 0)}
+    for key, (on, what, off) in beside_probe.items():
+        if f.linear_probe and on:
+            raise ConfigError(f"finetune.linear_probe trains the head only; finetune.{key} "
+                              f"({getattr(f, key)}) {what}. Choose one: "
+                              f"finetune.linear_probe=false or finetune.{key}={off}.")
+
+
+# The data.*_column keys each kind of task reads, the labels last; what each column holds.
+COLUMNS = {"text": ("text_column", "text_pair_column", "label_column"),
+           "image": ("image_column", "label_column"),
+           "pairs": ("image_column", "text_column", "label_column")}
+HOLDS = {"text_column": "texts", "text_pair_column": "second texts", "image_column": "images",
+         "label_column": "labels"}
+
+
+def _check_columns(cfg: Config) -> None:
+    """Each column a task reads is a different one: labels read from the text column would
+    train the model to copy its input (or fail on a duplicate column)."""
+    task = task_for(cfg)
+    kind = "image" if task in IMAGE_TASKS else "pairs" if task in MULTIMODAL_TASKS else "text"
+    seen: dict[str, str] = {}
+    for key in COLUMNS[kind]:
+        column = getattr(cfg.data, key)
+        if column is not None and column in seen:
+            raise ConfigError(f"data.{key} and data.{seen[column]} both name the column "
+                              f"'{column}'; set data.{key} to the column that holds the "
+                              f"{HOLDS[key]}.")
+        seen.setdefault(column, key)
+
+
+def _check_local_splits(cfg: Config) -> None:
+    """Local text files are one split: an eval split asked of them is a config that could
+    only fail once the training data is tokenized (a shipped config's eval_split, say)."""
+    d = cfg.data
+    local = d.corpus is not None and not d.corpus.startswith(("hf:", "tfds:", "bundled:"))
+    if not local or task_for(cfg) in IMAGE_TASKS + MULTIMODAL_TASKS:
+        return
+    if d.eval_split not in (None, "train") and d.eval_corpus is None:
+        raise ConfigError(f"data.eval_split is '{d.eval_split}' but data.corpus '{d.corpus}' "
+                          f"is local files, which have one split: give labelled evaluation "
+                          f"files as data.eval_corpus=FILE, or set data.eval_split=null to "
+                          f"train without evaluation.")
 
 
 def _check_regexes(patterns, key: str) -> None:
@@ -238,9 +219,6 @@ def _validate_images(cfg: Config, prefix: str = "model") -> None:
     m, a = cfg.model, cfg.augment
     if m.channels not in (1, 3):
         raise ConfigError(f"{prefix}.channels ({m.channels}) must be 1 (grayscale) or 3 (RGB).")
-    if m.image_size < 8 or m.patch_size < 1:
-        raise ConfigError(f"{prefix}.image_size ({m.image_size}) must be at least 8 and "
-                          f"{prefix}.patch_size ({m.patch_size}) at least 1.")
     if m.kind == "vit" and m.image_size % m.patch_size:
         raise ConfigError(f"{prefix}.image_size ({m.image_size}) must be a multiple of "
                           f"{prefix}.patch_size ({m.patch_size}) for a ViT.")
@@ -262,12 +240,6 @@ def _validate_images(cfg: Config, prefix: str = "model") -> None:
         if not ok or not low < pair[0] <= pair[1] or (high is not None and pair[1] > high):
             raise ConfigError(f"{key} ({pair}) must be [low, high] with {low} < low <= high"
                               + (f" <= {high}" if high is not None else "") + ".")
-    for key in ("mixup", "cutmix"):
-        if getattr(a, key) < 0:
-            raise ConfigError(f"augment.{key} ({getattr(a, key)}) must be >= 0 (the Beta "
-                              f"distribution's alpha; 0 turns it off, 0.2-1 are usual).")
-    if not 0 <= a.mix_prob <= 1:
-        raise ConfigError(f"augment.mix_prob ({a.mix_prob}) must be in [0, 1].")
     for key, values in (("augment.mean", a.mean), ("augment.std", a.std)):
         if not isinstance(values, list) or len(values) not in (1, m.channels) or \
                 not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -275,12 +247,6 @@ def _validate_images(cfg: Config, prefix: str = "model") -> None:
                               f"{m.channels} numbers.")
     if any(v <= 0 for v in a.std):
         raise ConfigError(f"augment.std ({a.std}) must be positive.")
-    if not 0 <= cfg.objective.label_smoothing < 1:
-        raise ConfigError(f"objective.label_smoothing ({cfg.objective.label_smoothing}) must "
-                          f"be in [0, 1).")
-    if cfg.data.per_class < 0:
-        raise ConfigError(f"data.per_class ({cfg.data.per_class}) must be >= 0 (0: every "
-                          f"example).")
     if cfg.data.keep_labels is not None and not cfg.data.keep_labels:
         raise ConfigError("data.keep_labels is an empty list; list the classes to keep, or "
                           "null for all.")
@@ -311,17 +277,10 @@ def _validate_multimodal(cfg: Config) -> None:
     _validate_images(dataclasses.replace(cfg, model=image), prefix="towers.image.model")
     if task == "contrastive":
         dims = (towers.image.projection_dim, towers.text.projection_dim)
-        if min(dims) < 1:
-            raise ConfigError(f"towers.image.projection_dim and towers.text.projection_dim "
-                              f"({dims[0]}, {dims[1]}) must be at least 1.")
         if dims[0] != dims[1]:
             raise ConfigError(f"towers.image.projection_dim ({dims[0]}) and "
                               f"towers.text.projection_dim ({dims[1]}) differ: the two towers "
                               f"project into one shared space, so set both to the same width.")
-        ob = cfg.objective
-        if not ob.temperature > 0:
-            raise ConfigError(f"objective.temperature ({ob.temperature}) must be positive "
-                              f"(CLIP starts at 0.07, SigLIP at 0.1).")
         if cfg.train.grad_accum > 1:
             raise ConfigError(f"train.grad_accum ({cfg.train.grad_accum}) would split the batch "
                               f"into microbatches, and a contrastive loss needs every negative "

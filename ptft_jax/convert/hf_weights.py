@@ -272,6 +272,7 @@ def import_tensors(tensors: dict[str, np.ndarray], family: str, num_layers: int,
     for hf, pt, layout in backbone + heads:
         if hf not in tensors:
             continue
+        check_weight(tensors[hf], hf, where)
         try:
             value = _to_ptft(layout, np.asarray(tensors[hf]), num_heads)
         except ValueError:  # a reshape that does not fit: the shape is wrong for the config
@@ -286,6 +287,20 @@ def import_tensors(tensors: dict[str, np.ndarray], family: str, num_layers: int,
               + (f"; heads -> {', '.join(used_heads)}" if used_heads else "")
               + (f"; not used: {', '.join(skipped)}" if skipped else "")]
     return out, report
+
+
+def check_weight(value, name: str, where: str) -> None:
+    """A weight ptft imports is floating point and finite: an integer tensor would load as
+    whole numbers (near zeros once scaled), and a NaN would look like a diverged run."""
+    value = np.asarray(value)
+    if not np.issubdtype(value.dtype, np.floating):
+        raise ValueError(f"{where}: {name} is stored as {value.dtype}, not floating point; a "
+                         f"weight must be float32, float16 or bfloat16 (was the checkpoint "
+                         f"quantized or written by another tool?).")
+    if not np.all(np.isfinite(value)):
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        raise ValueError(f"{where}: {name} holds {bad} non-finite value(s) (NaN or inf); the "
+                         f"checkpoint is damaged or was saved from a diverged run.")
 
 
 def export_tensors(flat: dict[str, np.ndarray], family: str, num_layers: int,

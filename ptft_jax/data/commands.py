@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ptft_jax.config.load import load_config
 from ptft_jax.config.schema import ConfigError
-from ptft_jax.core.files import atomic_write_text
+from ptft_jax.core.files import atomic_write_text, check_output_file
 from ptft_jax.data.cache_build import prepare_cache
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import iter_texts, run_tokenizer_path, train_tokenizer
@@ -24,10 +24,13 @@ def failed(command: str, message) -> int:
 def tokenizer_train(args) -> int:
     """`ptft tokenizer train`: a tokenizer trained on the config's corpus, saved atomically."""
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path(cfg.run_dir) / "tokenizer.json"
-    if out.exists() and not args.force:
-        return failed("tokenizer train", f"{out} already exists; pass --force to replace it, "
-                                         f"or --out to write elsewhere.")
+    if args.out:  # a file of the user's choosing: checked as every command's output file
+        out = check_output_file(args.out, "--out", overwrite=args.force)
+    else:
+        out = Path(cfg.run_dir) / "tokenizer.json"
+        if out.exists() and not args.force:
+            return failed("tokenizer train", f"{out} already exists; pass --force to replace "
+                                             f"it, or --out to write elsewhere.")
     existing = out.parent
     while not existing.exists():
         existing = existing.parent

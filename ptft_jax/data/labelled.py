@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ptft_jax.config.reading import UnreadableFile, read_json
 from ptft_jax.core.files import atomic_write_json
 from ptft_jax.data.batching import PaddedBatches
 from ptft_jax.data.cache_build import prepare_cache_once
@@ -87,7 +87,11 @@ class LabelSpace:
 
     @classmethod
     def load(cls, path) -> "LabelSpace":
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, "a run's labels.json")
+        if data.get("kind") not in TASK_KINDS or not isinstance(data.get("names"), list):
+            raise UnreadableFile(f"{path}: holds {data!r:.80}; a run's labels.json must hold "
+                                 f"{{\"kind\": one of {', '.join(TASK_KINDS)}, \"names\": "
+                                 f"[...]}}, as ptft wrote it (start a new run_dir).")
         return cls(data["kind"], tuple(data["names"]))
 
 

@@ -22,6 +22,14 @@ from ptft_jax.data.sources import (BUNDLED, BUNDLED_LABELLED, EXTENSIONS, Column
                                    HubDataset, TextFiles, TfdsSource)
 
 
+def eval_split_of(data) -> str:
+    """The split evaluation reads: data.eval_split, except that local files named by
+    data.eval_corpus are one split whatever the (shipped) eval_split says."""
+    local = data.eval_corpus is not None and not data.eval_corpus.startswith(
+        ("hf:", "tfds:", "bundled:"))
+    return "train" if local else (data.eval_split or "train")
+
+
 def open_documents(cfg: DataConfig, split: str | None = None) -> Documents:
     """The documents of `cfg.corpus` (split defaults to `cfg.split`). Raises ValueError, naming
     the file or dataset and what to do, for anything wrong that can be seen without reading
@@ -42,9 +50,10 @@ def open_documents(cfg: DataConfig, split: str | None = None) -> Documents:
     else:
         paths, fmt = _local_files(corpus, cfg.format)
     if split != "train":
-        raise ValueError(f"data.corpus '{corpus}' is local files, which have one split, "
-                         f"'train' (asked for '{split}'). Point data.corpus at the files of "
-                         f"that split instead.")
+        raise ValueError(f"'{corpus}' is local files, which have one split, but split "
+                         f"'{split}' was asked for (data.split / data.eval_split): give labelled "
+                         f"evaluation files as data.eval_corpus=FILE (data.eval_split is then "
+                         f"not used), or set data.eval_split=null to train without evaluation.")
     if fmt == "text":
         if cfg.label_column is not None:
             raise ValueError(f"data.corpus '{corpus}' is text files (one document per line), "

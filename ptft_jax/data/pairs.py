@@ -18,11 +18,12 @@ aligned through skipped unreadable files. Texts are tokenized in memory when a r
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 
 import numpy as np
 
+from ptft_jax.config.reading import read_jsonl, read_text
 from ptft_jax.data.images import ImageExamples
 from ptft_jax.data.emoji import EmojiPairs
 from ptft_jax.data.image_io import (as_array, digest, file_key, gather_images,
@@ -115,23 +116,20 @@ class FilePairs:
                  label_column: str | None):
         self.path, self.name = path, str(path)
         self.columns = image_column, text_column, label_column
-        if path.suffix == ".jsonl":
-            rows = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path} line {i + 1} is not JSON ({e}).") from None
+        what = "an image-text pairs file"
+        if path.suffix == ".jsonl":  # (the file's line number, the row)
+            numbered = [(f"line {n}", row) for n, row in read_jsonl(path, what)]
         else:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        for i, row in enumerate(rows):
+            text = read_text(path, what, universal_newlines=False)  # csv reads \r\n itself
+            numbered = [(f"row {i + 1}", row) for i, row in
+                        enumerate(csv.DictReader(io.StringIO(text, newline="")))]
+        for where, row in numbered:
             missing = [c for c in self.columns if c is not None and c not in row]
             if missing:
-                raise ValueError(f"{path} row {i + 1} has no column {missing[0]!r} (it has: "
+                raise ValueError(f"{path} {where} has no column {missing[0]!r} (it has: "
                                  f"{', '.join(row)}); set data.image_column / "
                                  f"data.text_column / data.label_column.")
+        rows = [row for _, row in numbered]
         self.rows = rows
 
     def __len__(self) -> int:

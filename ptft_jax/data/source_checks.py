@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ptft_jax.config.reading import UnreadableFile, read_json, read_jsonl
+
 log = logging.getLogger(__name__)
 
 # Part of every fingerprint: bump it when the way documents are read changes (stripping,
@@ -57,6 +59,22 @@ def check_utf8(path: Path) -> None:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
         raise not_utf8(path, f"at the end: {e.reason}") from None
+
+
+def check_json(path: Path) -> None:
+    """Raises naming `path` and its line if it is neither JSON lines (an object a line) nor
+    one JSON document (what HF's json builder reads from .jsonl / .json files). Called once
+    reading has failed: the builder's own error names neither the file nor the line."""
+    what = "a data.corpus .jsonl / .json file"
+    records = 0
+    try:
+        for _ in read_jsonl(path, what):
+            records += 1
+        return
+    except UnreadableFile:
+        if records:  # JSON lines up to a bad one: that line is the error
+            raise
+    read_json(path, what, object)  # one JSON document, or its own error (line, column)
 
 
 def plain(value):

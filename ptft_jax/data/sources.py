@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ptft_jax.data.source_checks import (SCAN_BYTES, as_list, check_utf8, file_stat, log_dropped,
-                                         not_utf8, plain, require_columns, require_text_type,
-                                         some_paths, source_digest)
+from ptft_jax.data.source_checks import (SCAN_BYTES, as_list, check_json, check_utf8, file_stat,
+                                         log_dropped, not_utf8, plain, require_columns,
+                                         require_text_type, some_paths, source_digest)
 
 log = logging.getLogger(__name__)
 
@@ -328,10 +328,13 @@ class ColumnFiles(_ArrowDocuments):
         try:
             ds = datasets.load_dataset(_HF_BUILDERS[self.format],
                                        data_files=[str(p) for p in self.paths], split="train")
-        except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:
-            cause = e if isinstance(e, UnicodeDecodeError) else (e.__cause__ or e)
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
+            # (a bad JSON line raises a bare ValueError, "Expected object or value")
+            cause = e if isinstance(e, ValueError) else (e.__cause__ or e)
             for path in self.paths:  # the error does not say which file; find it
                 check_utf8(path)
+                if self.format == "jsonl":
+                    check_json(path)
             raise ValueError(f"data.corpus '{self.name}': could not read the files as "
                              f"{self.format} ({type(cause).__name__}: {cause}).") from None
         require_columns(ds.column_names, self.name, self.text_column, self.label_column)

@@ -60,7 +60,7 @@ def check_output(args) -> None:
 
 def embed(args) -> int:
     check_output(args)
-    if args.seq_len < 3 or args.batch_size < 1:
+    if (args.seq_len is not None and args.seq_len < 3) or args.batch_size < 1:
         raise ValueError("--seq-len must be at least 3 and --batch-size at least 1.")
     texts, _ = read_inputs(args.input)
     encoder = load_encoder(args.source)

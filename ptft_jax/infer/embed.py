@@ -16,12 +16,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
 from ptft_jax.ckpt.pretrained import inference_params
 from ptft_jax.config import hf
-from ptft_jax.config.load import from_dict
+from ptft_jax.config.load import load_run_config
 from ptft_jax.config.schema import ConfigError, ModelConfig
 from ptft_jax.convert.hf import flat_params
 from ptft_jax.core.files import atomic_write, writing_text
@@ -69,7 +68,10 @@ def _from_hf(spec: str) -> Encoder:
 
 
 def _from_run(run_dir: Path) -> Encoder:
-    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = load_run_config(run_dir)
+    if cfg.model.kind not in ("encoder", "decoder"):
+        raise ConfigError(f"{run_dir} is a run of a {cfg.model.kind} model; ptft embed reads a "
+                          f"text encoder or decoder run (or hf:NAME): give one.")
     params, step_dir, _ = inference_params(run_dir, cfg)
     cfg.model.dropout = 0.0
     default = "mean" if cfg.model.kind == "encoder" else "last"
@@ -77,11 +79,17 @@ def _from_run(run_dir: Path) -> Encoder:
                    load_tokenizer(run_dir / "tokenizer.json"), default, str(step_dir))
 
 
-def embed(encoder: Encoder, texts: list[str], pooling: str | None = None, seq_len: int = 256,
-          batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """[len(texts), hidden] float32, each row of unit L2 norm."""
+def embed(encoder: Encoder, texts: list[str], pooling: str | None = None,
+          seq_len: int | None = None, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """[len(texts), hidden] float32, each row of unit L2 norm. seq_len: tokens per text, at
+    most the model's max_len (None: 256, or max_len if lower)."""
     pooling = pooling or encoder.pooling
-    seq_len = min(seq_len, encoder.cfg.max_len)
+    max_len = encoder.cfg.max_len
+    if seq_len is None:
+        seq_len = min(256, max_len)
+    elif seq_len > max_len:
+        raise ConfigError(f"--seq-len {seq_len} is past the model's {max_len} positions "
+                          f"(its max_len); give --seq-len {max_len} or less.")
     examples = predict_examples(texts, encoder.tokenizer, seq_len, encoder.cfg.kind)
     model = Transformer(encoder.cfg)
 

@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ptft_jax.ckpt.pretrained import inference_params
-from ptft_jax.config.load import from_dict
+from ptft_jax.config.load import load_run_config
+from ptft_jax.config.reading import read_json
 from ptft_jax.config.schema import FINETUNE_TASKS, ConfigError, pooling_for, task_for
 from ptft_jax.convert.hf_weights import export_tensors
 from ptft_jax.core.files import building_folder, check_new_folder
@@ -37,6 +37,10 @@ _PROBLEM_TYPES = {"classification": "single_label_classification",
 def check_exportable(cfg, labels: dict | None) -> tuple[str, str]:
     """(family, architecture), or a ConfigError saying what HF's classes cannot hold."""
     m = cfg.model
+    if m.kind not in ("encoder", "decoder"):
+        raise ConfigError(f"This run's model is a {m.kind} (model.kind); --format hf exports "
+                          f"text encoders (as BERT) and decoders (as GPT-2). Export it in "
+                          f"ptft's own format instead (ptft export RUN OUT --format ptft).")
     if m.kind == "encoder":
         if m.norm != "post":
             raise ConfigError("model.norm is 'pre': BERT is post-norm, so this encoder has no "
@@ -124,9 +128,9 @@ def export_hf(run_dir, out_dir) -> dict:
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a ptft run directory (no config.yaml).")
     check_new_folder(out_dir, "OUT_DIR")
-    cfg = from_dict(yaml.safe_load(config_path.read_text()))
+    cfg = load_run_config(run_dir)
     finetuned = task_for(cfg) in FINETUNE_TASKS
-    labels = json.loads((run_dir / "labels.json").read_text()) if finetuned else None
+    labels = read_json(run_dir / "labels.json", "a run's labels.json") if finetuned else None
     family, architecture = check_exportable(cfg, labels)
     params, step_dir, merged = inference_params(run_dir, cfg)
     flat = {p: np.asarray(v) for p, v in flatten(unstack_layers(params)).items()}

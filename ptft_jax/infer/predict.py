@@ -6,6 +6,7 @@ alone (no optimizer state) onto all local devices; eval and predict are batched 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -14,8 +15,10 @@ import jax
 import numpy as np
 import yaml
 
-from ptft_jax.ckpt.checkpoint import BestCheckpointer, Checkpointer
-from ptft_jax.config.load import from_dict
+from ptft_jax.ckpt.checkpoint import Checkpointer, CheckpointMismatch
+from ptft_jax.ckpt.pretrained import first_intact
+from ptft_jax.config.load import load_run_config
+from ptft_jax.config.reading import read_jsonl, read_text
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
                                     task_for)
 from ptft_jax.config.validate import validate
@@ -27,12 +30,12 @@ from ptft_jax.data.image_io import BadImage, decode
 from ptft_jax.data.image_sources import IMAGE_SUFFIXES
 from ptft_jax.data.images import ImageExamples, convert
 from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
+from ptft_jax.data.opening import eval_split_of
 from ptft_jax.data.pairs import FilePairs, PairExamples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.jobs.images import image_split
 from ptft_jax.jobs.pairs import pairs_split
 from ptft_jax.tasks.factory import make_task
-from ptft_jax.tasks.metrics import eval_metric
 from ptft_jax.train.engine import build
 from ptft_jax.train.evaluate import evaluate, predict_outputs
 
@@ -44,7 +47,7 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a ptft run directory (no config.yaml); give the "
                           f"run_dir of a ptft finetune run.")
-    cfg = from_dict(yaml.safe_load(config_path.read_text()))
+    cfg = load_run_config(run_dir)
     kind = task_for(cfg)
     has_labels = (run_dir / "labels.json").is_file()
     if kind not in FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS or \
@@ -61,32 +64,30 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
                      if tokenizer_path.is_file() else None)
     engine = build(cfg, task)
     target = engine.restore_target()
-    best_dir = run_dir / "best"
-    source = None
-    if best_dir.is_dir():
-        best = BestCheckpointer(best_dir, *eval_metric(cfg, task))
-        step = best.best_step()
-        if step is not None:
-            state, _ = best.restore(step, target)
-            source = f"{best_dir} (step {step})"
-        best.close()
-    if source is None:
-        ckpt = Checkpointer(run_dir / "checkpoints")
-        step = ckpt.latest_step()
-        if step is None:
+
+    def restore(step_dir: Path):
+        ckpt = Checkpointer(step_dir.parent, async_save=False, read_only=True)
+        try:
+            return ckpt.restore(int(step_dir.name), target, params_only=True)[0]
+        finally:
             ckpt.close()
-            raise ConfigError(f"{run_dir} holds no checkpoint yet; finish (or resume) its ptft "
-                              f"finetune run first.")
-        state, _ = ckpt.restore(step, target, params_only=True)
-        ckpt.close()
-        source = f"{run_dir / 'checkpoints'} (step {step})"
+    try:
+        state, step_dir = first_intact(run_dir, restore)
+    except ValueError as e:
+        if isinstance(e, CheckpointMismatch):
+            raise
+        raise ConfigError(str(e)) from None
+    source = f"{step_dir.parent} (step {step_dir.name})"
     return engine, engine.place(state), cfg, source
 
 
 def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
                  batch_size: int | None = None, progress: bool = True) -> dict:
     engine, state, cfg, source = load_run(run_dir, batch_size)
-    split = split or cfg.data.eval_split or "train"
+    # Local files (--corpus, or the run's data.eval_corpus) are one split, whatever the
+    # config's eval_split says.
+    split = split or eval_split_of(dataclasses.replace(
+        cfg.data, eval_corpus=corpus or cfg.data.eval_corpus))
     cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run_dir) / "data_cache"
     try:
         if task_for(cfg) in MULTIMODAL_TASKS:
@@ -112,7 +113,6 @@ def export_run(run_dir, out_dir) -> dict:
     """A finetuned run as a new run directory holding one params-only checkpoint (the best, or
     the latest), with LoRA adapters merged into the weights they adapt: what `ptft eval`,
     `ptft predict` and `finetune.init_from` read. Refuses to write into a non-empty folder."""
-    import dataclasses
     import shutil
 
     import jax.numpy as jnp
@@ -149,21 +149,34 @@ def read_inputs(path: str | None) -> tuple[list[str], list[str] | None]:
     if path in (None, "-"):
         lines = sys.stdin.read().splitlines()
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"Input file '{path}' does not exist.")
-        lines = p.read_text(encoding="utf-8").splitlines()
-        if p.suffix == ".jsonl":
-            rows = [json.loads(line) for line in lines if line.strip()]
-            if not rows or "text" not in rows[0]:
-                raise ConfigError(f"{path}: each JSON line needs a 'text' field.")
-            pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
-            return [r["text"] for r in rows], pairs
+        if Path(path).suffix == ".jsonl":
+            return _jsonl_inputs(path)
+        lines = read_text(path, "the --input file").splitlines()
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise ConfigError("No text to predict: give a file with one text per line, or pipe "
                           "text into ptft predict.")
     return texts, None
+
+
+def _jsonl_inputs(path: str) -> tuple[list[str], list[str] | None]:
+    """The `text` (and `text_pair`, if the first line has one) of each line of a .jsonl."""
+    texts, pairs = [], None
+    for number, row in read_jsonl(path, "the --input file"):
+        if pairs is None and not texts and "text_pair" in row:
+            pairs = []
+        for key in ("text",) + (("text_pair",) if pairs is not None else ()):
+            if not isinstance(row.get(key), str):
+                raise ConfigError(f"{path}: line {number}: no {key!r} string in {sorted(row)}; "
+                                  f"each JSON line needs a 'text' field" + (
+                                      " and, as the first line has one, a 'text_pair'"
+                                      if key == "text_pair" else "") + ".")
+        texts.append(row["text"])
+        if pairs is not None:
+            pairs.append(row["text_pair"])
+    if not texts:
+        raise ConfigError(f"{path}: holds no JSON lines; give one {{\"text\": ...}} per line.")
+    return texts, pairs
 
 
 def predict_run(run_dir, texts: list[str], pairs: list[str] | None = None,
@@ -190,7 +203,8 @@ def image_files(path: str | None) -> list[Path]:
     elif p.suffix.lower() in IMAGE_SUFFIXES:
         files = [p]
     elif p.is_file():
-        files = [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+        files = [Path(line.strip()) for line in
+                 read_text(p, "the --input file").splitlines() if line.strip()]
     else:
         raise ConfigError(f"--input '{path}' does not exist.")
     missing = [f for f in files if not f.is_file()]
@@ -226,7 +240,7 @@ def run_task(run_dir) -> str | None:
     config_path = Path(run_dir) / "config.yaml"
     if not config_path.is_file():
         return None
-    return task_for(from_dict(yaml.safe_load(config_path.read_text())))
+    return task_for(load_run_config(run_dir))
 
 
 def is_image_run(run_dir) -> bool:
@@ -242,15 +256,15 @@ def predict_pairs(run_dir, path: str | None, batch_size: int | None = None,
                           "with an 'image' path and a 'text' per row.")
     if not Path(path).is_file():
         raise ConfigError(f"--input '{path}' does not exist.")
-    engine, state, cfg, _ = load_run(run_dir, batch_size)
-    if task_for(cfg) != "multimodal_classification":
-        raise ConfigError(f"{run_dir} is a contrastive run: it has no classifier to predict "
-                          f"with (ptft eval reports its retrieval and zero-shot scores).")
-    try:
+    try:  # read before the run is loaded: a bad file fails before anything compiles
         pairs = FilePairs(Path(path), "image", "text", None)
         texts = pairs.texts()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    engine, state, cfg, _ = load_run(run_dir, batch_size)
+    if task_for(cfg) != "multimodal_classification":
+        raise ConfigError(f"{run_dir} is a contrastive run: it has no classifier to predict "
+                          f"with (ptft eval reports its retrieval and zero-shot scores).")
     m = cfg.towers.image.model
     images = np.zeros((len(pairs), m.image_size, m.image_size, m.channels), np.uint8)
     for i, image in enumerate(pairs.read(0, len(pairs))):

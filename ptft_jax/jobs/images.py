@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ptft_jax.ckpt.pretrained import check_init_from
 from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.data.image_sources import open_images
 from ptft_jax.data.images import ImageExamples, prepare_image_cache_once, select
@@ -53,6 +54,7 @@ def image_split(cfg: Config, run_dir: Path, split: str, corpus: str | None, labe
 
 def image_job(cfg: Config) -> Job:
     run_dir = Path(cfg.run_dir)
+    check_init_from(cfg.finetune.init_from, image_task=True)
     labels_path = run_dir / "labels.json"
     saved = saved_labels(run_dir)
     try:

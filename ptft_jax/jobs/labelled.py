@@ -7,7 +7,9 @@ from pathlib import Path
 
 
 from ptft_jax.config.schema import Config, ConfigError, task_for
+from ptft_jax.ckpt.pretrained import check_init_from
 from ptft_jax.data.labelled import open_examples
+from ptft_jax.data.opening import eval_split_of
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path
 from ptft_jax.jobs.common import (data_cache_root, pretrained_init, resolve_vocab, save_run_files,
                                   saved_labels, text_throughput)
@@ -36,6 +38,7 @@ def finetune_tokenizer_path(cfg: Config, run_dir: Path) -> Path:
 
 def finetune_job(cfg: Config) -> Job:
     run_dir = Path(cfg.run_dir)
+    check_init_from(cfg.finetune.init_from, image_task=False)
     tokenizer_path = finetune_tokenizer_path(cfg, run_dir)
     tokenizer = load_tokenizer(tokenizer_path)
     token_ids = TokenIds.of(tokenizer, cfg.model.kind)
@@ -52,7 +55,7 @@ def finetune_job(cfg: Config) -> Job:
                                       progress=cfg.train.progress)
         evaluation = None
         if cfg.data.eval_split or cfg.data.eval_corpus:
-            evaluation, _ = open_examples(cfg.data, cfg.data.eval_split or "train",
+            evaluation, _ = open_examples(cfg.data, eval_split_of(cfg.data),
                                           tokenizer_path, cache_root, kind, labels,
                                           cfg.model.kind, progress=cfg.train.progress,
                                           corpus=cfg.data.eval_corpus)

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 
-import yaml
-
 from ptft_jax.ckpt.checkpoint import committed_steps
 from ptft_jax.config.load import from_dict, merge_dicts, with_hf_model
+from ptft_jax.config.reading import read_json, read_jsonl, read_yaml
 from ptft_jax.config.schema import ConfigError
 from ptft_jax.config.validate import validate
 from ptft_jax.core.files import atomic_write_json, atomic_write_text, claim_folder
@@ -67,13 +65,7 @@ class ExperimentConfig:
 
 def load_experiment(path) -> ExperimentConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Experiment config '{path}' does not exist (see "
-                          f"configs/experiment_emoji.yaml).")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Experiment config '{path}' is not valid YAML: {e}") from None
+    doc = read_yaml(path, "the experiment config", dict, "see configs/experiment_emoji.yaml")
     known = {"experiment", "finetune", "image_pretrain", "text_pretrain", "align"}
     unknown = set(doc) - known
     if unknown:
@@ -329,7 +321,7 @@ def _stage_result(stage: Stage, cfg) -> dict | None:
     """A finished stage's record (result.json), or None if it has not finished."""
     path = Path(stage.run_dir) / "result.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path, "a stage's result.json")
     steps = committed_steps(Path(stage.run_dir) / "checkpoints")
     if steps and steps[-1] >= stage.steps:  # trained, stopped before writing its record
         return _write_result(stage, cfg, wall_s=None)
@@ -337,8 +329,8 @@ def _stage_result(stage: Stage, cfg) -> dict | None:
 
 
 def _write_result(stage: Stage, cfg, wall_s: float | None) -> dict:
-    rows = [json.loads(line) for line in
-            (Path(stage.run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row for _, row in read_jsonl(Path(stage.run_dir) / "metrics.jsonl",
+                                         "a run's metrics.jsonl")]
     evals = [r for r in rows if "eval/loss" in r]
     result = {"stage": stage.name, "run_dir": stage.run_dir, "steps": stage.steps,
               "flops": stage.flops, "seed": stage.seed, "wall_s": wall_s,
@@ -380,7 +372,7 @@ def run(path, echo=print) -> list[dict]:
     described = {arm: {str(seed): [dataclasses.asdict(s) for s in runs]
                        for seed, runs in by_seed.items()} for arm, by_seed in arms.items()}
     plan_path = root / "plan.json"
-    if plan_path.exists() and json.loads(plan_path.read_text()) != described:
+    if plan_path.exists() and read_json(plan_path, "the experiment's plan.json") != described:
         raise ConfigError(f"{plan_path} holds another plan (the config changed since the "
                           f"experiment started); use a new experiment.dir, or restore the "
                           f"config to resume.")

@@ -18,8 +18,10 @@ import jax
 import numpy as np
 import yaml
 
+from ptft_jax.ckpt import integrity
 from ptft_jax.ckpt.checkpoint import (BestCheckpointer, Checkpointer, CheckpointSaveFailed,
                                       committed_steps)
+from ptft_jax.ckpt.integrity import StateNotFinite
 from ptft_jax.core.files import atomic_write_text, claim_folder
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.tasks.base import add_sums
@@ -193,8 +195,9 @@ class Training:
             if will_save or stopping or self.stop_reason:
                 if self.diverged():  # steps since the last check (early stopping)
                     break
-                if not self.guard.suspect:  # never a state the guard is still unsure of
-                    self.save()
+                # Never a state the guard is still unsure of, nor one that is not finite.
+                if not self.guard.suspect and not self.save():
+                    break
             if stopping:
                 self.writer.info(f"Stopped by {stop.signal_name}: " + (
                     f"saved step {self.step}" if not self.guard.suspect else
@@ -209,10 +212,12 @@ class Training:
                 self.batch = next(self.batches)
 
     def diverged(self) -> bool:
+        """Whether the run has diverged: the guard's verdict on the steps not checked yet, or
+        an earlier one (a non-finite evaluation or state)."""
         reason = self.guard.check()
         if reason:
             self.stop_reason = reason
-        return bool(reason)
+        return bool(self.stop_reason and self.stop_reason.startswith("diverged"))
 
     def at_eval(self) -> bool:
         every = self.cfg.eval.every
@@ -257,8 +262,13 @@ class Training:
     def evaluate_and_decide(self, on_eval) -> str | None:
         """Evaluates, keeps the best checkpoint, then decides: plateau LR, adaptive
         unfreezing, early stopping, or `on_eval`'s stop. The stop reason, or None."""
+        if self.diverged():  # the guard's verdict first: the state may be one that diverges
+            return self.stop_reason
         with self.interval.pause():  # not part of any step's time
             self.last_eval = self.evaluate()
+        if self.diverged():
+            return self.stop_reason
+        with self.interval.pause():
             self.adjust_plateau(float(self.last_eval[self.metric]))
         p, f = self.progress, self.cfg.finetune
         phases_left = p.phase < self.engine.plan.num_phases - 1
@@ -283,11 +293,19 @@ class Training:
                           progress=cfg.train.progress and jax.process_index() == 0)
         self.writer.write(self.step, {f"eval/{k}": v for k, v in values.items()},
                           shown=[f"eval/{k}" for k in self.task.eval_shown])
-        if self.progress.improved(float(values[self.metric]), self.mode):
+        nonfinite = [k for k, v in values.items() if np.isscalar(v) and not np.isfinite(v)]
+        if nonfinite:  # the model's outputs overflow: a diverged state, never the best
+            self.stop_reason = (f"diverged: eval/{nonfinite[0]} is {values[nonfinite[0]]} at "
+                                f"step {self.step} (the model's outputs overflow); nothing "
+                                f"was saved from this step on")
+        elif self.progress.improved(float(values[self.metric]), self.mode):
             self.progress.best_step = self.step
-            self.best.save(self.step, self.engine.host_state(self.state),
-                           {"config": cfg.to_dict(), **self.job.meta, "step": self.step},
-                           values)
+            try:
+                self.best.save(self.step, self.engine.host_state(self.state),
+                               {"config": cfg.to_dict(), **self.job.meta, "step": self.step},
+                               values)
+            except StateNotFinite as e:
+                self.stop_reason = f"diverged: {e}"
         return values
 
     def adjust_plateau(self, value: float) -> None:
@@ -304,13 +322,31 @@ class Training:
                              f"schedule's")
 
     # -- stage: save ---------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Saves the step; False (the run stops as diverged, nothing written) if its state
+        holds a NaN or inf."""
         with self.interval.pause():  # checksums and the save's start: not a step
             meta = {"config": self.cfg.to_dict(), "data": self.loader.position(self.step),
                     "task": self.task.name, "progress": dataclasses.asdict(self.progress),
                     **self.job.meta}
-            self.ckpt.save(self.step, self.engine.host_state(self.state), meta)
+            try:
+                self.ckpt.save(self.step, self.engine.host_state(self.state), meta)
+            except StateNotFinite as e:
+                self.stop_reason = f"diverged: {e}"
+                return False
         self.save_clock.saved()
+        return True
+
+    def check_best(self, last_saved: int | None) -> None:
+        """best/ read back and verified once training is over (eval, predict and export read
+        it): a damaged one is moved aside, saying what they will read instead."""
+        for step, fault, target in integrity.move_aside_damaged(Path(self.cfg.run_dir) / "best"):
+            self.writer.info(
+                f"warning: the best checkpoint (step {step}) is damaged ({fault}); moved it to "
+                f"{target}. eval, predict and export will read " +
+                (f"the newest intact step of checkpoints/ (step {last_saved}) instead."
+                 if last_saved is not None else "nothing: no other step was saved; train "
+                 "again to write one."))
 
     # -- stage: final report -------------------------------------------------------------------
     def finish(self, stop: StopOnSignal) -> dict:
@@ -327,6 +363,8 @@ class Training:
         last_saved = (committed_steps(self.ckpt.directory) or [None])[-1]
         if self.best is not None:
             self.best.close()
+            if jax.process_index() == 0:
+                self.check_best(last_saved)
         self.writer.close()
         p = self.progress
         return {"run_dir": str(Path(self.cfg.run_dir)), "steps": self.step,

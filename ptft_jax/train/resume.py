@@ -77,6 +77,9 @@ class Progress:
     plateau: dict | None = None  # optim.schedule plateau: reduce-on-plateau's state
 
     def improved(self, value: float, mode: str) -> bool:
+        if not np.isfinite(value):  # a diverged evaluation is never the best
+            self.since_best += 1
+            return False
         if self.best is None or (value > self.best if mode == "max" else value < self.best):
             self.best, self.since_best = value, 0
             return True
@@ -105,7 +108,11 @@ def restore_newest_intact(ckpt: Checkpointer, cfg: Config, task):
         try:
             meta = ckpt.read_meta(step)
             check_resume_config(meta.get("config", {}), cfg)
-            progress = Progress(**meta.get("progress", {}))
+            try:
+                progress = Progress(**(meta.get("progress") or {}))
+            except TypeError:
+                raise CheckpointDamaged(ckpt.step_dir(step), "its metadata has a progress "
+                                        "record of the wrong shape") from None
             try:
                 engine = build(cfg, task, phase=progress.phase)
             except ValueError as e:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from ptft_jax.config.reading import read_yaml
+
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
           "WAITING": "queued"}
 
@@ -126,7 +128,7 @@ def write_report(study, sweep) -> dict:
     if best is not None:
         config = Path(best.user_attrs["run_dir"]) / "config.yaml"
         if config.is_file():
-            doc = yaml.safe_load(config.read_text())
+            doc = read_yaml(config, "a trial's config.yaml")
             doc["run_dir"] = f"runs/{sweep.study_name}_best"
             header = (f"# ptft {sweep.command} --config {out / 'best_config.yaml'}\n"
                       f"# The best trial ({best.number}) of sweep {sweep.study_name}: "

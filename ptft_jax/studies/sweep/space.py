@@ -154,7 +154,7 @@ def parse_param(name: str, spec) -> Param:
 
 def load_space(path: str | Path) -> tuple[list[Param], dict]:
     """(parameters, the file's `sweep:` options)."""
-    doc = read_yaml_mapping(path, "--space")
+    doc = read_yaml_mapping(path, "the --space file")
     options = doc.pop("sweep", None) or {}
     if not isinstance(options, dict):
         raise ConfigError(f"--space '{path}': 'sweep' must be a mapping of options.")

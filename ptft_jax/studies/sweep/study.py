@@ -125,7 +125,8 @@ def prepare(opts: SweepOptions) -> Sweep:
     Raises ConfigError naming what is wrong."""
 
     path = Path(opts.config)
-    raw = merge_dicts(read_yaml_mapping(path, "--config"), parse_overrides(opts.overrides or []))
+    raw = merge_dicts(read_yaml_mapping(path, "the --config file"),
+                      parse_overrides(opts.overrides or []))
     params, _ = load_space(opts.space)
     for name, value, options in (("sampler", opts.sampler, SAMPLERS),
                                  ("pruner", opts.pruner, PRUNERS),
