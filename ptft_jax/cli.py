@@ -51,9 +51,19 @@ def run_command(args) -> int:
     return getattr(importlib.import_module(module), function)(args)
 
 
+class Once(argparse.Action):
+    """An option given at most once: a second --config would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} is given twice; give one file (put overrides of it "
+                         f"after it as key.sub=value).")
+        setattr(namespace, self.dest, values)
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     """The config file and `key.sub=value` overrides every config-driven command takes."""
-    parser.add_argument("--config", "-c", help="a YAML config (see configs/)")
+    parser.add_argument("--config", "-c", action=Once, help="a YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*",
                         help="key.sub=value overrides, e.g. train.steps=100")
 
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("pretrain", help="pretrain a language model (MLM or causal LM)")
     _config_arguments(p)
     f = sub.add_parser("finetune", help="finetune a (pretrained) component on labelled data: "
@@ -86,20 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("run_dir")
     e.add_argument("--split", help="the split to evaluate (default: data.eval_split)")
     e.add_argument("--corpus", help="another corpus (e.g. local files) holding the split")
-    e.add_argument("--batch-size", type=int, help="examples per batch (default: eval.batch_size)")
+    e.add_argument("--batch-size", type=at_least(1, "examples per batch"),
+                   help="examples per batch (default: eval.batch_size)")
     pr = sub.add_parser("predict", help="predict labels for texts with a finetuned run "
                                         "directory; JSONL out")
     pr.add_argument("run_dir")
-    pr.add_argument("--input", "-i", help="a text file (one text per line) or .jsonl with "
-                                          "'text' (and 'text_pair'); default: stdin. For an "
+    pr.add_argument("--input", "-i", help="a text file (one text per line) or .jsonl / .csv "
+                                          "with 'text' (and 'text_pair'); default: stdin. For an "
                                           "image run: an image, a folder of images, or a "
                                           "file listing image paths. For an image-text run: "
                                           "a .jsonl / .csv with 'image' and 'text'")
     pr.add_argument("--output", "-o", help="where to write JSONL (default: stdout)")
     pr.add_argument("--overwrite", action="store_true",
                     help="replace the --output file if it exists (default: refuse)")
-    pr.add_argument("--batch-size", type=int, help="examples per batch (default: "
-                                                   "eval.batch_size)")
+    pr.add_argument("--batch-size", type=at_least(1, "examples per batch"),
+                    help="examples per batch (default: eval.batch_size)")
     em = sub.add_parser("embed", help="L2-normalised sentence embeddings of texts, from a "
                                       "ptft run or a Hugging Face model directory")
     em.add_argument("source", help="a ptft run directory, a Hugging Face model directory, or "
@@ -115,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                          "mean for encoders and last for decoders")
     em.add_argument("--seq-len", type=int, help="tokens per text, at most the model's max_len "
                                                 "(default: 256, or max_len if lower)")
-    em.add_argument("--batch-size", type=int, default=64, help="texts per batch (default 64)")
+    em.add_argument("--batch-size", type=at_least(1, "examples per batch"), default=64,
+                    help="texts per batch (default 64)")
     ex = sub.add_parser("export", help="a run as a params-only run directory (--format ptft) "
                                        "or a Hugging Face model directory (--format hf), LoRA "
                                        "adapters merged into the weights")
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="ptft: a finetuned run for ptft eval / predict / init_from; hf: "
                          "config.json + model.safetensors + tokenizer files for transformers")
     t = sub.add_parser("tokenizer", help="tokenizer tools")
-    t_sub = t.add_subparsers(dest="action", required=True)
+    t_sub = t.add_subparsers(dest="action", metavar="ACTION", required=True)
     tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "
                                         "encoders, byte-level BPE for decoders")
     _config_arguments(tt)
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     tt.add_argument("--force", "--overwrite", dest="force", action="store_true",
                     help="replace an existing file")
     d = sub.add_parser("data", help="data tools")
-    d_sub = d.add_subparsers(dest="action", required=True)
+    d_sub = d.add_subparsers(dest="action", metavar="ACTION", required=True)
     dp = d_sub.add_parser("prepare", help="tokenize data.corpus once into the cache at "
                                           "data.cache_dir (resumes when interrupted)")
     _config_arguments(dp)
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--shard-docs", type=int, default=10_000,
                     help="documents per resumable shard (default 10000)")
     c = sub.add_parser("checkpoints", help="checkpoint tools")
-    c_sub = c.add_subparsers(dest="action", required=True)
+    c_sub = c.add_subparsers(dest="action", metavar="ACTION", required=True)
     cv = c_sub.add_parser("verify", help="read every checkpoint step of a run directory and "
                                          "check each array's checksum; prints a table")
     cv.add_argument("run_dir")
@@ -152,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "memory, beside a PyTorch reference")
     b.add_argument("--set", action="append", help="a set of cases in the cases file "
                                                   "(cpu, memory, accelerator); repeatable")
-    b.add_argument("--cases", nargs="+", help="case names to run")
+    b.add_argument("--cases", nargs="+", help="case names to run (with --set: cases of those "
+                                              "sets)")
     b.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     b.add_argument("--torch-steps", type=int, help="timed steps for PyTorch (default --steps)")
@@ -186,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a YAML of config keys to choices or ranges (see "
                          "configs/sweep_fortunes_space.yaml); a sweep: section may set the "
                          "options below")
-    sw.add_argument("--trials", type=int, help="complete + pruned trials to run (default: "
-                                               "the grid's size, else 20)")
+    sw.add_argument("--trials", type=int, help="trials to end: complete, pruned or failed "
+                                               "(default: the grid's size, else 20)")
     sw.add_argument("--sampler", choices=("grid", "random", "tpe"),
                     help="default tpe (Bayesian)")
     sw.add_argument("--metric", help="the validation metric to optimise (default: the task's "
@@ -207,9 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    previous = _stop_on_signals(args.command)
+    handlers, hook = _stop_on_signals(args.command)
     try:
         return run_command(args)
+    except Stopped as e:  # the `with` blocks on the way up have closed what they opened
+        print(_stopped_message(args.command, e.name), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not a normal exit: the interpreter's teardown can crash on JAX's threads left in
+        # the middle of whatever the signal interrupted (a compile, say).
+        os._exit(128 + e.signum)
     except ConfigError as e:
         print(f"ptft {args.command}: config error: {e}", file=sys.stderr)
         return 2
@@ -222,28 +241,49 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second signal while training saved and stopped
         return 130
     finally:
-        for sig, handler in previous.items():
+        for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = hook
 
 
-def _stop_on_signals(command: str) -> dict:
-    """Until a training loop installs its own handlers (which stop between steps and save),
-    SIGINT and SIGTERM end the process as they would anyway, but say so: a SIGTERM would end
-    it silently. Everything ptft writes survives a kill at any moment (files appear whole or
-    not at all, caches resume), so dying at once is safe; an exception raised here instead
-    could be swallowed by whatever callback the signal interrupts. Returns the previous
-    handlers."""
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside a training loop (which installs its own handlers: it stops
+    between steps and saves). A KeyboardInterrupt, so that `except Exception` never catches
+    it and the `with` blocks on the way up close what they opened (worker pools)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+def _stopped_message(command: str, name: str) -> str:
+    return f"ptft {command}: stopped by {name} " + (
+        "during start-up, before the first training step: nothing was trained or saved. Run "
+        "the same command to start." if command in ("pretrain", "finetune") else
+        "before it finished; no file was left half-written.")
+
+
+def _stop_on_signals(command: str) -> tuple[dict, object]:
+    """SIGINT and SIGTERM raise Stopped (a SIGTERM would otherwise end the process without a
+    word). Where the signal lands inside a callback that swallows exceptions (JAX's gc
+    callback does), the process ends by the signal itself, saying so: everything ptft writes
+    survives a kill at any moment. Returns what to restore: the handlers and the hook."""
     if threading.current_thread() is not threading.main_thread():
-        return {}
+        return {}, sys.unraisablehook
+    previous_hook = sys.unraisablehook
 
     def stop(signum, frame):
-        print(f"ptft {command}: stopped by {signal.Signals(signum).name} " + (
-            "during start-up, before the first training step: nothing was trained or saved. "
-            "Run the same command to start." if command in ("pretrain", "finetune") else
-            "before it finished; no file was left half-written."), file=sys.stderr, flush=True)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        raise Stopped(signum)
+
+    def swallowed(unraisable):
+        if not isinstance(unraisable.exc_value, Stopped):
+            return previous_hook(unraisable)
+        print(_stopped_message(command, unraisable.exc_value.name), file=sys.stderr, flush=True)
+        signal.signal(unraisable.exc_value.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), unraisable.exc_value.signum)
+    sys.unraisablehook = swallowed
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return handlers, previous_hook
 
 
 # Failures of the storage rather than of the input: exit code 4, as a failed checkpoint save.

@@ -163,3 +163,74 @@ def test_the_cases_ship_with_the_package():
     data = pyproject["tool"]["setuptools"]["package-data"]
     relative = benchmark.DEFAULT_CASES.relative_to(package)
     assert str(relative.name) in data[".".join(("ptft_jax", *relative.parent.parts))]
+
+
+def _cases_file(tmp_path, text: str) -> Path:
+    path = tmp_path / "cases.yaml"
+    path.write_text(text)
+    return path
+
+
+CASE = "{name: %s, preset: bert-tiny, objective: mlm, seq_len: 16, global_batch: %s%s}"
+
+
+def test_a_cases_file_is_checked_before_any_case_runs(tmp_path):
+    # No defaults: section: the shipped defaults fill what a case leaves unset.
+    path = _cases_file(tmp_path, f"sets:\n  s:\n    - {CASE % ('a', 4, '')}\n")
+    (case,) = benchmark.load_cases(path, ["s"], [])
+    assert case.parallelism == "jit" and case.mesh["data"] == -1 and case.torch is False
+    for text, message in [
+        ("sets:\n  s:\n    - {name: a, objective: mlm, global_batch: 4}\n",
+         "case a does not set preset"),
+        (f"sets:\n  s:\n    - {CASE % ('a', 4, '')}\n  t:\n    - {CASE % ('a', 8, '')}\n",
+         "two benchmark cases are named 'a'"),
+        ("defaults: {scans: true}\nsets:\n  s: []\n", "defaults has unknown keys"),
+        ("finetune:\n  - {name: f, preset: bert-tiny, seq_len: 16, global_batch: 4}\n"
+         "  - {name: f, preset: bert-tiny, seq_len: 32, global_batch: 4}\n",
+         "two finetune cases are named 'f'")]:
+        path = _cases_file(tmp_path, text)
+        with pytest.raises(benchmark.ConfigError, match=message) as e:
+            if "finetune" in text:
+                benchmark.named_cases(benchmark.read_cases(path)["finetune"], [], "finetune",
+                                      path)
+            else:
+                benchmark.load_cases(path, ["s"], [])
+        assert str(path) in str(e.value)
+
+
+def test_cases_pick_within_the_set():
+    (case,) = benchmark.load_cases(benchmark.DEFAULT_CASES, ["memory"], ["bert-mini-fsdp8"])
+    assert case.name == "bert-mini-fsdp8"
+    with pytest.raises(benchmark.ConfigError, match=r"bert-mini-fsdp8 \(set memory\): not in "
+                                                    r"--set cpu"):
+        benchmark.load_cases(benchmark.DEFAULT_CASES, ["cpu"], ["bert-mini-fsdp8"])
+
+
+def test_bench_exits_2_when_no_case_can_run_or_none_gives_a_result(tmp_path, capsys,
+                                                                   monkeypatch):
+    from ptft_jax.cli import main
+    bad = [(CASE % ("badpreset", 4, "")).replace("bert-tiny", "bert-nope"),
+           CASE % ("badmesh", 4, ", mesh: {data: 1, fsdp: 1000, tensor: 1}"),
+           CASE % ("batch0", 0, ""), (CASE % ("longseq", 4, "")).replace(": 16", ": 100000")]
+    path = _cases_file(tmp_path, "sets:\n  s:\n" + "".join(f"    - {c}\n" for c in bad))
+    out = tmp_path / "out"
+    bench = ["bench", "--cases-file", str(path), "--no-torch", "--steps", "1", "--warmup", "0"]
+    assert main([*bench, "--set", "s", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("skipped: ") == 4 and "bert-nope" in captured.out
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "none of the 4 chosen case(s)" in captured.err and not out.exists()
+    # Cases that validate but all fail when they run: exit 2, said in the last line.
+    good = _cases_file(tmp_path, f"sets:\n  s:\n    - {CASE % ('a', 8, '')}\n")
+
+    def fail(*args, **kwargs):
+        raise ValueError("boom")
+    monkeypatch.setattr(benchmark, "run_jax_case", fail)
+    assert main([*bench[:1], "--cases-file", str(good), *bench[3:], "--set", "s",
+                 "--out", str(out)]) == 2
+    assert "no case produced a result: all 1 failed" in capsys.readouterr().err
+    # --out naming a file is refused before anything runs.
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main([*bench, "--set", "s", "--out", str(afile)]) == 2
+    assert f"--out {afile} is a file; give a folder." in capsys.readouterr().err

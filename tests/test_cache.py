@@ -320,7 +320,7 @@ def test_bert_vocab_txt_loads_as_an_uncased_wordpiece(tmp_path):
     (b"\x89PNG\r\n\x1a\n\x00\x00", "neither a tokenizer.json"),
     (b"just some words\nbut no unknown token\n", "neither a tokenizer.json"),
     (b"", "neither a tokenizer.json"),
-    (b'{"not": "a tokenizer"}', "could not be read as a tokenizer.json"),
+    (b'{"not": "a tokenizer"}', "is JSON but not a tokenizer.json"),
 ], ids=["binary", "no-unk", "empty", "json-not-tokenizer"])
 def test_a_file_that_is_no_tokenizer_is_refused(tmp_path, content, match):
     (tmp_path / "tok").write_bytes(content)

@@ -138,3 +138,17 @@ def test_experiment_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     assert config["train"]["task"] == "contrastive"
     assert config["train"]["steps"] == stage["steps"]
     np.testing.assert_allclose(sum(s["flops"] for s in rows[0]["stages"]), rows[0]["flops"])
+
+
+def test_a_missing_experiment_section_is_named(tmp_path):
+    path = _config(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    for drop, message in ((lambda d: d.pop("experiment"), "the 'experiment' section is missing"),
+                          (lambda d: d["experiment"].pop("budget_flops"),
+                           "experiment.budget_flops is missing")):
+        broken = yaml.safe_load(yaml.safe_dump(doc))
+        drop(broken)
+        path.write_text(yaml.safe_dump(broken))
+        with pytest.raises(ConfigError, match=message) as e:
+            experiment.load_experiment(path)
+        assert str(path) in str(e.value)

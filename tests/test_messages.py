@@ -114,6 +114,71 @@ def test_sigterm_during_start_up_says_nothing_was_started(tmp_path):
         time.sleep(0.01)  # the run directory appears with the data cache: before any step
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGTERM, err[-2000:]
+    assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err[-2000:]
     assert "stopped by SIGTERM during start-up" in err and "nothing was trained" in err, err
     assert not (run / "checkpoints").exists()
+
+
+def test_the_three_command_workflow_shares_one_run_dir(tmp_path, small_corpus, capsys):
+    """README's "Your own data": tokenizer, cache, then pretraining, in one run directory."""
+    common = ["--config", "configs/pretrain_tiny_mlm.yaml", f"run_dir={tmp_path / 'run'}",
+              f"data.corpus={small_corpus}", "data.tokenizer_vocab_size=512", "data.seq_len=32",
+              "model.max_len=32"]
+    assert main(["tokenizer", "train", *common]) == 0
+    assert main(["data", "prepare", *common]) == 0
+    assert main(["pretrain", *common, "train.steps=1", "train.global_batch=8",
+                 "train.progress=false"]) == 0, capsys.readouterr().err[-2000:]
+
+
+def test_a_run_dir_in_use_by_another_process_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"),
+        str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["pretrain", "--config", "configs/pretrain_tiny_mlm.yaml",
+                     f"run_dir={run}"]) == 2
+        _one_line_error(capsys, "run_dir", "in use by another ptft process")
+    finally:
+        holder.kill()
+    assert not any(run.iterdir())
+
+
+def test_inputs_that_would_misalign_or_mislead_are_refused(tmp_path, capsys):
+    config = tmp_path / "twice.yaml"
+    config.write_text("train:\n  steps: 3\nmodel:\n  preset: bert-tiny\ntrain:\n  steps: 4\n")
+    assert main(["pretrain", "--config", str(config)]) == 2
+    _one_line_error(capsys, f"{config}: line 5", "'train' is given twice (first at line 1)")
+    with pytest.raises(SystemExit):  # argparse's one line
+        main(["pretrain", "-c", str(config), "-c", "configs/pretrain_tiny_mlm.yaml"])
+    assert "is given twice" in capsys.readouterr().err
+    texts = tmp_path / "gap.txt"
+    texts.write_text("first\n\nthird\n")
+    assert main(["embed", str(FIXTURES / "bert_model"), "-i", str(texts)]) == 2
+    _one_line_error(capsys, f"{texts}: line 2 is empty")
+    texts.write_text("first\nsecond\n")
+    assert main(["embed", str(FIXTURES / "bert_model"), "-i", str(texts), "-o",
+                 str(tmp_path / "vectors.csv")]) == 2
+    _one_line_error(capsys, "vectors.csv", ".npy")
+    assert not (tmp_path / "vectors.csv").exists()
+
+
+def test_settings_a_command_would_ignore_or_misread_are_refused(tmp_path, pretrained, capsys):
+    vocab = str(FIXTURES / "bert_model" / "vocab.txt")
+    cases = [  # (command line, words the one line holds)
+        (["export", str(pretrained), str(tmp_path / "out")], ["pretraining run", "--format hf"]),
+        (["finetune", "--config", FORTUNES, "data.keep_labels=[food]"], ["data.keep_labels"]),
+        (["pretrain", "--config", "configs/pretrain_tiny_mlm.yaml", "mesh.parallelism=pmap",
+          "mesh.tensor=2"], ["mesh.tensor=2", "mesh.parallelism=jit"]),
+        (["finetune", "--config", FORTUNES, f"finetune.init_from={pretrained}",
+          f"data.tokenizer={vocab}"], ["data.tokenizer", "leave data.tokenizer null"]),
+    ]
+    for argv, words in cases:
+        run = tmp_path / "run"
+        assert main([*argv, f"run_dir={run}"] if "--config" in argv else argv) == 2, argv
+        _one_line_error(capsys, *words)
+        assert not (tmp_path / "out").exists()
+        shutil.rmtree(run, ignore_errors=True)  # a refused data check may leave its cache

@@ -222,3 +222,41 @@ def test_reduce_on_plateau_lowers_the_lr_in_a_run_and_keeps_it_on_resume(tmp_pat
 
     assert finetune(8) == pytest.approx({2: 1, 4: 1, 6: 0.5, 8: 0.25}, rel=1e-4)
     assert finetune(10)[10] == pytest.approx(0.125, rel=1e-4)  # resumed: the count goes on
+
+
+def test_numeric_strings_are_numbers_in_every_range(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 (no dot) as a string.
+    path = tmp_path / "space.yaml"
+    path.write_text("optim.learning_rate: {log_uniform: [1e-4, 1e-2]}\n"
+                    "optim.weight_decay: {uniform: [0, 1e-1], step: 5e-2}\n"
+                    "optim.warmup_steps: {int: [0, 1e2], step: 2e1}\n")
+    lr, wd, warmup = load_space(path)[0]
+    assert (lr.low, lr.high, lr.log) == (1e-4, 1e-2, True)
+    assert wd.grid_values() == [0.0, 0.05, 0.1]
+    assert warmup.grid_values() == [0, 20, 40, 60, 80, 100]
+    path.write_text("optim.learning_rate: {uniform: [1e-4, lots]}\n")
+    with pytest.raises(ConfigError, match="two finite numbers"):
+        load_space(path)
+
+
+@pytest.mark.parametrize("space,code", [
+    ({"strategy": {"bundles": {"nomatch": {"finetune.freeze": ["nomatch"]}}}}, 2),  # refused
+    ({"optim.learning_rate": {"choices": [1.0e6]}}, 1),  # every trial diverges
+])
+def test_failing_trials_end_the_sweep(tmp_path, base, capsys, space, code):
+    # Failed trials count towards --trials; a refused config stops the sweep at once.
+    from ptft_jax.cli import main
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space))
+    assert main(["sweep", "--config", str(base[1]), "--space", str(space_file), "--trials", "2",
+                 "--sampler", "random", "--dir", str(tmp_path / "sweep"),
+                 "train.max_skipped_steps=1"]) == code
+    captured = capsys.readouterr()
+    failed = [line.split(":")[0] for line in captured.out.splitlines() if ": failed: " in line]
+    if code == 2:
+        assert failed == ["trial 0"], captured.out[-2000:]
+        assert "sweep stopped: trial 0 (strategy=nomatch)" in captured.err
+        assert "matches no parameter" in captured.err
+    else:
+        assert failed == ["trial 0", "trial 1"], captured.out[-2000:]
+        assert "no trial completed" in captured.out

@@ -106,9 +106,34 @@ def read_cases(path: Path) -> dict:
     return read_yaml(path, "the bench cases file", dict, "pass --cases-file")
 
 
-def named_cases(listed: list[dict], names: list[str], what: str, path: Path) -> list[dict]:
+def check_names(listed, path: Path, what: str) -> None:
+    """A list of cases holds mappings, each with a name no other case of the list has (the
+    later one would silently replace the earlier)."""
+    if not isinstance(listed, list):
+        raise ConfigError(f"{path}: the {what} cases must be a list of mappings, got "
+                          f"{type(listed).__name__}.")
+    seen = set()
+    for c in listed:
+        if not isinstance(c, dict) or c.get("name") in (None, ""):
+            raise ConfigError(f"{path}: every {what} case is a mapping with a name; got {c!r}.")
+        if c["name"] in seen:
+            raise ConfigError(f"{path}: two {what} cases are named '{c['name']}'; give each "
+                              f"case its own name.")
+        seen.add(c["name"])
+
+
+def named_cases(listed: list[dict], names: list[str], what: str, path: Path,
+                required: tuple = ()) -> list[dict]:
     """The cases of one list of the cases file (`pipeline:`, `finetune:`) that --cases names,
-    or all of them; a name not in the list is refused, listing the names that are."""
+    or all of them; a name not in the list is refused, listing the names that are, and so is
+    a case that lacks a `required` key."""
+    check_names(listed, path, what)
+    for c in listed:
+        missing = [k for k in required if k not in c]
+        if missing:
+            raise ConfigError(f"{path}: {what} case {c['name']} does not set "
+                              f"{', '.join(missing)}; every {what} case sets "
+                              f"{', '.join(required)}.")
     known = [c.get("name") for c in listed]
     missing = [n for n in names if n not in known]
     if missing:
@@ -118,21 +143,37 @@ def named_cases(listed: list[dict], names: list[str], what: str, path: Path) -> 
 
 
 def load_cases(path: Path, sets: list[str], names: list[str]) -> list[Case]:
+    """The cases of `sets` (all sets without --set), narrowed to `names` when --cases is
+    given. A key a case leaves unset takes the file's `defaults:`, then the shipped file's."""
     doc = read_cases(path)
     if not isinstance(doc.get("sets"), dict):
         raise ConfigError(f"{path}: no 'sets:' mapping of set names to lists of cases; the "
                           f"bench cases file needs one (see {DEFAULT_CASES}).")
-    defaults, all_sets = doc.get("defaults", {}), doc["sets"]
+    defaults, all_sets = doc.get("defaults") or {}, doc["sets"]
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: 'defaults' must be a mapping of case keys to values.")
+    if set(defaults) - set(CASE_KEYS):
+        raise ConfigError(f"{path}: defaults has unknown keys {set(defaults) - set(CASE_KEYS)}; "
+                          f"valid: {', '.join(CASE_KEYS)}.")
+    if Path(path).resolve() != DEFAULT_CASES.resolve():
+        defaults = {**read_cases(DEFAULT_CASES)["defaults"], **defaults}
     for s in sets:
         if s not in all_sets:
             raise ConfigError(f"No benchmark set '{s}' in {path}; sets: {', '.join(all_sets)}.")
+    check_names([c for cases in all_sets.values() for c in (cases or [])], path, "benchmark")
+    required = [f.name for f in dataclasses.fields(Case) if f.default is dataclasses.MISSING]
     by_name = {}
     for set_name, cases in all_sets.items():
-        for raw in cases:
+        for raw in cases or []:
             unknown = set(raw) - set(CASE_KEYS)
             if unknown:
                 raise ConfigError(f"{path}: case {raw.get('name')} has unknown keys {unknown}; "
                                   f"valid: {', '.join(CASE_KEYS)}.")
+            missing = [k for k in required if k not in {**defaults, **raw}]
+            if missing:
+                raise ConfigError(f"{path}: case {raw['name']} does not set "
+                                  f"{', '.join(missing)}; set them in the case (or under "
+                                  f"defaults:).")
             case = Case(**{**defaults, **raw})
             case = dataclasses.replace(case, overrides=tuple(case.overrides or ()))
             if case.rows not in ROWS:
@@ -146,7 +187,12 @@ def load_cases(path: Path, sets: list[str], names: list[str]) -> list[Case]:
     if missing:
         raise ConfigError(f"No benchmark case(s) {missing} in {path}; cases: "
                           f"{', '.join(by_name)}.")
-    chosen = [c for n, (s, c) in by_name.items() if s in sets or n in names]
+    outside = [f"{n} (set {by_name[n][0]})" for n in names if sets and by_name[n][0] not in sets]
+    if outside:  # --cases picks within --set
+        raise ConfigError(f"--cases {', '.join(outside)}: not in --set {', '.join(sets)}; name "
+                          f"cases of the set, or drop --set.")
+    chosen = [c for n, (s, c) in by_name.items()
+              if (not sets or s in sets) and (not names or n in names) and (sets or names)]
     if not chosen:
         raise ConfigError("No cases chosen: pass --set NAME or --cases NAME ...")
     return chosen
@@ -281,6 +327,17 @@ def run(case_names: list[str], sets: list[str], steps: int, warmup: int, profile
     """Runs the chosen cases and writes JSONL, Markdown and PNG; `overrides` (config keys)
     shrink every case, for smoke tests."""
     cases = load_cases(cases_file, sets, case_names)
+    refused = {}
+    for case in cases:  # every case's config, checked before anything runs
+        try:
+            validate(case.config(overrides), jax.device_count())
+        except ValueError as e:  # ConfigError and the checks that raise ValueError
+            refused[case.name] = str(e).splitlines()[0]
+            echo(f"[{case.name}] skipped: {refused[case.name]}")
+    if len(refused) == len(cases):
+        raise ConfigError(f"none of the {len(cases)} chosen case(s) of {cases_file} can run "
+                          f"here (each one's reason is above); fix them, or choose others with "
+                          f"--set / --cases.")
     env = environment()
     torch_ref = load_torch_reference() if with_torch else None
     if with_torch and torch_ref is None and any(c.torch for c in cases):
@@ -291,16 +348,19 @@ def run(case_names: list[str], sets: list[str], steps: int, warmup: int, profile
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in cases:
-        echo(f"[{case.name}] ...")
         row = {"case": case.name, **dataclasses.asdict(case), **env}
         host_batches = None
-        try:
-            result, host_batches = run_jax_case(
-                case, steps, warmup, out / "profiles" if profile else None, overrides)
-            row.update(result)
-        except (ConfigError, ValueError) as e:
-            row["error"] = str(e).splitlines()[0]
-            echo(f"[{case.name}] skipped: {row['error']}")
+        if case.name in refused:
+            row["error"] = refused[case.name]
+        else:
+            echo(f"[{case.name}] ...")
+            try:
+                result, host_batches = run_jax_case(
+                    case, steps, warmup, out / "profiles" if profile else None, overrides)
+                row.update(result)
+            except ValueError as e:  # ConfigError and the checks that raise ValueError
+                row["error"] = str(e).splitlines()[0]
+                echo(f"[{case.name}] skipped: {row['error']}")
         if case.torch and torch_ref is not None and "error" not in row:
             cfg = case.config(overrides)
             for compiled in (False, True):
@@ -322,4 +382,6 @@ def run(case_names: list[str], sets: list[str], steps: int, warmup: int, profile
     plot(rows, env, out / f"{stamp}.png")
     echo(table)
     echo(f"results: {out}/{stamp}.{{jsonl,md,png}}")
+    if all("error" in r for r in rows):
+        raise ConfigError(f"no case produced a result: all {len(rows)} failed (why: above).")
     return rows

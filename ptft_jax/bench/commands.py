@@ -8,6 +8,7 @@ from pathlib import Path
 from ptft_jax.bench import benchmark, report
 from ptft_jax.bench import finetune as bench_finetune
 from ptft_jax.bench import pipeline as bench_pipeline
+from ptft_jax.config.schema import ConfigError
 
 
 def bench(args) -> int:
@@ -20,6 +21,10 @@ def bench(args) -> int:
                                    f"{args.fake_cpu_devices}").strip()
     cases = Path(args.cases_file) if args.cases_file else benchmark.DEFAULT_CASES
     out = Path(args.out) if args.out else report.default_results_dir()
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():  # found before any case runs, not when the results are written
+        raise ConfigError(f"--out {args.out} is a file; give a folder." if existing == out else
+                          f"--out {args.out}: {existing} is a file; give a folder.")
     if args.pipeline:
         bench_pipeline.run_pipeline(args.cases or [], cases, out)
     elif args.finetune:

@@ -113,12 +113,18 @@ def run_case(case: dict, steps: int, warmup: int, overrides=()) -> dict:
 def run(names, cases_file: Path, out_dir: Path, steps: int, warmup: int,
         with_torch: bool = True, echo=print, overrides=()) -> list[dict]:
     doc = read_cases(cases_file)
-    cases = named_cases(doc.get("finetune", []), names, "finetune", cases_file)
+    cases = named_cases(doc.get("finetune", []), names, "finetune", cases_file,
+                        required=("preset", "seq_len", "global_batch"))
     for c in cases:
         unknown = set(c) - set(CASE_KEYS)
         if unknown:
             raise ConfigError(f"{cases_file}: finetune case {c.get('name')} has unknown keys "
                               f"{unknown}; valid: {', '.join(CASE_KEYS)}.")
+        try:  # every case's config, checked before anything runs
+            validate(case_config(c, overrides), jax.device_count())
+        except ValueError as e:
+            raise ConfigError(f"{cases_file}: finetune case {c['name']}: "
+                              f"{str(e).splitlines()[0]}") from None
     if not cases:
         raise ConfigError(f"No finetune cases chosen from {cases_file}.")
     env = environment()

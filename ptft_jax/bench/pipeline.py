@@ -90,7 +90,8 @@ def open_documents_bundled():
 
 def run_pipeline(names: list[str], cases_file: Path, out_dir: Path, echo=print) -> list[dict]:
     doc = read_cases(cases_file)
-    cases = named_cases(doc.get("pipeline", []), names, "pipeline", cases_file)
+    cases = named_cases(doc.get("pipeline", []), names, "pipeline", cases_file,
+                        required=("seq_len", "global_batch"))
     env = environment()
     out = out_dir / device_slug(env)
     out.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save, create=False,
             # What a kill or a failed save left half-written is removed at the next start;
             # a reader (inference) leaves the folder alone: a run may still be saving into it.
-            cleanup_tmp_directories=not read_only, read_only=read_only)
+            # (Orbax's own read_only option warns on every open: not used.)
+            cleanup_tmp_directories=not read_only)
         self.every = every
         self.saving: int | None = None  # the step whose (async) save may still be running
         self.manager = ocp.CheckpointManager(

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ptft_jax.ckpt.integrity import verify_run
+from ptft_jax.ckpt.integrity import verify_run, verify_step
 
 
 def verify(args) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir} is not a folder; give a ptft run directory.")
-    rows = verify_run(run_dir)
+    if (run_dir / "meta").is_dir() or (run_dir / "params").is_dir():  # one step folder
+        rows = [verify_step(run_dir, run_dir.parent.name)]
+    elif run_dir.name in ("checkpoints", "best"):  # one of a run's folders: the whole run
+        rows = verify_run(run_dir.parent)
+    else:
+        rows = verify_run(run_dir)
     if not rows:
         raise ValueError(f"{run_dir} holds no checkpoint (no checkpoints/ or best/ step "
                          f"folders).")

@@ -64,11 +64,15 @@ def _leaf_checksum(x):
         position = position + jax.lax.broadcasted_iota(jnp.uint32, rows.shape, axis) * \
             np.uint32(stride % 2 ** 32)
         stride *= rows.shape[axis]
-    nonfinite = jnp.sum(~jnp.isfinite(x), dtype=jnp.uint32) \
-        if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.uint32(0)
-    return jnp.stack([jnp.sum(rows, dtype=jnp.uint32),
-                      jnp.sum(rows * (position * np.uint32(2) + np.uint32(1)),
-                              dtype=jnp.uint32), nonfinite])
+    bad = (~jnp.isfinite(x)).astype(jnp.uint32) if jnp.issubdtype(x.dtype, jnp.inexact) \
+        else jnp.zeros(rows.shape, jnp.uint32)
+    if bad.shape != rows.shape:  # the non-finite values counted per row, as the bits were
+        bad = jnp.sum(bad, axis=-1, dtype=jnp.uint32)
+    # The three sums in one reduction: one collective per sharded array, not three (many
+    # collectives in flight can deadlock XLA's CPU backend on faked devices).
+    weighted = rows * (position * np.uint32(2) + np.uint32(1))
+    stacked = jnp.stack([rows, weighted, bad])
+    return jnp.sum(stacked, axis=tuple(range(1, stacked.ndim)), dtype=jnp.uint32)
 
 
 # One program for a whole tree. (One per array compiled less, but on a CPU with faked devices
@@ -358,20 +362,24 @@ def verify_run(run_dir: Path) -> list[dict]:
                                key=lambda p: (_step_of(p), p.name)):
             if ".orbax-checkpoint-tmp" in step_dir.name:
                 continue  # an interrupted save: never a step (Orbax ignores it too)
-            row = {"folder": folder, "step": step_dir.name, "arrays": 0,
-                   "bytes": sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())}
-            if folder == DAMAGED_DIR:
-                reason = step_dir / REASON_FILE
-                row["status"] = "moved aside: " + (reason.read_text().strip()
-                                                   if reason.is_file() else "(no note)")
-                rows.append(row)
-                continue
-            try:
-                meta, trees = check_step(step_dir)
-                row["arrays"] = sum(len(flatten(t)) for t in trees.values())
-                row["status"] = "ok" if "checksums" in meta else "ok (no checksums: written " \
-                                                                 "before they existed)"
-            except CheckpointDamaged as e:
-                row["status"] = f"DAMAGED: {e.fault}"
-            rows.append(row)
+            rows.append(verify_step(step_dir, folder))
     return rows
+
+
+def verify_step(step_dir: Path, folder: str) -> dict:
+    """verify_run's row for one step folder."""
+    row = {"folder": folder, "step": step_dir.name, "arrays": 0,
+           "bytes": sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())}
+    if folder == DAMAGED_DIR:
+        reason = step_dir / REASON_FILE
+        row["status"] = "moved aside: " + (reason.read_text().strip() if reason.is_file()
+                                           else "(no note)")
+        return row
+    try:
+        meta, trees = check_step(step_dir)
+        row["arrays"] = sum(len(flatten(t)) for t in trees.values())
+        row["status"] = "ok" if "checksums" in meta else "ok (no checksums: written before " \
+                                                         "they existed)"
+    except CheckpointDamaged as e:
+        row["status"] = f"DAMAGED: {e.fault}"
+    return row

@@ -34,13 +34,32 @@ def read_text(path: str | Path, what: str, missing_hint: str = "",
     return text.replace("\r\n", "\n").replace("\r", "\n") if universal_newlines else text
 
 
+class _SafeUniqueLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping: PyYAML would keep
+    the last silently (a second `train:` block dropping the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base constructor names it
+                continue
+            if seen is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first at line "
+                                f"{seen.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path, what: str, expect: type = dict, missing_hint: str = "") -> Any:
     """The file's one YAML document, which must be an `expect` (dict or list); a file with no
     document (empty, or only comments) is an empty one."""
     text = read_text(path, what, missing_hint)
     loader = None
     try:  # what yaml.safe_load does, keeping the node for where the document starts
-        loader = yaml.SafeLoader(text)
+        loader = _SafeUniqueLoader(text)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:

@@ -35,13 +35,15 @@ def validate(cfg: Config, num_devices: int) -> None:
     d = cfg.data
     _check_columns(cfg)
     _check_local_splits(cfg)
+    for key, off in (("keep_labels", "null"), ("per_class", "0")):  # read by image jobs only
+        if str(getattr(d, key)).replace("None", "null") != off and \
+                task_for(cfg) not in IMAGE_TASKS + MULTIMODAL_TASKS:
+            raise ConfigError(f"data.{key} selects examples of image or image-text data; "
+                              f"train.task {task_for(cfg)} does not read it. Filter the labelled "
+                              f"file itself, or set data.{key}={off}.")
     text = cfg.towers.text.model if m.kind in MULTIMODAL_KINDS else m  # the text model
-    smallest = 128 if text.kind == "encoder" else 257  # a byte-level BPE starts from 256 bytes
-    if d.tokenizer is None and d.tokenizer_vocab_size < smallest:
-        kind = "WordPiece" if text.kind == "encoder" else "byte-level BPE"
-        raise ConfigError(f"data.tokenizer_vocab_size ({d.tokenizer_vocab_size}) is too small "
-                          f"to train a {kind} tokenizer; use at least {smallest} (8192 or more "
-                          f"is usual).")
+    if d.tokenizer is None:
+        check_tokenizer_size(d.tokenizer_vocab_size, text.kind)
     if m.attention == "cudnn" and _backend() not in ("gpu", "cuda"):
         raise ConfigError(f"model.attention 'cudnn' needs an NVIDIA GPU; this machine's JAX "
                           f"backend is '{_backend()}'. Use model.attention=auto.")
@@ -81,6 +83,12 @@ def validate(cfg: Config, num_devices: int) -> None:
     # Batch layout: the global batch is split into grad_accum microbatches, each of which is
     # split across the data-parallel devices (data * fsdp axes, or every device under pmap).
     if cfg.mesh.parallelism == "pmap":
+        split = [f"mesh.{k}={getattr(cfg.mesh, k)}" for k in ("fsdp", "tensor")
+                 if getattr(cfg.mesh, k) != 1]
+        if split:
+            raise ConfigError(f"mesh.parallelism=pmap is pure data parallelism, but "
+                              f"{' and '.join(split)} asks to split the model: use "
+                              f"mesh.parallelism=jit for that, or set it to 1.")
         dp = num_devices
         where = f"the {num_devices} devices (mesh.parallelism=pmap)"
     else:
@@ -165,6 +173,15 @@ def _check_columns(cfg: Config) -> None:
                               f"'{column}'; set data.{key} to the column that holds the "
                               f"{HOLDS[key]}.")
         seen.setdefault(column, key)
+
+
+def check_tokenizer_size(size: int, kind: str) -> None:
+    """A tokenizer ptft trains needs room for its alphabet and special tokens."""
+    smallest = 128 if kind == "encoder" else 257  # a byte-level BPE starts from 256 bytes
+    if size < smallest:
+        name = "WordPiece" if kind == "encoder" else "byte-level BPE"
+        raise ConfigError(f"data.tokenizer_vocab_size ({size}) is too small to train a {name} "
+                          f"tokenizer; use at least {smallest} (8192 or more is usual).")
 
 
 def _check_local_splits(cfg: Config) -> None:

@@ -49,10 +49,12 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
     else:
         others = sorted(p.name for p in directory.iterdir()
                         if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))
-        found = f" It holds {', '.join(others)}, which ptft never reads (pickle can run code)." \
-            if others else ""
-        raise ValueError(f"{directory} has no model.safetensors; ptft reads safetensors "
-                         f"only.{found} Convert once with: {CONVERSION_RECIPE}")
+        if not others:
+            raise ValueError(f"{directory} holds no weights (no model.safetensors, no shards); "
+                             f"give the model's whole directory, as downloaded.")
+        raise ValueError(f"{directory} has no model.safetensors; ptft reads safetensors only. "
+                         f"It holds {', '.join(others)}, which ptft never reads (pickle can run "
+                         f"code). Convert once with: {CONVERSION_RECIPE}")
     tensors = {}
     for f in files:
         try:

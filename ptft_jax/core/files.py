@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -22,6 +23,11 @@ from ptft_jax.config.schema import ConfigError
 
 MARKER = ".ptft"         # in every folder ptft owns: {"kind": ...}
 TMP_SUFFIX = ".ptft-tmp"  # temporary files on their way into place
+
+
+# A run directory is a folder ptft marks as a "run"; one made before ptft marked its folders
+# is known by its config and its checkpoints.
+LEGACY_RUN = ("config.yaml", "checkpoints")
 
 
 def write_tmp(path: Path, write: Callable[[BinaryIO], object]) -> Path:
@@ -138,9 +144,37 @@ def claim_folder(folder: Path, kind: str, key: str, legacy: Iterable[str] = ()) 
     folder = Path(folder)
     check_ownable(folder, kind, key, legacy)
     folder.mkdir(parents=True, exist_ok=True)
+    if kind == "run":
+        lock_folder(folder, key)
     if marked_kind(folder) != kind:
         atomic_write_json(folder / MARKER, {"kind": kind})
     return folder
+
+
+_LOCKED: dict[Path, int] = {}  # folder -> the open descriptor holding its lock
+
+
+def lock_folder(folder: Path, key: str) -> None:
+    """An exclusive advisory lock on an existing `folder` itself (flock on its descriptor:
+    nothing is written), held by this process until release_folders() or its end, a kill
+    included: a second ptft run refuses a run directory another one is training in."""
+    folder = Path(folder).resolve()
+    if folder in _LOCKED or not folder.is_dir():
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{key}: {folder} is in use by another ptft process (a run training "
+                          f"there now); wait for it to end, or give another folder.") from None
+    _LOCKED[folder] = fd
+
+
+def release_folders() -> None:
+    for fd in _LOCKED.values():
+        os.close(fd)  # closing the descriptor releases its lock
+    _LOCKED.clear()
 
 
 def check_new_folder(path: Path, name: str) -> Path:

@@ -15,7 +15,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ptft_jax.config.schema import Config, DistributedConfig, MeshConfig, resolve_mesh_shape
+from ptft_jax.config.schema import (Config, ConfigError, DistributedConfig, MeshConfig,
+                                    resolve_mesh_shape)
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,16 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
     # CPU processes need gloo for cross-process collectives; the setting only concerns the CPU
     # client, so it is harmless on GPU/TPU hosts.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                               num_processes=cfg.num_processes, process_id=cfg.process_id,
-                               local_device_ids=cfg.local_device_ids)
+    try:
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
+                                   num_processes=cfg.num_processes, process_id=cfg.process_id,
+                                   local_device_ids=cfg.local_device_ids)
+    except (ValueError, RuntimeError) as e:  # JAX found no cluster to join
+        raise ConfigError(f"distributed.enabled=true, but JAX could not join a cluster "
+                          f"({' '.join(str(e).split())[:200]}): set distributed."
+                          f"coordinator_address=HOST:PORT, distributed.num_processes and "
+                          f"distributed.process_id, or run where JAX finds them (SLURM, a TPU "
+                          f"pod).") from None
     log.info("jax.distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(),
              jax.device_count())

@@ -135,8 +135,8 @@ def _reusable_cache(cache_dir: Path, inputs: dict, overwrite: bool) -> TokenCach
         if overwrite:
             log.warning("replacing the token cache in %s: %s", cache_dir, e)
             return None
-        raise type(e)(f"{e} `ptft data prepare` does not mix caches; pass --overwrite "
-                      f"(overwrite=True) to replace this one.") from None
+        raise type(e)(f"{e} ptft does not mix caches; `ptft data prepare --overwrite` with the "
+                      f"same config replaces this one.") from None
 
 
 def _start_or_resume_plan(partial: Path, inputs: dict, shard_docs: int,
@@ -154,8 +154,8 @@ def _start_or_resume_plan(partial: Path, inputs: dict, shard_docs: int,
         if not overwrite:
             raise StaleCache(f"{partial} holds an unfinished prepare of other inputs (another "
                              f"tokenizer or source), or its {plan_path.name} is unreadable. "
-                             f"{WHAT_TO_DO}, or pass --overwrite (overwrite=True) to discard "
-                             f"it.")
+                             f"{WHAT_TO_DO}, or run `ptft data prepare --overwrite` with the "
+                             f"same config to discard it.")
     if partial.exists():  # another plan's shards, or shards without a plan: not trustworthy
         shutil.rmtree(partial)
     partial.mkdir(parents=True)

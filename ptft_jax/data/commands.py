@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ptft_jax.config.load import load_config
 from ptft_jax.config.schema import ConfigError
-from ptft_jax.core.files import atomic_write_text, check_output_file
+from ptft_jax.config.validate import check_tokenizer_size
+from ptft_jax.core.files import (LEGACY_RUN, atomic_write_text, check_output_file,
+                                 check_ownable, claim_folder)
 from ptft_jax.data.cache_build import prepare_cache
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.tokenizer import iter_texts, run_tokenizer_path, train_tokenizer
@@ -28,6 +30,7 @@ def tokenizer_train(args) -> int:
         out = check_output_file(args.out, "--out", overwrite=args.force)
     else:
         out = Path(cfg.run_dir) / "tokenizer.json"
+        check_ownable(out.parent, "run", "run_dir", LEGACY_RUN)  # before the training
         if out.exists() and not args.force:
             return failed("tokenizer train", f"{out} already exists; pass --force to replace "
                                              f"it, or --out to write elsewhere.")
@@ -41,9 +44,7 @@ def tokenizer_train(args) -> int:
     if cfg.model.kind not in ("encoder", "decoder"):
         raise ConfigError(f"'model.kind' is '{cfg.model.kind}'; it must be encoder (WordPiece "
                           f"tokenizer) or decoder (byte-level BPE).")
-    if cfg.data.tokenizer_vocab_size < 1:
-        raise ConfigError(f"'data.tokenizer_vocab_size' is {cfg.data.tokenizer_vocab_size}; "
-                          f"it must be at least 1.")
+    check_tokenizer_size(cfg.data.tokenizer_vocab_size, cfg.model.kind)
     try:
         documents = open_documents(cfg.data)
     except ValueError as e:
@@ -56,7 +57,8 @@ def tokenizer_train(args) -> int:
     tokenizer = train_tokenizer(cfg.model.kind, iter_texts(documents),
                                 cfg.data.tokenizer_vocab_size, progress=sys.stderr.isatty(),
                                 extra_special_tokens=cfg.data.extra_special_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.out:  # the run directory: taken as ptft's, so that pretraining takes it on
+        claim_folder(out.parent, "run", "run_dir", LEGACY_RUN)
     atomic_write_text(out, tokenizer.to_str(pretty=True))
     print(f"saved {out}: {tokenizer.get_vocab_size():,} tokens, trained in "
           f"{time.perf_counter() - t0:.1f}s")
@@ -79,6 +81,8 @@ def data_prepare(args) -> int:
                                       f"data.tokenizer=PATH (a tokenizer.json or vocab.txt).")
     try:
         documents = open_documents(cfg.data)
+        if not cfg.data.cache_dir:  # the run directory's: taken as ptft's, as pretraining does
+            claim_folder(run_dir, "run", "run_dir", LEGACY_RUN)
         print(f"preparing {cache_dir} from {len(documents):,} documents of {cfg.data.corpus} "
               f"with {tokenizer} ...", flush=True)
         cache = prepare_cache(documents, tokenizer, cache_dir, cfg.data.num_workers,

@@ -227,7 +227,11 @@ def open_examples(data_cfg, split: str, tokenizer_path, cache_root, kind: str,
     columns = [(cfg.text_column, documents)]
     pair_column = getattr(cfg, "text_pair_column", None)
     if pair_column:
-        second = open_documents(dataclasses.replace(cfg, text_column=pair_column), split)
+        try:  # the second texts are read as a text column: errors must name the pair key
+            second = open_documents(dataclasses.replace(cfg, text_column=pair_column), split)
+        except ValueError as e:
+            raise ValueError(str(e).replace("data.text_column", "data.text_pair_column")) \
+                from None
         if len(second) != len(documents):
             raise ValueError(f"{where}: data.text_column '{cfg.text_column}' has "
                              f"{len(documents)} non-empty texts but data.text_pair_column "

@@ -57,6 +57,10 @@ def _canonical_wordpiece(vocab: dict[str, int], specials: list[str]) -> models.W
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A HF tokenizer.json, or a BERT vocab.txt (one WordPiece token per line)."""
     path = Path(path)
+    if path.is_dir():
+        inside = [p.name for p in (path / "tokenizer.json", path / "vocab.txt") if p.is_file()]
+        raise ValueError(f"Tokenizer file '{path}' is a folder; give the file itself" + (
+            f" ({path / inside[0]})." if inside else ": a tokenizer.json or a BERT vocab.txt."))
     if not path.is_file():
         raise ValueError(f"Tokenizer file '{path}' does not exist; give a tokenizer.json or a "
                          f"BERT vocab.txt, or leave data.tokenizer null to train one on the "
@@ -70,8 +74,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         try:
             tok = Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises bare Exceptions on malformed files
-            raise ValueError(f"Tokenizer file '{path}' could not be read as a tokenizer.json: "
-                             f"{e}") from None
+            raise ValueError(f"Tokenizer file '{path}' is JSON but not a tokenizer.json that HF "
+                             f"tokenizers can load ({e}); give one saved by tokenizers / "
+                             f"transformers or ptft, or a BERT vocab.txt.") from None
         # A published tokenizer.json may pad and truncate (all-MiniLM-L6-v2 pads to 128);
         # ptft pads and truncates its batches itself, to data.seq_len.
         tok.no_padding()

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 from pathlib import Path
 
+from ptft_jax.config.schema import PRETRAIN_TASKS, ConfigError
 from ptft_jax.core.files import check_new_folder, check_output_file
 from ptft_jax.infer.embed import embed as embed_texts
 from ptft_jax.infer.embed import load_encoder, write
@@ -46,6 +47,11 @@ def export(args) -> int:
               f"{result['tensors']} tensors, {result['parameters']:,} parameters"
               + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
         return 0
+    if run_task(args.run_dir) in PRETRAIN_TASKS:
+        raise ConfigError(f"{args.run_dir} is a pretraining run ({run_task(args.run_dir)}): "
+                          f"--format ptft exports finetuned runs. A pretraining run is read as "
+                          f"it is by finetune.init_from={args.run_dir}; --format hf exports it "
+                          f"for transformers.")
     result = export_run(args.run_dir, args.out_dir)
     print(f"exported {result['source']} to {result['out_dir']}: {result['parameters']:,} "
           f"parameters" + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
@@ -58,12 +64,22 @@ def check_output(args) -> None:
         check_output_file(args.output, "--output", [args.input], args.overwrite)
 
 
+EMBED_SUFFIXES = (".npy", ".jsonl", ".json")  # what `embed -o` writes: an array, or JSON lines
+
+
 def embed(args) -> int:
     check_output(args)
+    if args.output not in (None, "-") and Path(args.output).suffix not in EMBED_SUFFIXES:
+        raise ConfigError(f"--output {args.output}: ptft embed writes a NumPy array (.npy) or "
+                          f"JSON lines (.jsonl); give a file name ending in one of them.")
     if (args.seq_len is not None and args.seq_len < 3) or args.batch_size < 1:
         raise ValueError("--seq-len must be at least 3 and --batch-size at least 1.")
     texts, _ = read_inputs(args.input)
     encoder = load_encoder(args.source)
+    if args.pooling == "cls" and encoder.cfg.kind == "decoder":
+        raise ConfigError("--pooling cls on a decoder: its first token sees only itself (causal "
+                          "attention), so it embeds nothing of the text; use --pooling last or "
+                          "mean.")
     vectors = embed_texts(encoder, texts, args.pooling, args.seq_len, args.batch_size,
                           progress=sys.stderr.isatty())
     write(vectors, texts, args.output)

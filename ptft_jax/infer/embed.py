@@ -56,8 +56,9 @@ def _from_hf(spec: str) -> Encoder:
         model = hf.open_model(spec)
         keys = model.model_keys()
         flat, _ = flat_params(model)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    except ValueError as e:  # config/hf.py speaks of finetune.init_from, its usual caller
+        raise ConfigError(str(e).replace("finetune.init_from: ", "").replace(
+            "set finetune.init_from=hf:DIR", "give DIR to ptft embed")) from None
     if model.tokenizer_path is None:
         raise ConfigError(f"{model.directory} has neither tokenizer.json nor vocab.txt.")
     keys["dropout"] = 0.0

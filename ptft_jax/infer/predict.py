@@ -50,11 +50,19 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
     cfg = load_run_config(run_dir)
     kind = task_for(cfg)
     has_labels = (run_dir / "labels.json").is_file()
-    if kind not in FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS or \
-            (kind != "contrastive" and not has_labels):
+    if kind not in FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS:
         raise ConfigError(f"{run_dir} was trained with train.task={task_for(cfg)}: it has no "
                           f"finetuned head to predict with. Give the run_dir of a ptft finetune "
                           f"run (one with labels.json).")
+    # A finetuned run keeps what its head means and how it reads text beside its checkpoints.
+    needed = [name for name, missing in (
+        ("labels.json", kind != "contrastive" and not has_labels),
+        ("tokenizer.json", kind not in IMAGE_TASKS and not (run_dir / "tokenizer.json").is_file()))
+        if missing]
+    if needed:
+        raise ConfigError(f"{run_dir / needed[0]} is missing: the run wrote it when it started "
+                          f"and reads it to predict. Restore it (from a copy of the run, or by "
+                          f"running its training command again into a new run_dir).")
     if batch_size is not None:
         cfg.eval.batch_size = batch_size
     validate(cfg, jax.device_count())
@@ -147,16 +155,42 @@ def read_inputs(path: str | None) -> tuple[list[str], list[str] | None]:
     (and `text_pair`) fields of a .jsonl file."""
     import sys
     if path in (None, "-"):
-        lines = sys.stdin.read().splitlines()
+        lines, where = sys.stdin.read().splitlines(), "stdin"
     else:
-        if Path(path).suffix == ".jsonl":
+        if Path(path).suffix.lower() == ".jsonl":
             return _jsonl_inputs(path)
-        lines = read_text(path, "the --input file").splitlines()
-    texts = [line.strip() for line in lines if line.strip()]
+        if Path(path).suffix.lower() == ".csv":
+            return _csv_inputs(path)
+        lines, where = read_text(path, "the --input file").splitlines(), path
+    texts = [line.strip() for line in lines]
+    while texts and not texts[-1]:
+        texts.pop()  # trailing empty lines shift nothing
     if not texts:
-        raise ConfigError("No text to predict: give a file with one text per line, or pipe "
-                          "text into ptft predict.")
+        raise ConfigError(f"No text in {where}: give one text per line (or a .jsonl / .csv "
+                          f"with a 'text' field).")
+    if "" in texts:  # outputs are one per input line: an empty one would shift the rest
+        raise ConfigError(f"{where}: line {texts.index('') + 1} is empty; outputs are written "
+                          f"one per input line, in order: remove it (or give a .jsonl).")
     return texts, None
+
+
+def _csv_inputs(path: str) -> tuple[list[str], list[str] | None]:
+    """The `text` (and `text_pair`) column of a .csv with a header row."""
+    import csv
+    import io
+    reader = csv.DictReader(io.StringIO(read_text(path, "the --input file",
+                                                  universal_newlines=False), newline=""))
+    columns = reader.fieldnames or []
+    if "text" not in columns:
+        raise ConfigError(f"{path}: line 1: the header has no 'text' column (it has "
+                          f"{columns}); give the texts under a 'text' column.")
+    rows = []
+    for row in reader:
+        if not (row.get("text") or "").strip():
+            raise ConfigError(f"{path}: line {reader.line_num}: the 'text' field is empty.")
+        rows.append(row)
+    pairs = [row.get("text_pair") or "" for row in rows] if "text_pair" in columns else None
+    return [row["text"] for row in rows], pairs
 
 
 def _jsonl_inputs(path: str) -> tuple[list[str], list[str] | None]:
@@ -184,6 +218,13 @@ def predict_run(run_dir, texts: list[str], pairs: list[str] | None = None,
     """One dict per text: the label and every label's probability (classification), the labels
     over 0.5 (multi-label) or the value (regression)."""
     engine, state, cfg, _ = load_run(run_dir, batch_size)
+    trained_on_pairs = bool(cfg.data.text_pair_column)
+    if trained_on_pairs != (pairs is not None):  # the model reads what it was trained on
+        raise ConfigError(
+            f"{run_dir} was trained on text pairs (data.text_pair_column): give a .jsonl or "
+            f".csv input with 'text' and 'text_pair'." if trained_on_pairs else
+            f"{run_dir} was trained on single texts, and the input has 'text_pair': give "
+            f"'text' alone (or predict with a run trained on pairs).")
     labels: LabelSpace = engine.task.labels
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
     examples = predict_examples(texts, tokenizer, cfg.data.seq_len, cfg.model.kind, pairs)

@@ -13,14 +13,13 @@ from tokenizers import Tokenizer
 from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError
-from ptft_jax.core.files import atomic_write_text, claim_folder
+from ptft_jax.core.files import LEGACY_RUN, atomic_write_text, claim_folder
 from ptft_jax.core.mesh import broadcast_text
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
                                      train_tokenizer)
 from ptft_jax.models.flops import matmul_params, train_flops_per_token
 from ptft_jax.train.job import Throughput
-from ptft_jax.train.resume import LEGACY_RUN
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import jax
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, PRETRAIN_TASKS,
                                     Config, ConfigError, task_for)
 from ptft_jax.config.validate import validate
-from ptft_jax.core.files import check_ownable
+from ptft_jax.core.files import LEGACY_RUN, check_ownable, lock_folder, release_folders
 from ptft_jax.core.mesh import initialize_distributed
 from ptft_jax.data.cache import LOCK_FILE
 from ptft_jax.jobs.images import image_job
@@ -20,7 +20,6 @@ from ptft_jax.jobs.lm import pretrain_job
 from ptft_jax.jobs.pairs import pairs_job
 from ptft_jax.train.job import Job
 from ptft_jax.train.loop import run
-from ptft_jax.train.resume import LEGACY_RUN
 
 
 def check_paths(cfg: Config) -> None:
@@ -49,6 +48,7 @@ def check_paths(cfg: Config) -> None:
     # Taken (marked) at its first write: a job's data cache (jobs/common.data_cache_root) or
     # the training loop's run files, whichever comes first; nothing is written here.
     check_ownable(Path(cfg.run_dir), "run", "run_dir", LEGACY_RUN)
+    lock_folder(Path(cfg.run_dir), "run_dir")  # if it exists; else when it is made
 
 
 # What each command trains: the tasks it accepts, as data. Supervised image classification is
@@ -70,13 +70,16 @@ def train(command: str, cfg: Config, on_eval=None) -> dict:
     job for the config's task. `on_eval`: see train.loop.run."""
     initialize_distributed(cfg.distributed)
     validate(cfg, jax.device_count())
-    check_paths(cfg)
     task, allowed = task_for(cfg), COMMAND_TASKS[command]
     if task not in allowed:
         other = [c for c, tasks in COMMAND_TASKS.items() if task in tasks]
         raise ConfigError(f"ptft {command} trains train.task {', '.join(allowed)}; '{task}' "
                           f"is a task for ptft {' or '.join(other)}.")
-    return run(job_for(cfg), on_eval)
+    try:
+        check_paths(cfg)  # locks run_dir: released when the run ends
+        return run(job_for(cfg), on_eval)
+    finally:
+        release_folders()
 
 
 def pretrain(cfg: Config, on_eval=None) -> dict:

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 
+from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError, task_for
 from ptft_jax.ckpt.pretrained import check_init_from
 from ptft_jax.data.labelled import open_examples
@@ -24,11 +25,20 @@ def finetune_tokenizer_path(cfg: Config, run_dir: Path) -> Path:
         path = run_tokenizer_path(cfg.data.tokenizer, run_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if path is None and cfg.finetune.init_from:
+    theirs = None
+    if cfg.finetune.init_from and not is_hf(cfg.finetune.init_from):
         source = Path(cfg.finetune.init_from)
-        for folder in (source, *source.parents[:3]):
-            if (folder / "tokenizer.json").is_file():
-                return folder / "tokenizer.json"
+        theirs = next((folder / "tokenizer.json" for folder in (source, *source.parents[:3])
+                       if (folder / "tokenizer.json").is_file()), None)
+    if path is None and theirs is not None:
+        return theirs
+    if path is not None and theirs is not None and \
+            load_tokenizer(path).get_vocab() != load_tokenizer(theirs).get_vocab():
+        # The component's embedding rows are its own tokenizer's ids: another tokenizer's ids
+        # would read the wrong rows.
+        raise ConfigError(f"data.tokenizer ({path}) is not the tokenizer the component in "
+                          f"finetune.init_from was trained with ({theirs}); leave "
+                          f"data.tokenizer null to use that one.")
     if path is None:
         raise ConfigError("A finetuning run needs the tokenizer its component was trained with: "
                           "set finetune.init_from to a ptft run directory (its tokenizer.json "

@@ -71,7 +71,13 @@ def load_experiment(path) -> ExperimentConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; the sections are "
                           f"{', '.join(sorted(known))}.")
-    e = dict(doc.get("experiment") or {})
+    e = doc.get("experiment")
+    if not isinstance(e, dict) or "budget_flops" not in e:
+        missing = "experiment.budget_flops" if isinstance(e, dict) else "the 'experiment' section"
+        raise ConfigError(f"{path}: {missing} is missing: add experiment: {{budget_flops: ...}} "
+                          f"(training FLOPs per arm, e.g. 2.0e13; see "
+                          f"configs/experiment_emoji.yaml).")
+    e = dict(e)
     keys = {"dir", "seeds", "budget_flops", "arms", "shares", "evals"}
     if set(e) - keys:
         raise ConfigError(f"{path}: unknown experiment key(s) {sorted(set(e) - keys)}; valid: "

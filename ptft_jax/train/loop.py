@@ -22,7 +22,7 @@ from ptft_jax.ckpt import integrity
 from ptft_jax.ckpt.checkpoint import (BestCheckpointer, Checkpointer, CheckpointSaveFailed,
                                       committed_steps)
 from ptft_jax.ckpt.integrity import StateNotFinite
-from ptft_jax.core.files import atomic_write_text, claim_folder
+from ptft_jax.core.files import LEGACY_RUN, atomic_write_text, claim_folder
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.tasks.base import add_sums
 from ptft_jax.tasks.metrics import eval_metric
@@ -32,7 +32,8 @@ from ptft_jax.train.job import Job
 from ptft_jax.train.log import MetricsWriter
 from ptft_jax.train.optim import get_hyperparam, plateau_step, set_hyperparams
 from ptft_jax.train.plan import phase_at_step
-from ptft_jax.train.resume import LEGACY_RUN, Start, check_data_position, resume_or_init
+from ptft_jax.train.resume import (Start, changed_settings, check_data_position,
+                                   resume_or_init)
 from ptft_jax.train.safety import DivergenceGuard, SaveClock, StopOnSignal
 
 
@@ -85,6 +86,7 @@ class Training:
             job, cfg, job.task, ckpt, train_key
         self.engine, self.state, self.progress = start.engine, start.state, start.progress
         self.start_step = self.step = start.step
+        self.resumed_config = start.meta.get("config") or {}
         self.metric, self.mode = metric or (None, None)
         self.compiled, self.compile_seconds = None, 0.0
         self.pending, self.last, self.last_eval = [], {}, {}
@@ -134,6 +136,15 @@ class Training:
                          + (f" | resumed at step {self.step}" if self.step else ""))
         for line in [*init_report, *plan.report]:
             self.writer.info(f"  {line}")
+        rows = len(self.loader.source)
+        if rows < cfg.train.global_batch:
+            self.writer.info(f"  warning: the training data has {rows} rows, fewer than "
+                             f"train.global_batch={cfg.train.global_batch}: each batch repeats "
+                             f"rows (lower train.global_batch, or give more data)")
+        changes = changed_settings(self.resumed_config, cfg.to_dict()) if self.step else []
+        if changes:
+            self.writer.info(f"  resumed with {len(changes)} changed setting(s): "
+                             + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else ""))
 
     # -- stage: build the step for a phase -----------------------------------------------------
     def compile(self) -> float:

@@ -13,16 +13,12 @@ from jax.experimental import multihost_utils
 
 from ptft_jax.ckpt.checkpoint import Checkpointer
 from ptft_jax.ckpt.integrity import DAMAGED_DIR, CheckpointDamaged
-from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.config.schema import Config, ConfigError, task_for
 from ptft_jax.core.state import TrainState
 from ptft_jax.data.loader import BatchLoader
 from ptft_jax.train.engine import Engine, build
 from ptft_jax.train.job import Job
 from ptft_jax.train.optim import hyperparams, set_hyperparams
-
-# A run directory is a folder ptft marks as a "run" (core/files.py); one made before ptft
-# marked its folders is known by its config and its checkpoints.
-LEGACY_RUN = ("config.yaml", "checkpoints")
 
 # Settings a resumed run must share with the run it resumes, or it would not continue the
 # same run (other masks and dropout, another task). The data stream has its own check
@@ -30,14 +26,21 @@ LEGACY_RUN = ("config.yaml", "checkpoints")
 RESUME_KEYS = ("train.seed", "train.task")
 
 
-def check_resume_config(saved: dict, cfg: Config) -> None:
+def check_resume_config(saved: dict, cfg: Config, saved_task: str | None = None) -> None:
+    """`saved_task`: the task the run trained (its checkpoints say; train.task may be auto)."""
     now = cfg.to_dict()
+    if saved_task is not None and saved_task != task_for(cfg):
+        raise ConfigError(f"{cfg.run_dir} holds a {saved_task} run and this config trains "
+                          f"{task_for(cfg)}: use a new run_dir (to start from that run, give it "
+                          f"as finetune.init_from).")
 
     def get(tree, dotted):
         for part in dotted.split("."):
             tree = (tree or {}).get(part)
         return tree
     for key in RESUME_KEYS:
+        if key == "train.task" and saved_task is not None:
+            continue  # compared above, as tasks (auto resolves to one)
         before, after = get(saved, key), get(now, key)
         if before is not None and before != after:
             raise ConfigError(f"{key} was {before!r} in this run directory and is {after!r} "
@@ -49,6 +52,19 @@ def check_resume_config(saved: dict, cfg: Config) -> None:
                           f"now: turning clipping on or off changes the optimizer state's "
                           f"structure. Keep it {'0' if before == 0 else 'non-zero'}, or use a "
                           f"new run_dir.")
+
+
+def changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key: before -> now' for each setting a resumed run changes (those that break exact
+    resume are refused above; the others, a new LR say, are the user's to make, and said)."""
+    changes = []
+    for key in sorted(set(saved) | set(now)):
+        before, after = saved.get(key), now.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += changed_settings(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
 
 
 def check_data_position(meta: dict, loader: BatchLoader) -> None:
@@ -107,7 +123,7 @@ def restore_newest_intact(ckpt: Checkpointer, cfg: Config, task):
         fault = None
         try:
             meta = ckpt.read_meta(step)
-            check_resume_config(meta.get("config", {}), cfg)
+            check_resume_config(meta.get("config", {}), cfg, meta.get("task"))
             try:
                 progress = Progress(**(meta.get("progress") or {}))
             except TypeError:

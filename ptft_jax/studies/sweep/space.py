@@ -86,13 +86,25 @@ def check_key(key: str, where: str) -> None:
     raise ConfigError(f"{where}: '{key}' is not a config key.{hint}")
 
 
+def _number(value) -> float | None:
+    """A finite number, also written as a string: YAML 1.1 (PyYAML) reads `1e-4` (no dot) as
+    a string. None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return (number if isinstance(value, str) else value) if math.isfinite(number) else None
+
+
 def _range(name: str, kind: str, spec: dict) -> Param:
     bounds = spec[kind]
-    if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and
-            all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
-        raise ConfigError(f"space: '{name}': {kind} takes [low, high] (two numbers), got "
-                          f"{bounds!r}.")
-    low, high = (float(b) for b in bounds)
+    numbers = [_number(b) for b in bounds] if isinstance(bounds, (list, tuple)) else []
+    if len(numbers) != 2 or None in numbers:
+        raise ConfigError(f"space: '{name}': {kind} takes [low, high] (two finite numbers), "
+                          f"got {bounds!r}.")
+    low, high = (float(n) for n in numbers)
     if not low < high:
         raise ConfigError(f"space: '{name}': the range [{bounds[0]}, {bounds[1]}] is "
                           f"{'empty' if low == high else 'inverted'}; write [low, high] with "
@@ -100,17 +112,18 @@ def _range(name: str, kind: str, spec: dict) -> Param:
     log = kind == "log_uniform" or bool(spec.get("log", False))
     if log and low <= 0:
         raise ConfigError(f"space: '{name}': a log scale needs low > 0 (got {bounds[0]}).")
-    step = spec.get("step")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0 or
-                             step > high - low):
-        raise ConfigError(f"space: '{name}': step ({step}) must be positive and at most "
+    given = spec.get("step")
+    step = None if given is None else _number(given)
+    if given is not None and (step is None or step <= 0 or step > high - low):
+        raise ConfigError(f"space: '{name}': step ({given}) must be a positive number at most "
                           f"high - low ({high - low:g}).")
     if step is not None and log:
         raise ConfigError(f"space: '{name}': a step and a log scale do not combine; drop one.")
     if kind == "int":
         if low != int(low) or high != int(high) or (step is not None and step != int(step)):
             raise ConfigError(f"space: '{name}': int takes integers, got {bounds!r}.")
-        return Param(name, "int", low=int(low), high=int(high), step=step, log=log)
+        return Param(name, "int", low=int(low), high=int(high),
+                     step=None if step is None else int(step), log=log)
     return Param(name, "float", low=low, high=high, step=step, log=log)
 
 

@@ -14,7 +14,8 @@ state carries (learning rate, warmup, weight decay, ...) reuses its compiled ste
 Resuming: the same command continues the study. A trial left RUNNING by a process that is gone
 (on this host: its pid is dead; elsewhere: its heartbeat stopped) is marked failed and queued
 again with its parameters, and the rerun continues its run directory from the last checkpoint.
-Only complete and pruned trials count towards --trials.
+Complete, pruned and failed trials count towards --trials (a sweep whose every trial fails
+still ends); a trial refused by config checks when its run starts stops the sweep at once.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ HEARTBEAT_S, GRACE_S = 30, 120  # a trial whose heartbeat is older than GRACE_S 
 class SweepOptions:
     config: str = ""
     space: str = ""
-    trials: int | None = None  # complete + pruned trials to reach (grid: the grid's size)
+    trials: int | None = None  # trials to end (complete, pruned or failed; grid: its size)
     sampler: str = "tpe"
     metric: str | None = None  # a validation metric; default: the task's eval.metric
     direction: str | None = None  # maximize | minimize; default: the metric's own

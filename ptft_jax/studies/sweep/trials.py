@@ -3,6 +3,7 @@ run by one or more workers sharing the study; trials of a killed worker are requ
 finished study writes its report. study.py prepares the sweep and opens the study."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -20,16 +21,35 @@ from ptft_jax.studies.sweep.study import Sweep, config_with, open_study
 from ptft_jax.train.engine import reuse_engines
 
 
+def _ended(t) -> bool:
+    """A trial that ran to its end: complete, pruned, or failed on its own (refused config,
+    crash, divergence, no evaluation). These count towards --trials, so a sweep whose every
+    trial fails still stops; a trial failed because its process died or it was interrupted is
+    queued again, and its rerun counts instead."""
+    from optuna.trial import TrialState
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or \
+        (t.state == TrialState.FAIL and bool(t.user_attrs.get("ended_failed")))
+
+
 def _counts(study) -> tuple[int, int]:
-    """(complete + pruned trials, running ones), surplus trials left out."""
+    """(ended trials, running ones), surplus trials left out."""
     from optuna.trial import TrialState
     done = running = 0
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("surplus"):
             continue
-        done += t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        done += _ended(t)
         running += t.state == TrialState.RUNNING
     return done, running
+
+
+def refusal(study, since: datetime.datetime) -> str | None:
+    """Why a trial started `since` was refused by config checks, if one was: every other
+    sample would likely be refused the same way, so the sweep stops at once."""
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("refused") and t.datetime_start and t.datetime_start >= since:
+            return t.user_attrs["refused"]
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -72,6 +92,11 @@ class TrialFailed(Exception):
     records it as failed and the sweep goes on."""
 
 
+class TrialRefused(TrialFailed):
+    """A trial whose config ptft refused (ConfigError) when its run started: the sweep stops
+    with the error instead of sampling more points that would fail the same way."""
+
+
 class Interrupted(Exception):
     """Ctrl-C (or SIGTERM) during a trial: its run saved a checkpoint, the trial is queued
     again, and the sweep stops."""
@@ -79,7 +104,7 @@ class Interrupted(Exception):
 
 def run_trial(sweep: Sweep, trial, log) -> float:
     """The objective: runs one trial's run to its end and returns the best value of the metric
-    over its evaluations. Raises optuna.TrialPruned, TrialFailed or Interrupted."""
+    over its evaluations. Raises optuna.TrialPruned, TrialFailed (TrialRefused) or Interrupted."""
     import optuna
 
     values = {p.name: p.suggest(trial) for p in sweep.params}
@@ -110,16 +135,21 @@ def run_trial(sweep: Sweep, trial, log) -> float:
     t0 = time.perf_counter()
     record = {"number": trial.number, "params": values, "metric": sweep.metric}
 
-    def failed(reason: str, detail: str | None = None):
+    def failed(reason: str, detail: str | None = None, error=TrialFailed):
         trial.set_user_attr("failed_because", reason[:500])
+        trial.set_user_attr("ended_failed", True)  # counts towards --trials
         _write_status(Path(run_dir), {**record, "state": "failed", "error": detail or reason})
         log(f"trial {trial.number}: failed: {reason}")
-        return TrialFailed(reason)
+        return error(reason)
 
     try:
         cfg = config_with(sweep.raw, settings)
         result = entry.train(sweep.command, cfg, on_eval)
-    except (ConfigError, ValueError) as e:  # a combination that validation refuses
+    except ConfigError as e:  # refused by config checks: the sweep stops (see `enough`)
+        trial.set_user_attr("refused", f"trial {trial.number} ({shown}): "
+                                       f"{str(e).splitlines()[0]}"[:1000])
+        raise failed(str(e).splitlines()[0], str(e), TrialRefused) from None
+    except ValueError as e:
         raise failed(str(e).splitlines()[0], str(e)) from None
     except Exception as e:  # noqa: BLE001 - one trial's crash must not end the sweep
         raise failed(f"{type(e).__name__}: {e}", traceback.format_exc()) from None
@@ -154,6 +184,7 @@ def work(sweep: Sweep, worker: int = 0) -> None:
     from optuna.trial import TrialState
 
     study = open_study(sweep, worker)
+    since = datetime.datetime.now()  # a trial refused from here on stops this worker
     prefix = f"[worker {worker}] " if sweep.opts.workers > 1 else ""
 
     def log(line):
@@ -164,7 +195,7 @@ def work(sweep: Sweep, worker: int = 0) -> None:
         # (by trial number) is surplus, recorded as such, and ends this worker.
         earlier = [t for t in study.get_trials(deepcopy=False)
                    if t.number < trial.number and not t.user_attrs.get("surplus") and
-                   t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
+                   (_ended(t) or t.state == TrialState.RUNNING)]
         if len(earlier) >= sweep.trials:
             trial.set_user_attr("surplus", True)
             study.stop()
@@ -178,7 +209,7 @@ def work(sweep: Sweep, worker: int = 0) -> None:
 
     def enough(study, _trial):
         done, running = _counts(study)
-        if done + running >= sweep.trials:
+        if done + running >= sweep.trials or refusal(study, since):
             study.stop()
 
     if sum(_counts(study)) >= sweep.trials:
@@ -204,6 +235,7 @@ def run_sweep(sweep: Sweep) -> dict:
     import multiprocessing
 
     study = open_study(sweep)
+    since = datetime.datetime.now()
     dead = requeue_dead_trials(study)
     if dead:
         print(f"trial(s) {', '.join(map(str, dead))} were left running by a process that is "
@@ -232,6 +264,8 @@ def run_sweep(sweep: Sweep) -> dict:
             for p in procs:
                 p.join()
         interrupted |= any(p.exitcode not in (0, None) for p in procs)
-    report = write_report(open_study(sweep), sweep)
+    study = open_study(sweep)
+    report = write_report(study, sweep)
     report["interrupted"] = interrupted
+    report["refused"] = refusal(study, since)  # the sweep stopped at a refused trial
     return report
