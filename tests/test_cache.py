@@ -399,6 +399,6 @@ def test_commands_refuse_bad_input_without_a_traceback(tmp_path, tokenizer_file,
 
 def test_data_prepare_refuses_a_file_that_is_no_tokenizer(tmp_path, small_corpus):
     (tmp_path / "notes.txt").write_text("no tokens here\n")
-    r = _ptft("data", "prepare", f"run_dir={tmp_path}", f"data.corpus={small_corpus}",
+    r = _ptft("data", "prepare", f"run_dir={tmp_path / 'run'}", f"data.corpus={small_corpus}",
               f"data.tokenizer={tmp_path / 'notes.txt'}", cwd=tmp_path)
     assert r.returncode == 2 and "neither a tokenizer.json" in r.stderr and "notes.txt" in r.stderr

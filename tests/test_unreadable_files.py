@@ -25,6 +25,8 @@ BAD_YAML = b"train:\n  steps: 2\nmodel: [1, 2\nrun_dir: x\n"
 BAD_JSONL = b'{"text": "a"}\n\n\n{"text": "b"}\n\n\n{"text": c}\n{"text": "d"}\n'
 
 
+FIXTURES_GPT2 = Path(__file__).resolve().parent / "fixtures" / "hf" / "gpt2_model"
+
 def put(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -32,9 +34,11 @@ def put(path: Path, data: bytes) -> Path:
 
 
 def run_dir(path: Path, config: str, labels: bytes | None = None) -> Path:
-    """A run directory as far as reading it goes: config.yaml (and labels.json)."""
+    """A run directory as far as reading it goes: config.yaml, a tokenizer (any: the labels
+    are read first) and labels.json."""
     text = yaml.safe_dump(load_config(config).to_dict(), sort_keys=False)
     put(path / "config.yaml", text.encode())
+    put(path / "tokenizer.json", (FIXTURES_GPT2 / "tokenizer.json").read_bytes())
     if labels is not None:
         put(path / "labels.json", labels)
     return path
