@@ -63,9 +63,7 @@ class CheckpointSaveFailed(RuntimeError):
 def committed_steps(directory: Path) -> list[int]:
     """Step folders on disk (an interrupted or failed save is a '*.orbax-checkpoint-tmp*'
     folder, never a step)."""
-    directory = Path(directory)
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit()) if directory.is_dir() else []
+    return sorted(int(p.name) for p in integrity.step_folders(Path(directory)))
 
 
 class Checkpointer:

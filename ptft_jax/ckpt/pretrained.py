@@ -40,8 +40,8 @@ def pretrained_source(path: str | Path) -> tuple[Path, int]:
     if (path / "params").is_dir():
         return path, int(path.name) if path.name.isdigit() else 0
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and
-                   (p / "params").is_dir()) if folder.is_dir() else []
+    steps = sorted(int(p.name) for p in integrity.step_folders(folder)
+                   if (p / "params").is_dir())
     if not steps:
         raise ValueError(f"finetune.init_from: {path} is not a ptft run (it holds no "
                          f"checkpoint step folder); give a run directory (with checkpoints/), "

@@ -184,12 +184,16 @@ def check_tokenizer_size(size: int, kind: str) -> None:
                           f"tokenizer; use at least {smallest} (8192 or more is usual).")
 
 
+def local_files(corpus: str | None) -> bool:
+    """Whether a text corpus names local files (one split), not a dataset with splits."""
+    return corpus is not None and not corpus.startswith(("hf:", "tfds:", "bundled:"))
+
+
 def _check_local_splits(cfg: Config) -> None:
     """Local text files are one split: an eval split asked of them is a config that could
     only fail once the training data is tokenized (a shipped config's eval_split, say)."""
     d = cfg.data
-    local = d.corpus is not None and not d.corpus.startswith(("hf:", "tfds:", "bundled:"))
-    if not local or task_for(cfg) in IMAGE_TASKS + MULTIMODAL_TASKS:
+    if not local_files(d.corpus) or task_for(cfg) in IMAGE_TASKS + MULTIMODAL_TASKS:
         return
     if d.eval_split not in (None, "train") and d.eval_corpus is None:
         raise ConfigError(f"data.eval_split is '{d.eval_split}' but data.corpus '{d.corpus}' "

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ptft_jax.config.schema import DataConfig
+from ptft_jax.config.validate import local_files
 from ptft_jax.data.source_checks import not_utf8, require_columns, require_text_type, some_paths
 from ptft_jax.data.sources import (BUNDLED, BUNDLED_LABELLED, EXTENSIONS, ColumnFiles, Documents,
                                    HubDataset, TextFiles, TfdsSource)
@@ -25,9 +26,7 @@ from ptft_jax.data.sources import (BUNDLED, BUNDLED_LABELLED, EXTENSIONS, Column
 def eval_split_of(data) -> str:
     """The split evaluation reads: data.eval_split, except that local files named by
     data.eval_corpus are one split whatever the (shipped) eval_split says."""
-    local = data.eval_corpus is not None and not data.eval_corpus.startswith(
-        ("hf:", "tfds:", "bundled:"))
-    return "train" if local else (data.eval_split or "train")
+    return "train" if local_files(data.eval_corpus) else (data.eval_split or "train")
 
 
 def open_documents(cfg: DataConfig, split: str | None = None) -> Documents:

@@ -93,9 +93,6 @@ class Progress:
     plateau: dict | None = None  # optim.schedule plateau: reduce-on-plateau's state
 
     def improved(self, value: float, mode: str) -> bool:
-        if not np.isfinite(value):  # a diverged evaluation is never the best
-            self.since_best += 1
-            return False
         if self.best is None or (value > self.best if mode == "max" else value < self.best):
             self.best, self.since_best = value, 0
             return True
