@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Callable
 
 from ptft_jax.config.schema import ConfigError
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    handlers, hook = _stop_on_signals(args.command)
+    handlers, restore_hook = _stop_on_signals(args.command)
     try:
         return run_command(args)
     except Stopped as e:  # the `with` blocks on the way up have closed what they opened
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        sys.unraisablehook = hook
+        restore_hook()
 
 
 class Stopped(KeyboardInterrupt):
@@ -263,13 +264,15 @@ def _stopped_message(command: str, name: str) -> str:
         "before it finished; no file was left half-written.")
 
 
-def _stop_on_signals(command: str) -> tuple[dict, object]:
+def _stop_on_signals(command: str) -> tuple[dict, Callable[[], None]]:
     """SIGINT and SIGTERM raise Stopped (a SIGTERM would otherwise end the process without a
     word). Where the signal lands inside a callback that swallows exceptions (JAX's gc
     callback does), the process ends by the signal itself, saying so: everything ptft writes
-    survives a kill at any moment. Returns what to restore: the handlers and the hook."""
+    survives a kill at any moment. Returns the previous handlers, and what puts the previous
+    unraisable hook back unless another was installed on top of this one (the checkpoint
+    readers' quiet hook, which must outlive the command: Orbax's coroutines raise at exit)."""
     if threading.current_thread() is not threading.main_thread():
-        return {}, sys.unraisablehook
+        return {}, lambda: None
     previous_hook = sys.unraisablehook
 
     def stop(signum, frame):
@@ -281,9 +284,12 @@ def _stop_on_signals(command: str) -> tuple[dict, object]:
         print(_stopped_message(command, unraisable.exc_value.name), file=sys.stderr, flush=True)
         signal.signal(unraisable.exc_value.signum, signal.SIG_DFL)
         os.kill(os.getpid(), unraisable.exc_value.signum)
+    def restore():
+        if sys.unraisablehook is swallowed:
+            sys.unraisablehook = previous_hook
     sys.unraisablehook = swallowed
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    return handlers, previous_hook
+    return handlers, restore
 
 
 # Failures of the storage rather than of the input: exit code 4, as a failed checkpoint save.
