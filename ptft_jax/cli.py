@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--overwrite", action="store_true",
                     help="replace a cache built from another tokenizer or source (it stays "
                          "usable until the new one is complete)")
-    dp.add_argument("--shard-docs", type=int, default=10_000,
+    dp.add_argument("--shard-docs", type=at_least(1, "documents per shard"), default=10_000,
                     help="documents per resumable shard (default 10000)")
     c = sub.add_parser("checkpoints", help="checkpoint tools")
     c_sub = c.add_subparsers(dest="action", metavar="ACTION", required=True)

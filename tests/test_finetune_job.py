@@ -88,6 +88,18 @@ def test_finetune_eval_and_predict_end_to_end(tmp_path, pretrained):
         assert p["label"] in ("lord", "other")
         assert abs(sum(p["probabilities"].values()) - 1) < 1e-4
 
+    # labels.json edited after training (here reordered: each output would take another
+    # name silently) is refused, naming the labels the checkpoint was trained on.
+    labels = (run / "labels.json").read_text()
+    (run / "labels.json").write_text('{"kind": "classification", "names": ["other", "lord"]}')
+    for command in (["predict", str(run)], ["export", str(run), str(tmp_path / "hf"),
+                                            "--format", "hf"]):
+        result = _ptft(*command, stdin="some text\n")
+        assert result.returncode == 2 and "in this order: lord, other" in result.stderr, \
+            result.stderr[-2000:]
+    assert not (tmp_path / "hf").exists()
+    (run / "labels.json").write_text(labels)
+
     # A pretraining run has no head to predict with: a clear error, nothing written.
     result = _ptft("predict", str(pre), stdin="some text\n")
     assert result.returncode == 2 and "no finetuned head" in result.stderr

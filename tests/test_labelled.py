@@ -58,6 +58,18 @@ def test_label_spaces_and_unseen_labels():
         LabelSpace.from_labels("classification", ["x", "x"])
 
 
+def test_a_json_label_column_mixing_numbers_and_text_is_refused(tmp_path):
+    """Arrow reads such a column as JSON text (1 -> '1', "one" -> '"one"'): the quoted names
+    would become classes of their own, and 1 and "1" one class."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": [1, "1", "one"][i % 3]}) + "\n"
+                            for i in range(9)))
+    documents = open_documents(DataConfig(corpus=str(path), label_column="label"))
+    raw = documents.labels(0, len(documents))
+    with pytest.raises(ValueError, match=r"mixed\.jsonl.* mix numbers and text .*\"one\""):
+        LabelSpace.from_labels("classification", raw, f"the labels of {path}")
+
+
 def test_batches_cover_every_example_once_with_a_padded_last_batch():
     data = Examples(_stream(*[[10 + i] for i in range(11)]), None, np.arange(11), 4, 2, 3)
     batches = list(data.batches(4))

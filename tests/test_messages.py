@@ -15,6 +15,8 @@ from safetensors.numpy import load_file, save_file
 
 from ptft_jax.cli import main
 from ptft_jax.config.load import load_config
+from ptft_jax.core.files import claim_folder
+from ptft_jax.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "hf"
@@ -125,9 +127,36 @@ def test_the_three_command_workflow_shares_one_run_dir(tmp_path, small_corpus, c
               f"data.corpus={small_corpus}", "data.tokenizer_vocab_size=512", "data.seq_len=32",
               "model.max_len=32"]
     assert main(["tokenizer", "train", *common]) == 0
+    run, saved = tmp_path / "run", tmp_path / "run" / "tokenizer.json"
+    # Until the run saves a step, a tokenizer made for another config is refused, naming what
+    # changed (a run that failed early must not hand its tokenizer to the next one).
+    other = tmp_path / "other.txt"
+    other.write_text("a corpus of another kind\n" * 50)
+    capsys.readouterr()
+    for command, change, key in [("data", f"data.corpus={other}", "data.corpus"),
+                                 ("pretrain", "data.tokenizer_vocab_size=600",
+                                  "data.tokenizer_vocab_size")]:
+        argv = [command, "prepare", *common, change] if command == "data" else \
+            [command, *common, change, "train.steps=1", "train.global_batch=8"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{key} was" in err and str(saved) in err, err
+        assert "new run_dir" in err and f"data.tokenizer={saved}" in err, err
+    assert sorted(p.name for p in run.iterdir()) == [".ptft", "tokenizer.json",
+                                                   "tokenizer_source.json"]
+    elsewhere = [f"data.corpus={other}", f"data.cache_dir={tmp_path / 'elsewhere'}"]
+    assert main(["data", "prepare", *common, *elsewhere, f"data.tokenizer={saved}"]) == 0
     assert main(["data", "prepare", *common]) == 0
+    # A save that a kill interrupted is all its checkpoints/ holds: said, then started afresh.
+    (run / "checkpoints" / "1.orbax-checkpoint-tmp-1765000000").mkdir(parents=True)
+    capsys.readouterr()
     assert main(["pretrain", *common, "train.steps=1", "train.global_batch=8",
                  "train.progress=false"]) == 0, capsys.readouterr().err[-2000:]
+    err = capsys.readouterr().err
+    assert "only an interrupted save of step 1 (removed); training starts at step 0" in err, err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["1"]
+    # Once it has saved a step the run keeps its tokenizer, whatever corpus comes next.
+    assert main(["data", "prepare", *common, *elsewhere, "--overwrite"]) == 0
 
 
 def test_a_run_dir_in_use_by_another_process_is_refused(tmp_path, capsys):
@@ -182,3 +211,23 @@ def test_settings_a_command_would_ignore_or_misread_are_refused(tmp_path, pretra
         _one_line_error(capsys, *words)
         assert not (tmp_path / "out").exists()
         shutil.rmtree(run, ignore_errors=True)  # a refused data check may leave its cache
+    # Another kind of model into a run directory with checkpoints: named before its tokenizer.
+    before = sorted(p.name for p in pretrained.rglob("*"))
+    assert main(["pretrain", "--config", "configs/pretrain_tiny_clm.yaml",
+                 f"run_dir={pretrained}"]) == 2
+    _one_line_error(capsys, "checkpoints of model.kind encoder", "model.kind is decoder")
+    assert sorted(p.name for p in pretrained.rglob("*")) == before
+    # The tokenizer an earlier run left in the run_dir, not the component's: named as such.
+    run = claim_folder(tmp_path / "run", "run", "run_dir")
+    (run / "tokenizer.json").write_text(load_tokenizer(vocab).to_str())
+    assert main(["finetune", "--config", FORTUNES, f"finetune.init_from={pretrained}",
+                 f"run_dir={run}"]) == 2
+    _one_line_error(capsys, f"{run / 'tokenizer.json'} (left in this run_dir", "new run_dir")
+    # Refused at the data, after the run_dir was taken: the empty folder does not stay.
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a b", "label": "x"}\n{"text": "c d", "label": "y"}\n')
+    assert main(["finetune", "--config", FORTUNES, f"run_dir={tmp_path / 'new'}",
+                 f"finetune.init_from={pretrained}", f"data.corpus={data}", "data.format=csv",
+                 "data.eval_split=null"]) == 2
+    _one_line_error(capsys, "is read as CSV", "data.format=jsonl")
+    assert not (tmp_path / "new").exists()

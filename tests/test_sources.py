@@ -222,6 +222,9 @@ BAD_INPUTS = {
     "missing text column": (lambda d: write(d / "d.jsonl", "jsonl"), {"text_column": "body"},
                             r"d\.jsonl has no column 'body' \(data\.text_column\)\. Its "
                             r"columns: text, label\. Set data\.text_column="),
+    "JSON lines read as CSV": (lambda d: write(d / "d.jsonl", "jsonl"), {"format": "csv"},
+                               r"d\.jsonl is read as CSV, but its first line is JSON.*"
+                               r"data\.format=jsonl"),
     "missing csv text column": (lambda d: write(d / "d.csv", "csv"), {"text_column": "body"},
                                 r"no column 'body'.*Its columns: text, label"),
     "missing parquet label": (lambda d: write(d / "d.parquet", "parquet"),

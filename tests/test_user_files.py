@@ -13,8 +13,8 @@ import pytest
 
 from ptft_jax.cli import main
 from ptft_jax.config.schema import ConfigError
-from ptft_jax.core.files import (MARKER, TMP_SUFFIX, atomic_write_json, check_ownable,
-                                 claim_folder, writing_text)
+from ptft_jax.core.files import (MARKER, TMP_SUFFIX, atomic_write_json, building_folder,
+                                 check_ownable, claim_folder, writing_text)
 
 REPO = Path(__file__).resolve().parent.parent
 MLM = "configs/pretrain_tiny_mlm.yaml"
@@ -58,6 +58,27 @@ def test_a_failed_or_killed_write_leaves_the_old_file(tmp_path):
     with writing_text(target) as f:
         f.write("new\n")
     assert target.read_text() == "new\n"
+
+
+def test_an_unwritable_output_folder_is_named_not_its_temporary_sibling(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions; an immutable folder stops it
+        if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+            pytest.skip("no chattr +i here, and root writes into any folder")
+        undo = ["chattr", "-i", str(locked)]
+    else:
+        locked.chmod(0o555)
+        undo = ["chmod", "755", str(locked)]
+    try:
+        with pytest.raises(OSError) as raised:
+            with building_folder(locked / "out", "export"):
+                pass
+    finally:
+        subprocess.run(undo, check=True)
+    assert raised.value.filename == str(locked / "out"), raised.value
+    assert f"cannot create a folder in {locked}" in str(raised.value)
+    assert os.listdir(locked) == []
 
 
 def test_folders_of_the_user_are_refused_and_left_untouched(tmp_path, capsys):

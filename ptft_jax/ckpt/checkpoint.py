@@ -82,6 +82,11 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only)
         self.every = every
         self.saving: int | None = None  # the step whose (async) save may still be running
+        # What the cleanup below removes, for the log: a run whose only save was interrupted
+        # starts again at step 0 and says why.
+        self.interrupted_saves = sorted(
+            int(p.name.split(".")[0]) for p in self.directory.glob("*.orbax-checkpoint-tmp*")
+            if p.name.split(".")[0].isdigit()) if not read_only else []
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers=_handlers(*ITEMS))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptft_jax.core.files import step_folders
 from ptft_jax.core.params import flatten
 
 DAMAGED_DIR = "checkpoints_damaged"  # beside checkpoints/, out of Orbax's (and keep-N's) sight
@@ -161,15 +162,6 @@ def move_aside_damaged(folder: Path) -> list[tuple[int, str, Path]]:
         except CheckpointDamaged as e:
             moved.append((_step_of(step_dir), e.fault, move_aside(step_dir, e.fault)))
     return moved
-
-
-def step_folders(folder: Path) -> list[Path]:
-    """The step folders of checkpoints/ or best/, newest first (an interrupted save's
-    temporary folder is never a step)."""
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
-                  key=_step_of, reverse=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,11 +76,25 @@ def check_init_from(path, image_task: bool, key: str = "finetune.init_from") -> 
                           f"task needs {needed} component: give a run that trained one.")
 
 
-def first_intact(run_dir: Path, read):
+def check_label_names(run_dir: Path, step_dir: Path, names) -> None:
+    """The run's labels.json must name the labels, in order, that the step was trained with
+    (its metadata keeps them): one edited after training would put other names on the head's
+    outputs, or fail as a shape mismatch that blames the model config."""
+    saved = (integrity.read_meta_file(step_dir).get("labels") or {}).get("names")
+    if saved is not None and list(saved) != list(names):
+        shown = ", ".join(map(str, saved[:12])) + (", ..." if len(saved) > 12 else "")
+        raise ConfigError(f"{Path(run_dir) / 'labels.json'} does not name the labels "
+                          f"{step_dir} was trained on ({len(saved)}, in this order: {shown}; "
+                          f"it names {len(names)}): it was changed after training. Restore "
+                          f"those names.")
+
+
+def first_intact(run_dir: Path, read, label_names=None):
     """(read(step_dir), step_dir) of the first intact step of a run that inference reads: its
     best checkpoint, else the newest of checkpoints/, then the older ones. A damaged step
     (CheckpointDamaged from `read`) is passed over with one warning line naming it and the
-    fault; the run directory is left as it is (training, not inference, moves steps aside)."""
+    fault; the run directory is left as it is (training, not inference, moves steps aside).
+    `label_names`: the run's labels.json, checked against the step (check_label_names)."""
     run_dir = Path(run_dir)
     candidates = [*integrity.step_folders(run_dir / "best"),
                   *integrity.step_folders(run_dir / "checkpoints")]
@@ -90,6 +104,8 @@ def first_intact(run_dir: Path, read):
     faults = []
     for step_dir in candidates:
         try:
+            if label_names is not None:
+                check_label_names(run_dir, step_dir, label_names)
             result = read(step_dir)
         except integrity.CheckpointDamaged as e:
             faults.append((f"{step_dir.parent.name}/{step_dir.name}", e.fault))
@@ -106,11 +122,11 @@ def first_intact(run_dir: Path, read):
                      f"newest intact step, or from scratch.")
 
 
-def inference_params(run_dir: Path, cfg) -> tuple[dict, Path, bool]:
+def inference_params(run_dir: Path, cfg, label_names=None) -> tuple[dict, Path, bool]:
     """(params as host arrays, the step folder read, whether LoRA was merged) of a run: its
     best checkpoint, else its latest intact one, with LoRA adapters folded into the
-    weights."""
-    params, step_dir = first_intact(run_dir, read_params)
+    weights. `label_names`: see first_intact."""
+    params, step_dir = first_intact(run_dir, read_params, label_names)
     spec = lora_spec(cfg)
     merged = spec is not None and LORA_KEY in params
     return (merge(params, spec) if merged else params), step_dir, merged

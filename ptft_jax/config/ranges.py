@@ -32,7 +32,9 @@ RANGES: dict[type, dict[str, str]] = {
                   "dropout": UNIT, "norm_eps": "(0, 1)", "image_size": ">= 8",
                   "channels": ">= 1", "patch_size": ">= 1", "resnet_width": ">= 1"},
     TowerConfig: {"projection_dim": ">= 1"},
-    DataConfig: {"seq_len": ">= 1", "prefetch": ">= 1", "tokenizer_vocab_size": ">= 1"},
+    # seq_len: room for a row's special tokens ([CLS] ... [SEP], a pair's second [SEP]) and
+    # some text; shorter rows train nothing a user would want.
+    DataConfig: {"seq_len": ">= 8", "prefetch": ">= 1", "tokenizer_vocab_size": ">= 1"},
     ObjectiveConfig: {"mask_rate": "(0, 1)", "mask_token_rate": "[0, 1]",
                       "random_token_rate": "[0, 1]", "label_smoothing": UNIT,
                       "temperature": "> 0"},

@@ -177,6 +177,16 @@ def release_folders() -> None:
     _LOCKED.clear()
 
 
+def step_folders(folder: Path) -> list[Path]:
+    """The step folders of a checkpoints/ or best/ folder, newest first: those named by a
+    number (an interrupted save's temporary folder is never a step)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
+                  key=lambda p: int(p.name), reverse=True)
+
+
 def check_new_folder(path: Path, name: str) -> Path:
     """An output folder must be new or empty: a file or a non-empty folder there is refused."""
     path = Path(path)
@@ -193,11 +203,16 @@ def building_folder(path: Path, kind: str, marked: bool = True) -> Iterator[Path
     killed writer's leftover has a name no later build takes, and the next build of `path`
     removes it. `marked=False` drops the marker at the end (a folder for another tool)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
-        if stale.is_dir() and marked_kind(stale) == kind:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    try:  # an error here names the folder asked for, not the temporary one beside it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+            if stale.is_dir() and marked_kind(stale) == kind:
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX,
+                                    dir=path.parent))
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} (cannot create a folder in {path.parent})",
+                      str(path)) from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would have made it, not mkdtemp's 0700
         atomic_write_json(tmp / MARKER, {"kind": kind})

@@ -14,7 +14,8 @@ from ptft_jax.core.files import (LEGACY_RUN, atomic_write_text, check_output_fil
                                  check_ownable, claim_folder)
 from ptft_jax.data.cache_build import prepare_cache
 from ptft_jax.data.opening import open_documents
-from ptft_jax.data.tokenizer import iter_texts, run_tokenizer_path, train_tokenizer
+from ptft_jax.data.tokenizer import (iter_texts, run_tokenizer_path, save_tokenizer,
+                                     tokenizer_source, train_tokenizer)
 
 
 def failed(command: str, message) -> int:
@@ -57,9 +58,11 @@ def tokenizer_train(args) -> int:
     tokenizer = train_tokenizer(cfg.model.kind, iter_texts(documents),
                                 cfg.data.tokenizer_vocab_size, progress=sys.stderr.isatty(),
                                 extra_special_tokens=cfg.data.extra_special_tokens)
-    if not args.out:  # the run directory: taken as ptft's, so that pretraining takes it on
+    if args.out:
+        atomic_write_text(out, tokenizer.to_str(pretty=True))
+    else:  # the run directory: taken as ptft's, so that pretraining takes the tokenizer on
         claim_folder(out.parent, "run", "run_dir", LEGACY_RUN)
-    atomic_write_text(out, tokenizer.to_str(pretty=True))
+        save_tokenizer(tokenizer, out.parent, tokenizer_source(cfg.data, cfg.model.kind))
     print(f"saved {out}: {tokenizer.get_vocab_size():,} tokens, trained in "
           f"{time.perf_counter() - t0:.1f}s")
     return 0
@@ -71,7 +74,8 @@ def data_prepare(args) -> int:
     run_dir = Path(cfg.run_dir)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data_cache"
     try:
-        tokenizer = run_tokenizer_path(cfg.data.tokenizer, run_dir)  # the one pretrain uses
+        tokenizer = run_tokenizer_path(cfg.data.tokenizer, run_dir,  # the one pretrain uses
+                                       tokenizer_source(cfg.data, cfg.model.kind))
     except ValueError as e:
         return failed("data prepare", e)
     if tokenizer is None:

@@ -44,20 +44,27 @@ class LabelSpace:
         return 1 if self.kind == "regression" else len(self.names)
 
     @classmethod
-    def from_labels(cls, kind: str, raw: list) -> "LabelSpace":
+    def from_labels(cls, kind: str, raw: list, where: str = "the training labels"
+                    ) -> "LabelSpace":
         """The label space of a training split: its sorted label names (ints sorted as
         numbers), or none for regression."""
-        _check_present(raw, "the training labels")
+        _check_present(raw, where)
         if kind == "regression":
-            _as_floats(raw, "the training labels")
+            _as_floats(raw, where)
             return cls(kind)
         values = [_names_of(v) for v in raw] if kind == "multi_label" else [[v] for v in raw]
         unique = {v for names in values for v in names}
+        quoted = sorted(v for v in unique if isinstance(v, str) and len(v) > 1
+                        and v[0] == v[-1] == '"')
+        if quoted:  # how Arrow reads a JSON column that mixes numbers and strings
+            raise ValueError(f"{where} mix numbers and text (text labels such as "
+                             f"{quoted[0]} beside numbers): write every label of the column "
+                             f"as text, or every one as a number.")
         ordered = sorted(unique, key=lambda v: (isinstance(v, str), v if not isinstance(v, str)
                                                 else 0, str(v)))
         names = tuple(str(v) for v in ordered)
         if kind == "classification" and len(names) < 2:
-            raise ValueError(f"the training labels hold {len(names)} class(es) ({list(names)}); "
+            raise ValueError(f"{where} hold {len(names)} class(es) ({list(names)}); "
                              f"classification needs at least 2.")
         return cls(kind, names)
 
@@ -247,7 +254,8 @@ def open_examples(data_cfg, split: str, tokenizer_path, cache_root, kind: str,
         streams.append((cache.tokens, cache.offsets))
     raw = documents.labels(0, len(documents))
     if label_space is None:
-        label_space = LabelSpace.from_labels(kind, raw)
+        label_space = LabelSpace.from_labels(
+            kind, raw, f"the labels of {where} (data.label_column '{cfg.label_column}')")
     labels = label_space.encode(raw, where)
     ids = TokenIds.of(load_tokenizer(tokenizer_path), model_kind)
     examples = Examples(streams[0], streams[1] if pair_column else None, labels,

@@ -95,6 +95,11 @@ def some_paths(paths: list[Path], shown: int = 3) -> str:
 
 def require_columns(columns: list[str], where: str, text_column: str,
                      label_column: str | None) -> None:
+    if columns and str(columns[0]).lstrip().startswith(("{", "[")):
+        # A JSON lines file read as CSV: its "columns" are pieces of the first record.
+        raise ValueError(f"{where} is read as CSV, but its first line is JSON, not a header of "
+                         f"column names: set data.format=jsonl (or auto, to go by the file's "
+                         f"extension).")
     for key, column in (("data.text_column", text_column), ("data.label_column", label_column)):
         if column is not None and column not in columns:
             raise ValueError(f"{where} has no column '{column}' ({key}). Its columns: "

@@ -9,6 +9,9 @@ from pathlib import Path
 from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
 
+from ptft_jax.config.reading import read_json
+from ptft_jax.core.files import atomic_write_json, atomic_write_text, step_folders
+
 log = logging.getLogger(__name__)
 
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -122,8 +125,9 @@ class TokenIds:
         ids = {n: tok.token_to_id(n) for n in names}
         missing = [n for n, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"The tokenizer lacks the special token(s) {missing} that a "
-                             f"{kind} needs; train one with ptft (leave data.tokenizer null).")
+            raise ValueError(f"The tokenizer lacks the special token(s) {missing} that "
+                             f"model.kind {kind} needs; train one with ptft (leave "
+                             f"data.tokenizer null).")
         # Every special token (data.extra_special_tokens too) is kept out of MLM masking.
         special = sorted(set(ids.values()) | {i for i, t in tok.get_added_tokens_decoder().items()
                                               if t.special})
@@ -145,15 +149,62 @@ def iter_texts(documents, chunk: int = 10_000):
         yield from documents.texts(start, start + chunk)
 
 
-def run_tokenizer_path(data_tokenizer: str | None, run_dir: Path) -> Path | None:
+# Beside a tokenizer.json a run directory made: what made it, as the config keys that chose
+# it. A run that fails before its first checkpoint leaves the tokenizer behind; the next run
+# in that folder, on another corpus say, must not take it on silently.
+TOKENIZER_SOURCE = "tokenizer_source.json"
+
+
+def tokenizer_source(data, kind: str) -> dict:
+    """The config keys that make a run's tokenizer (`data` a DataConfig): the file
+    data.tokenizer names, or what a tokenizer is trained on."""
+    if data.tokenizer:
+        return {"data.tokenizer": str(Path(data.tokenizer).resolve())}
+    return {"data.corpus": data.corpus, "data.format": data.format,
+            "data.text_column": data.text_column, "data.split": data.split,
+            "data.tokenizer_vocab_size": data.tokenizer_vocab_size,
+            "data.extra_special_tokens": list(data.extra_special_tokens), "model.kind": kind}
+
+
+def save_tokenizer(tokenizer: Tokenizer, run_dir: Path, source: dict | None) -> None:
+    """tokenizer.json into a run directory, with what made it written first (a kill between
+    the two leaves a record and no tokenizer, which the next run replaces)."""
+    if source is not None:
+        atomic_write_json(Path(run_dir) / TOKENIZER_SOURCE, source)
+    atomic_write_text(Path(run_dir) / "tokenizer.json", tokenizer.to_str(pretty=True))
+
+
+def _check_left_behind(saved: Path, source: dict | None) -> None:
+    """Refuses a tokenizer an earlier run left in a run directory that has no checkpoint yet,
+    when this config would make another one. A run that has saved a step keeps its tokenizer
+    whatever the config says (a resume may change the corpus; the vocabulary stays)."""
+    record_path = saved.parent / TOKENIZER_SOURCE
+    if source is None or not record_path.is_file() or step_folders(saved.parent / "checkpoints"):
+        return
+    record = read_json(record_path, "the record of what made the run's tokenizer")
+    if record == source:
+        return
+    changes = [f"{key} was {record.get(key)!r}, now {source.get(key)!r}"
+               for key in sorted(set(record) | set(source)) if record.get(key) != source.get(key)]
+    raise ValueError(f"{saved} was made for another config ({'; '.join(changes)}) and this "
+                     f"run_dir has no checkpoint yet. Delete it to make the tokenizer this "
+                     f"config asks for, set data.tokenizer={saved} to use it as it is, or use "
+                     f"a new run_dir.")
+
+
+def run_tokenizer_path(data_tokenizer: str | None, run_dir: Path,
+                       source: dict | None = None) -> Path | None:
     """The one rule for which tokenizer a run uses: the run directory's tokenizer.json once it
     exists (a run keeps its vocabulary), else data.tokenizer, else None (train one).
-    data.tokenizer given for a run that already has a different tokenizer is an error."""
+    data.tokenizer given for a run that already has a different tokenizer is an error, and so
+    is one an earlier run left behind for another config (`source`, tokenizer_source)."""
     saved = Path(run_dir) / "tokenizer.json"
     if saved.exists():
         if data_tokenizer and tokenizer_sha256(data_tokenizer) != tokenizer_sha256(saved):
             raise ValueError(f"data.tokenizer '{data_tokenizer}' differs from the tokenizer this "
                              f"run directory was trained with ({saved}). Use a new run_dir, or "
                              f"drop data.tokenizer to resume.")
+        if not data_tokenizer:
+            _check_left_behind(saved, source)
         return saved
     return Path(data_tokenizer) if data_tokenizer else None

@@ -132,7 +132,8 @@ def export_hf(run_dir, out_dir) -> dict:
     finetuned = task_for(cfg) in FINETUNE_TASKS
     labels = read_json(run_dir / "labels.json", "a run's labels.json") if finetuned else None
     family, architecture = check_exportable(cfg, labels)
-    params, step_dir, merged = inference_params(run_dir, cfg)
+    params, step_dir, merged = inference_params(run_dir, cfg,
+                                                labels.get("names") if labels else None)
     flat = {p: np.asarray(v) for p, v in flatten(unstack_layers(params)).items()}
     tensors = export_tensors(flat, family, cfg.model.num_layers,
                              with_type_embed=cfg.model.type_vocab_size > 0)

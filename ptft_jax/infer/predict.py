@@ -80,7 +80,7 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
         finally:
             ckpt.close()
     try:
-        state, step_dir = first_intact(run_dir, restore)
+        state, step_dir = first_intact(run_dir, restore, labels.names if labels else None)
     except ValueError as e:
         if isinstance(e, CheckpointMismatch):
             raise

@@ -13,11 +13,11 @@ from tokenizers import Tokenizer
 from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError
-from ptft_jax.core.files import LEGACY_RUN, atomic_write_text, claim_folder
+from ptft_jax.core.files import LEGACY_RUN, claim_folder
 from ptft_jax.core.mesh import broadcast_text
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.data.tokenizer import (TokenIds, iter_texts, load_tokenizer, run_tokenizer_path,
-                                     train_tokenizer)
+                                     save_tokenizer, tokenizer_source, train_tokenizer)
 from ptft_jax.models.flops import matmul_params, train_flops_per_token
 from ptft_jax.train.job import Throughput
 
@@ -38,7 +38,8 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, documents):
     """The tokenizer `run_tokenizer_path` names, else a new one trained on the documents (the
     caller saves it into the run directory once every check has passed)."""
     try:
-        path = run_tokenizer_path(cfg.data.tokenizer, run_dir)
+        path = run_tokenizer_path(cfg.data.tokenizer, run_dir,
+                                  tokenizer_source(cfg.data, cfg.model.kind))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if path is not None:
@@ -114,14 +115,16 @@ def data_cache_root(cfg: Config, run_dir: Path) -> Path:
     return run_dir / "data_cache"
 
 
-def save_run_files(run_dir: Path, tokenizer=None, labels: LabelSpace | None = None) -> None:
-    """The tokenizer (a vocab.txt is saved as JSON too) and the label space into the run
-    directory, by process 0, once: a resumed run keeps the files it started with."""
+def save_run_files(run_dir: Path, tokenizer=None, labels: LabelSpace | None = None,
+                   tokenizer_made_by: dict | None = None) -> None:
+    """The tokenizer (a vocab.txt is saved as JSON too, with the config keys that made it:
+    tokenizer_source) and the label space into the run directory, by process 0, once: a
+    resumed run keeps the files it started with."""
     if jax.process_index() != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None and not (run_dir / "tokenizer.json").exists():
-        atomic_write_text(run_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
+        save_tokenizer(tokenizer, run_dir, tokenizer_made_by)
     if labels is not None and not (run_dir / "labels.json").exists():
         labels.save(run_dir / "labels.json")
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import jax
 
+from ptft_jax.config.reading import read_yaml
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, PRETRAIN_TASKS,
                                     Config, ConfigError, task_for)
 from ptft_jax.config.validate import validate
-from ptft_jax.core.files import LEGACY_RUN, check_ownable, lock_folder, release_folders
+from ptft_jax.core.files import (LEGACY_RUN, MARKER, check_ownable, lock_folder, release_folders,
+                                 step_folders)
 from ptft_jax.core.mesh import initialize_distributed
 from ptft_jax.data.cache import LOCK_FILE
 from ptft_jax.jobs.images import image_job
@@ -49,6 +51,22 @@ def check_paths(cfg: Config) -> None:
     # the training loop's run files, whichever comes first; nothing is written here.
     check_ownable(Path(cfg.run_dir), "run", "run_dir", LEGACY_RUN)
     lock_folder(Path(cfg.run_dir), "run_dir")  # if it exists; else when it is made
+    check_same_kind(cfg)
+
+
+def check_same_kind(cfg: Config) -> None:
+    """A run directory that holds checkpoints of another kind of model is refused by name,
+    before its tokenizer or data are looked at (an encoder run resumed as a decoder would
+    otherwise fail on the tokenizer's special tokens)."""
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / "config.yaml").is_file() or not step_folders(run_dir / "checkpoints"):
+        return
+    saved = read_yaml(run_dir / "config.yaml", "the run's config.yaml")
+    kind = (saved.get("model") or {}).get("kind")
+    if kind is not None and kind != cfg.model.kind:
+        raise ConfigError(f"run_dir {run_dir} holds checkpoints of model.kind {kind} and this "
+                          f"config's model.kind is {cfg.model.kind}: use a new run_dir (to "
+                          f"start from that run, give it as finetune.init_from).")
 
 
 # What each command trains: the tasks it accepts, as data. Supervised image classification is
@@ -75,9 +93,17 @@ def train(command: str, cfg: Config, on_eval=None) -> dict:
         other = [c for c, tasks in COMMAND_TASKS.items() if task in tasks]
         raise ConfigError(f"ptft {command} trains train.task {', '.join(allowed)}; '{task}' "
                           f"is a task for ptft {' or '.join(other)}.")
+    run_dir = Path(cfg.run_dir)
+    new_run_dir = not run_dir.exists()
     try:
         check_paths(cfg)  # locks run_dir: released when the run ends
         return run(job_for(cfg), on_eval)
+    except ValueError:  # a refused input (ConfigError included): no empty run_dir stays
+        if new_run_dir and jax.process_index() == 0 and run_dir.is_dir() and \
+                [p.name for p in run_dir.iterdir()] == [MARKER]:
+            (run_dir / MARKER).unlink()
+            run_dir.rmdir()
+        raise
     finally:
         release_folders()
 

@@ -36,9 +36,13 @@ def finetune_tokenizer_path(cfg: Config, run_dir: Path) -> Path:
             load_tokenizer(path).get_vocab() != load_tokenizer(theirs).get_vocab():
         # The component's embedding rows are its own tokenizer's ids: another tokenizer's ids
         # would read the wrong rows.
-        raise ConfigError(f"data.tokenizer ({path}) is not the tokenizer the component in "
-                          f"finetune.init_from was trained with ({theirs}); leave "
-                          f"data.tokenizer null to use that one.")
+        if cfg.data.tokenizer:
+            raise ConfigError(f"data.tokenizer ({path}) is not the tokenizer the component in "
+                              f"finetune.init_from was trained with ({theirs}); leave "
+                              f"data.tokenizer null to use that one.")
+        raise ConfigError(f"{path} (left in this run_dir by an earlier run) is not the "
+                          f"tokenizer the component in finetune.init_from was trained with "
+                          f"({theirs}); use a new run_dir.")
     if path is None:
         raise ConfigError("A finetuning run needs the tokenizer its component was trained with: "
                           "set finetune.init_from to a ptft run directory (its tokenizer.json "

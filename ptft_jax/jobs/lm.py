@@ -9,7 +9,7 @@ from ptft_jax.data.cache import TokenCache
 from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.packing import Packer
-from ptft_jax.data.tokenizer import TokenIds
+from ptft_jax.data.tokenizer import TokenIds, tokenizer_source
 from ptft_jax.jobs.common import (data_cache_root, prepare_tokenizer, pretrained_init,
                                   resolve_vocab, save_run_files, text_throughput)
 from ptft_jax.tasks.factory import make_task, mlm_spec
@@ -63,7 +63,8 @@ def pretrain_job(cfg: Config) -> Job:
     rows = LazyRows()
 
     def save_files():
-        save_run_files(run_dir, tokenizer)
+        save_run_files(run_dir, tokenizer,
+                       tokenizer_made_by=tokenizer_source(cfg.data, cfg.model.kind))
         rows.build()
 
     def describe():

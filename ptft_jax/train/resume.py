@@ -166,6 +166,10 @@ def resume_or_init(job: Job, ckpt: Checkpointer, init_key) -> Start:
                               f"past train.steps={t.steps}: nothing to do. Raise train.steps "
                               f"to continue training, or use a new run_dir.")
         return Start(step, meta, progress, engine, state, [])
+    if ckpt.interrupted_saves and jax.process_index() == 0:
+        print(f"note: {ckpt.directory} held no finished checkpoint, only an interrupted save "
+              f"of step {ckpt.interrupted_saves[-1]} (removed); training starts at step 0.",
+              file=sys.stderr, flush=True)
     try:
         engine = build(cfg, job.task, phase=0)
         state, report = engine.init(init_key), []
