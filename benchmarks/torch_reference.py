@@ -264,9 +264,13 @@ def _timed(step, batches, steps: int, warmup: int, device: str, units: int) -> d
             "first_step_s": first_step_s, "device": device}
 
 
-def time_classifier(cfg, num_labels: int, compiled: bool, steps: int, warmup: int) -> dict:
+def time_classifier(cfg, num_labels: int, compiled: bool, steps: int, warmup: int,
+                    lengths=None, dynamic: bool = False) -> dict:
     """A BertForSequenceClassification step (AdamW, clipping), same shapes as ptft's
-    classifier: padded rows with an attention mask, one label per row."""
+    classifier: padded rows with an attention mask, one label per row. `lengths`: tokens per
+    example of a real set, drawn from (None: uniform between a quarter and all of
+    data.seq_len); `dynamic`: each batch padded to its longest row (Hugging Face's dynamic
+    padding), else to data.seq_len."""
     from transformers import BertForSequenceClassification
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
@@ -287,9 +291,14 @@ def time_classifier(cfg, num_labels: int, compiled: bool, steps: int, warmup: in
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(2):
-        lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
-        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-        ids = torch.randint(SPECIAL_IDS, mcfg.vocab_size, (B, T), generator=g) * mask
+        if lengths is None:
+            drawn, width = torch.randint(T // 4, T + 1, (B,), generator=g), T
+        else:
+            pick = torch.randint(0, len(lengths), (B,), generator=g)
+            drawn = torch.as_tensor(lengths)[pick].clamp(max=T)
+            width = int(drawn.max()) if dynamic else T
+        mask = (torch.arange(width)[None, :] < drawn[:, None]).long()
+        ids = torch.randint(SPECIAL_IDS, mcfg.vocab_size, (B, width), generator=g) * mask
         labels = torch.randint(0, num_labels, (B,), generator=g)
         batches.append((ids.to(device), mask.to(device), labels.to(device)))
 

@@ -131,7 +131,18 @@ def test_finetune_cases_run_and_lora_trains_a_sliver(tmp_path):
     assert lora["opt_state_bytes"] < 0.5 * full["opt_state_bytes"]
     assert 0 < by["bert-mini-gradual_phase1"]["trainable_fraction"] < 1
     assert "step_ms_median" not in by["bert-base-lora8"]  # compile only
-    table = next(tmp_path.iterdir()).joinpath("finetune-latest.md").read_text()
+    # Real lengths (fortunes), packed: fewer rows per step carry the same examples on
+    # average. A small model; the cases' own 128 tokens.
+    rows = bench_finetune.run(["minilm-fortunes-pad", "minilm-fortunes-pack"],
+                              benchmark.DEFAULT_CASES, tmp_path / "real", steps=2,
+                              warmup=0, with_torch=False, echo=lambda *a: None,
+                              overrides=TINY[:5] + ("model.dtype=float32",))
+    pad, pack = rows
+    assert pad["rows_per_step"] == pad["examples_per_step"] == 32
+    assert pack["rows_per_step"] == 8 and abs(pack["examples_per_step"] - 32) < 8, \
+        {k: pack[k] for k in ("rows_per_step", "examples_per_step")}
+    table = next(p for p in tmp_path.iterdir() if p.name != "real").joinpath(
+        "finetune-latest.md").read_text()
     assert "bert-base-lora8: gradients + optimizer state" in table
 
 

@@ -78,6 +78,12 @@ def test_finetune_eval_and_predict_end_to_end(tmp_path, pretrained):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout)
     assert metrics["examples"] == 20 and 0 <= metrics["macro_f1"] <= 1
+    # The run trained and evaluated on packed rows (the default); `ptft eval` reads padded
+    # rows: the best step's metrics are the same.
+    best = int(next((run / "best").iterdir()).name)
+    row = next(r for r in evals if r["step"] == best)
+    assert row["eval/accuracy"] == metrics["accuracy"], (row, metrics)
+    assert abs(row["eval/loss"] - metrics["loss"]) < 1e-5 * max(1, abs(metrics["loss"]))
 
     texts = ["And the LORD spake unto Moses, saying", "In the beginning was the word"]
     result = _ptft("predict", str(run), stdin="\n".join(texts) + "\n")
@@ -117,6 +123,11 @@ def test_lora_run_exports_merged_weights_that_predict_the_same(tmp_path, pretrai
         "optim.warmup_steps=0", *SHORT]))
     texts = ["And the LORD said", "a wall of stones", "unto the children"]
     before = list(predict_run(run, texts, progress=False))
+    # predict packs the texts into shared rows: each is predicted as it is alone, in order.
+    for text, packed in zip(texts, before):
+        alone = next(predict_run(run, [text], progress=False))
+        np.testing.assert_allclose(list(alone["probabilities"].values()),
+                                   list(packed["probabilities"].values()), atol=1e-6)
     result = export_run(run, tmp_path / "exported")
     assert result["lora_merged"]
     after = list(predict_run(tmp_path / "exported", texts, progress=False))

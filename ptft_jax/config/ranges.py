@@ -34,7 +34,8 @@ RANGES: dict[type, dict[str, str]] = {
     TowerConfig: {"projection_dim": ">= 1"},
     # seq_len: room for a row's special tokens ([CLS] ... [SEP], a pair's second [SEP]) and
     # some text; shorter rows train nothing a user would want.
-    DataConfig: {"seq_len": ">= 8", "prefetch": ">= 1", "tokenizer_vocab_size": ">= 1"},
+    DataConfig: {"seq_len": ">= 8", "prefetch": ">= 1", "tokenizer_vocab_size": ">= 1",
+                 "examples_per_row": ">= 0"},
     ObjectiveConfig: {"mask_rate": "(0, 1)", "mask_token_rate": "[0, 1]",
                       "random_token_rate": "[0, 1]", "label_smoothing": UNIT,
                       "temperature": "> 0"},

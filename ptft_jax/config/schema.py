@@ -139,13 +139,19 @@ class DataConfig:
     # [MASK] for WordPiece, <|endoftext|> for byte-level BPE); never masked by MLM.
     extra_special_tokens: list = field(default_factory=list)
     seq_len: int = 128
-    # pack: documents share rows (segment ids keep them apart) | pad: one per row
+    # pack: documents (pretraining) or labelled examples (finetuning) share rows, segment ids
+    # keeping them apart | pad: one per row. Packing is the default for finetuning too: at
+    # the lengths of real labelled text most of a padded row is padding (README, "Packed
+    # finetuning rows").
     packing: Literal["pack", "pad"] = "pack"
+    # Packed finetuning rows hold at most this many examples (a static number of label
+    # slots per row); 0: data.seq_len // 8.
+    examples_per_row: int = 0
     cache_dir: str | None = None  # the pre-tokenized cache; None = <run_dir>/data_cache
     num_workers: int = 0  # tokenizing processes for the cache; 0 = every core
     shuffle_seed: int = 0
     prefetch: int = 2  # batches placed on the devices ahead of the step
-    # Finetuning (classification, multi-label, regression): examples are padded, not packed.
+    # Finetuning (classification, multi-label, regression): labelled examples.
     text_pair_column: str | None = None  # a second text column: text-pair tasks (type ids 0/1)
     eval_split: str | None = None  # evaluated every eval.every steps and at the end; None: none
     eval_corpus: str | None = None  # where the eval split lives, if not in data.corpus (local
@@ -372,6 +378,13 @@ def tower_model(cfg: Config, name: str) -> ModelConfig:
     model)."""
     tower = getattr(cfg.towers, name).model
     return dataclasses.replace(tower, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+
+
+def slots_for(cfg: Config) -> int | None:
+    """Examples per packed finetuning row, or None where a row holds one example."""
+    if task_for(cfg) not in FINETUNE_TASKS or cfg.data.packing != "pack":
+        return None
+    return cfg.data.examples_per_row or max(1, cfg.data.seq_len // 8)
 
 
 def pooling_for(cfg: Config) -> str:

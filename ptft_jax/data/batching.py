@@ -28,7 +28,11 @@ class PaddedBatches:
             index = np.arange(start, start + batch_size)
             real = index < n
             batch = self.rows(np.where(real, index, 0))
-            batch["weight"] = real.astype(np.float32)
+            weight = real.astype(np.float32)
+            if "weight" in batch:  # rows of several examples (packed_examples.py) weigh each
+                own = batch["weight"]
+                weight = own * weight.reshape((-1,) + (1,) * (own.ndim - 1))
+            batch["weight"] = weight
             if rows is not None:
                 batch = {k: v[rows] for k, v in batch.items()}
             yield batch

@@ -1,4 +1,5 @@
-"""Labelled examples for finetuning: texts (or text pairs) with labels, padded, not packed.
+"""Labelled examples for finetuning: texts (or text pairs) with labels, one padded row each
+(packed_examples.py packs these rows several to a row).
 
 Texts are tokenized once into the same pre-tokenized cache that pretraining uses (one cache
 per split and text column), labels map to ids through a `LabelSpace` saved in the run
@@ -161,6 +162,9 @@ class Examples(PaddedBatches):
                              f"special tokens; raise data.seq_len.")
         self.truncated = int(np.sum(la + lb > budget))
         self.len_a, self.len_b = _longest_first(la, lb, budget)
+        # Each example's tokens in its row, special tokens included (packing reads these).
+        self.lengths = (cls_id is not None) + self.len_a + 1 + \
+            ((self.len_b + 1) if self.pair else 0)
 
     def __len__(self) -> int:
         return len(self.a_offsets) - 1

@@ -26,8 +26,9 @@ from ptft_jax.convert.hf import flat_params
 from ptft_jax.core.files import atomic_write, writing_text
 from ptft_jax.core.params import unflatten
 from ptft_jax.data.labelled import predict_examples
+from ptft_jax.data.packed_examples import PackedExamples
 from ptft_jax.data.tokenizer import load_tokenizer
-from ptft_jax.models.heads import pool
+from ptft_jax.models.heads import pool_segments
 from ptft_jax.models.transformer import Transformer
 
 
@@ -91,25 +92,30 @@ def embed(encoder: Encoder, texts: list[str], pooling: str | None = None,
     elif seq_len > max_len:
         raise ConfigError(f"--seq-len {seq_len} is past the model's {max_len} positions "
                           f"(its max_len); give --seq-len {max_len} or less.")
-    examples = predict_examples(texts, encoder.tokenizer, seq_len, encoder.cfg.kind)
+    # Short texts are packed several to a row (data/packed_examples.py): each its own
+    # segment, pooled on its own; `batch_size` counts texts, as rows that hold that many.
+    slots = max(1, seq_len // 8)
+    examples = PackedExamples(predict_examples(texts, encoder.tokenizer, seq_len,
+                                               encoder.cfg.kind), slots, None)
+    rows = examples.rows_holding(batch_size)
     model = Transformer(encoder.cfg)
 
     @jax.jit
     def one_batch(params, tokens, segment_ids, positions):
         hidden = model.apply({"params": params}, tokens, segment_ids, positions)
-        pooled = pool(hidden.astype(jnp.float32), segment_ids, pooling)
+        pooled = pool_segments(hidden.astype(jnp.float32), segment_ids, positions, pooling,
+                               slots)
         return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
     params = jax.device_put(encoder.params)
     out = []
-    with tqdm(total=examples.num_batches(batch_size), unit="batch", desc="embed",
+    with tqdm(total=examples.num_batches(rows), unit="batch", desc="embed",
               disable=not progress, leave=False) as bar:
-        for batch in examples.batches(batch_size):
-            vectors = one_batch(params, batch["tokens"], batch["segment_ids"],
-                                batch["positions"])
-            out.append(np.asarray(vectors)[batch["weight"] > 0])
+        for batch in examples.batches(rows):
+            out.append(np.asarray(one_batch(params, batch["tokens"], batch["segment_ids"],
+                                            batch["positions"])))
             bar.update()
-    return np.concatenate(out, axis=0)
+    return examples.in_input_order(np.concatenate(out, axis=0)[:len(examples)])
 
 
 def write(vectors: np.ndarray, texts: list[str], output: str | None) -> None:

@@ -24,6 +24,7 @@ from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASK
 from ptft_jax.config.validate import validate
 from ptft_jax.core.files import building_folder, check_new_folder, writing_text
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
+from ptft_jax.core.mesh import data_parallel_size
 from ptft_jax.core.params import count
 from ptft_jax.core.state import TrainState
 from ptft_jax.data.image_io import BadImage, decode
@@ -31,6 +32,7 @@ from ptft_jax.data.image_sources import IMAGE_SUFFIXES
 from ptft_jax.data.images import ImageExamples, convert
 from ptft_jax.data.labelled import LabelSpace, open_examples, predict_examples
 from ptft_jax.data.opening import eval_split_of
+from ptft_jax.data.packed_examples import PackedExamples
 from ptft_jax.data.pairs import FilePairs, PairExamples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.jobs.images import image_split
@@ -112,9 +114,22 @@ def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
                                         corpus=corpus or cfg.data.eval_corpus)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    metrics = evaluate(engine, state, examples, cfg.eval.batch_size, progress=progress)
+    batch_size = cfg.eval.batch_size
+    if task_for(cfg) in FINETUNE_TASKS:  # text: packed rows, the padded rows' metrics
+        examples, batch_size = packed_for_inference(examples, cfg)
+    metrics = evaluate(engine, state, examples, batch_size, progress=progress)
+    count = len(examples.examples) if isinstance(examples, PackedExamples) else len(examples)
     return {"run_dir": str(run_dir), "checkpoint": source, "split": split,
-            "examples": len(examples), **metrics}
+            "examples": count, **metrics}
+
+
+def packed_for_inference(examples, cfg):
+    """(the examples packed several to a row, eval.batch_size in rows): inference on short
+    texts computes no padding it can avoid (data/packed_examples.py), whatever the run
+    trained on; one compiled shape for every batch."""
+    packed = PackedExamples(examples, cfg.data.examples_per_row or max(1, cfg.data.seq_len // 8),
+                            None)
+    return packed, packed.rows_holding(cfg.eval.batch_size, data_parallel_size(cfg))
 
 
 def export_run(run_dir, out_dir) -> dict:
@@ -228,7 +243,9 @@ def predict_run(run_dir, texts: list[str], pairs: list[str] | None = None,
     labels: LabelSpace = engine.task.labels
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
     examples = predict_examples(texts, tokenizer, cfg.data.seq_len, cfg.model.kind, pairs)
-    for row in predict_outputs(engine, state, examples, cfg.eval.batch_size, progress):
+    packed, rows = packed_for_inference(examples, cfg)
+    outputs = predict_outputs(engine, state, packed, rows, progress)
+    for row in packed.in_input_order(outputs):
         yield _prediction(labels, row)
 
 

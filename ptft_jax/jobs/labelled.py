@@ -1,15 +1,17 @@
-"""Finetuning on labelled text: padded labelled examples, a classifier (or multi-label or
-regression) head, and a pretrained component to start from (`finetune.init_from`)."""
+"""Finetuning on labelled text: labelled examples (padded, or packed several to a row), a
+classifier (or multi-label or regression) head, and a pretrained component to start from
+(`finetune.init_from`)."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-
-from ptft_jax.config.hf import is_hf
-from ptft_jax.config.schema import Config, ConfigError, task_for
 from ptft_jax.ckpt.pretrained import check_init_from
+from ptft_jax.config.hf import is_hf
+from ptft_jax.config.schema import Config, ConfigError, slots_for, task_for
+from ptft_jax.core.mesh import data_parallel_size
 from ptft_jax.data.labelled import open_examples
+from ptft_jax.data.packed_examples import PackedExamples
 from ptft_jax.data.opening import eval_split_of
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path
 from ptft_jax.jobs.common import (data_cache_root, pretrained_init, resolve_vocab, save_run_files,
@@ -78,6 +80,12 @@ def finetune_job(cfg: Config) -> Job:
     if saved is not None and saved != labels:
         raise ConfigError(f"{labels_path} holds other labels than the data now gives; use a new "
                           f"run_dir.")
+    slots, written_cfg = slots_for(cfg), None
+    if slots is not None:  # several examples to a row: the order they are packed in is seeded
+        train = PackedExamples(train, slots, cfg.data.shuffle_seed)
+        if evaluation is not None:
+            evaluation = PackedExamples(evaluation, slots, None)
+        written_cfg, cfg = cfg, rows_per_batch(cfg, train, evaluation)
     task = make_task(cfg, labels)
 
     def save_files():
@@ -85,10 +93,33 @@ def finetune_job(cfg: Config) -> Job:
 
     init_from = pretrained_init(cfg, token_ids, labels.names)
     truncated = train.truncated + (evaluation.truncated if evaluation is not None else 0)
-    describe = (f"{len(train):,} training examples"
-                + (f", {len(evaluation):,} eval examples" if evaluation is not None else "")
+
+    def count(split):
+        if slots is None:
+            return f"{len(split):,}"
+        return (f"{len(split.examples):,} (packed {split.examples_per_row:.2f} to a row, "
+                f"{len(split):,} rows)")
+    describe = (f"{count(train)} training examples"
+                + (f", {count(evaluation)} eval examples" if evaluation is not None else "")
                 + f" of up to {cfg.data.seq_len} tokens ({truncated:,} truncated) | "
                   f"{labels.kind}: {labels.num_outputs} output(s)")
+    if slots is not None:
+        describe += (f" | batches of {written_cfg.train.global_batch} examples: "
+                     f"{cfg.train.global_batch} packed rows (about "
+                     f"{cfg.train.global_batch * train.examples_per_row:.0f} examples)")
     meta = {"tokenizer_vocab_size": token_ids.vocab_size, "labels": dataclasses.asdict(labels)}
     return Job(cfg, task, train, lambda: describe, meta, save_files,
-               text_throughput(cfg, vocab_projection=False), evaluation, init_from)
+               text_throughput(cfg, vocab_projection=False), evaluation, init_from,
+               written_cfg)
+
+
+def rows_per_batch(cfg: Config, train, evaluation) -> Config:
+    """The config with train.global_batch and eval.batch_size in packed rows. Both count
+    examples, as for padded rows; packed, a batch is the rows that hold that many examples on
+    average (so a recipe keeps its meaning), rounded up to what the mesh splits evenly."""
+    dp = data_parallel_size(cfg)
+    eval_rows = cfg.eval.batch_size if evaluation is None else \
+        evaluation.rows_holding(cfg.eval.batch_size, dp)
+    rows = train.rows_holding(cfg.train.global_batch, dp * cfg.train.grad_accum)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch=rows),
+                               eval=dataclasses.replace(cfg.eval, batch_size=eval_rows))

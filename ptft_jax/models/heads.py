@@ -31,6 +31,23 @@ def pool(hidden, segment_ids, pooling: str):
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
+def pool_segments(hidden, segment_ids, positions, pooling: str, slots: int):
+    """[batch, len, dim] -> [batch, slots, dim]: `pool` for each of the examples packed into a
+    row, segment s + 1 in slot s (an empty slot pools to zeros). One [slots, len] weight
+    matrix per row picks the segment's first token (CLS), averages its tokens (mean) or picks
+    its last (last), applied as a matmul."""
+    member = segment_ids[:, :, None] == jnp.arange(1, slots + 1)[None, None, :]  # [b, l, s]
+    if pooling == "cls":
+        member &= (positions == 0)[:, :, None]
+    elif pooling == "last":  # the token whose successor belongs to another segment
+        following = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))
+        member &= (following != segment_ids)[:, :, None]
+    weights = member.astype(jnp.float32)
+    if pooling == "mean":
+        weights = weights / jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1)
+    return jnp.einsum("bls,bld->bsd", weights.astype(hidden.dtype), hidden)
+
+
 class ClassifierHead(nn.Module):
     cfg: ModelConfig
     num_outputs: int
@@ -45,16 +62,19 @@ class ClassifierHead(nn.Module):
         self.Dropout_0 = nn.Dropout(cfg.dropout)
         self.out = dense(cfg, self.num_outputs, ("embed", None), None)
 
-    def features(self, hidden, segment_ids):
+    def features(self, hidden, segment_ids, positions=None, slots: int | None = None):
         """What the output layer reads: the pooled hidden states, through BERT's pooler
-        (dense + tanh) for CLS pooling (HF's `pooler_output`)."""
-        x = pool(hidden, segment_ids, self.pooling)
+        (dense + tanh) for CLS pooling (HF's `pooler_output`); [batch, slots, dim] for rows
+        of `slots` packed examples."""
+        x = pool(hidden, segment_ids, self.pooling) if slots is None else \
+            pool_segments(hidden, segment_ids, positions, self.pooling, slots)
         return jnp.tanh(self.pooler(x)) if self.pooling == "cls" else x
 
-    def __call__(self, hidden, segment_ids, train: bool = False):
-        x = self.Dropout_0(self.features(hidden, segment_ids),
+    def __call__(self, hidden, segment_ids, train: bool = False, positions=None,
+                 slots: int | None = None):
+        x = self.Dropout_0(self.features(hidden, segment_ids, positions, slots),
                          deterministic=not train or self.cfg.dropout == 0)
-        x = constrain(x, ("act_batch", None))
+        x = constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
         return self.out(x).astype(jnp.float32)
 
 
@@ -69,6 +89,8 @@ class Classifier(nn.Module):
         self.head = ClassifierHead(self.cfg, self.num_outputs, self.pooling)
 
     def __call__(self, tokens, segment_ids=None, positions=None, type_ids=None,
-                 train: bool = False):
+                 train: bool = False, slots: int | None = None):
+        """`slots`: rows pack up to that many examples (segments 1..slots): the outputs are
+        [batch, slots, outputs]. None: one example per row, [batch, outputs]."""
         hidden = self.transformer(tokens, segment_ids, positions, type_ids, train)
-        return self.head(hidden, segment_ids, train)
+        return self.head(hidden, segment_ids, train, positions, slots)

@@ -24,15 +24,16 @@ from ptft_jax.tasks.metrics import DEFAULT_METRIC, classification_metrics
 
 
 def apply_model(model: nn.Module, params, model_state: dict, *args, train: bool, rngs=None,
-                method=None):
+                method=None, **kwargs):
     """`model.apply` with the mutable collections in `model_state` (e.g. BatchNorm statistics):
     updated in training, read-only in evaluation. Returns (output, new model_state)."""
     variables = {"params": params, **model_state}
     if train and model_state:
         out, updates = model.apply(variables, *args, train=train, rngs=rngs, method=method,
-                                   mutable=list(model_state))
+                                   mutable=list(model_state), **kwargs)
         return out, {**model_state, **updates}
-    return model.apply(variables, *args, train=train, rngs=rngs, method=method), model_state
+    return model.apply(variables, *args, train=train, rngs=rngs, method=method,
+                       **kwargs), model_state
 
 
 class Task(abc.ABC):

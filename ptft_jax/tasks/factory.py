@@ -9,7 +9,8 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from ptft_jax.config.schema import Config, ConfigError, pooling_for, task_for, tower_model
+from ptft_jax.config.schema import (Config, ConfigError, pooling_for, slots_for, task_for,
+                                    tower_model)
 from ptft_jax.core.mesh import data_parallel_size
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.data.tokenizer import TokenIds
@@ -72,7 +73,7 @@ def _causal_lm(cfg: Config, inputs: TaskInputs) -> Task:
 
 def _classify(cfg: Config, inputs: TaskInputs) -> Task:
     return ClassifyTask(cfg.model, _needs(inputs.labels, "a label space", task_for(cfg)),
-                        pooling_for(cfg))
+                        pooling_for(cfg), slots_for(cfg))
 
 
 def _image_classify(cfg: Config, inputs: TaskInputs) -> Task:

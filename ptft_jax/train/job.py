@@ -31,3 +31,6 @@ class Job:
     throughput: Throughput
     eval_examples: object = None  # the eval split's examples (with rows()), or None
     init_from: Callable | None = None  # (engine, state) -> (state, report) with pretrained params
+    # What config.yaml records when it is not `cfg`: packed finetuning steps on rows, while
+    # the user's config counts its batches in examples (jobs/labelled.py).
+    written_cfg: Config | None = None

@@ -117,7 +117,7 @@ class Training:
             self.state = self.engine.place(self.state)
         if jax.process_index() == 0:  # the config this run trains with
             atomic_write_text(run_dir / "config.yaml",
-                              yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                              yaml.safe_dump((job.written_cfg or cfg).to_dict(), sort_keys=False))
         self.best = None if self.metric is None else \
             BestCheckpointer(run_dir / "best", self.metric, self.mode)
         # The MFU reference, timed before the input thread starts so nothing competes with it.
