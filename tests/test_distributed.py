@@ -188,6 +188,8 @@ def test_two_processes_stop_together_when_one_sees_a_non_finite_loss(tmp_path):
     port = _free_port()
     common = [f"data.corpus={data}", f"data.tokenizer={tokenizer}",
               "data.eval_split=null", "data.seq_len=32", "model.max_len=32",
+              # one example per row: the bad one comes at a known place in the epoch
+              "data.packing=pad",
               "train.task=regression", "train.steps=24", "train.global_batch=8",
               "train.log_every=1", "train.progress=false", "train.max_skipped_steps=1",
               "checkpoint.every=1", "mesh.data=2", "mesh.fsdp=2", f"run_dir={run}",
@@ -219,3 +221,40 @@ def test_two_processes_stop_together_when_one_sees_a_non_finite_loss(tmp_path):
     from ptft_jax.ckpt.integrity import check_step
     for step in saved:
         check_step(run / "checkpoints" / str(step))
+
+
+def test_two_processes_finetune_on_packed_rows_and_end_cleanly(tmp_path):
+    """A 2-process finetune on packed rows with evaluation and a best checkpoint: both
+    processes report the same metrics and exit 0 (the end-of-run read-back of best/ once hung
+    the shutdown barrier under jax.distributed)."""
+    import gzip
+
+    from ptft_jax.data.corpus import BUNDLED
+    from ptft_jax.data.tokenizer import train_tokenizer
+    with gzip.open(BUNDLED["kjv"], "rt", encoding="utf-8") as f:
+        texts = [s.strip() for _ in range(40) for s in next(f).split(";")[:5]
+                 if len(s.strip()) > 10][:200]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "lord" if "LORD" in t else "other"})
+                            + "\n" for t in texts))
+    train_tokenizer("encoder", texts, 512).save(str(tmp_path / "tokenizer.json"))
+    port, run = _free_port(), tmp_path / "run"
+    common = [f"data.corpus={data}", f"data.tokenizer={tmp_path / 'tokenizer.json'}",
+              "data.eval_split=train", "data.seq_len=64", "model.max_len=64", "train.steps=4",
+              "train.global_batch=16", "eval.every=2", "eval.batch_size=16",
+              "train.progress=false", "checkpoint.every=2", "mesh.data=2", "mesh.fsdp=2",
+              f"run_dir={run}", "distributed.enabled=true",
+              f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2"]
+    procs = {i: subprocess.Popen(
+        [sys.executable, "-m", "ptft_jax.cli", "finetune", "--config",
+         str(REPO / "configs" / "finetune_fortunes_scratch.yaml"), *common,
+         f"distributed.process_id={i}"], cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)}
+    outs = {i: p.communicate(timeout=TIMEOUT_S) for i, p in procs.items()}
+    assert {i: p.returncode for i, p in procs.items()} == {0: 0, 1: 0}, \
+        {i: err[-2000:] for i, (_, err) in outs.items()}
+    assert "packed" in outs[0][0]
+    assert len([line for line in outs[0][0].splitlines() if "eval/" in line]) == 2
+    final = [out.rsplit("eval macro_f1", 1)[-1] for out, _ in outs.values()]  # "done:" lines
+    assert final[0] == final[1] and "best" in final[0], final
+    assert (run / "best").is_dir()

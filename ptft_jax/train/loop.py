@@ -374,7 +374,10 @@ class Training:
         last_saved = (committed_steps(self.ckpt.directory) or [None])[-1]
         if self.best is not None:
             self.best.close()
-            if jax.process_index() == 0:
+            # Read back on one host only: under jax.distributed, Orbax's read is a collective
+            # that the other processes, gone to shut down, never join (a hang, then an abort
+            # at the shutdown barrier). Inference verifies best/ when it reads it anyway.
+            if jax.process_count() == 1:
                 self.check_best(last_saved)
         self.writer.close()
         p = self.progress
