@@ -26,7 +26,7 @@ OPEN_ROWS = 8  # rows still taking examples: a wider window packs a little tight
 def plan_rows(lengths: np.ndarray, seq_len: int, slots: int, order: np.ndarray):
     """(members, starts): the examples of row r are members[starts[r]:starts[r + 1]], in
     the order they sit in it. Each example's tokens (`lengths`, at most seq_len) fit its row."""
-    open_rows: list[list] = []  # [row number, tokens used, examples]
+    open_rows: list[list] = []  # [row number, tokens used]
     rows: list[list[int]] = []
     for example in order.tolist():
         need = int(lengths[example])
