@@ -380,11 +380,17 @@ def tower_model(cfg: Config, name: str) -> ModelConfig:
     return dataclasses.replace(tower, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
 
 
+def row_slots(examples_per_row: int, seq_len: int) -> int:
+    """At most how many examples a packed row of `seq_len` holds: data.examples_per_row, or
+    (0) seq_len // 8."""
+    return examples_per_row or max(1, seq_len // 8)
+
+
 def slots_for(cfg: Config) -> int | None:
     """Examples per packed finetuning row, or None where a row holds one example."""
     if task_for(cfg) not in FINETUNE_TASKS or cfg.data.packing != "pack":
         return None
-    return cfg.data.examples_per_row or max(1, cfg.data.seq_len // 8)
+    return row_slots(cfg.data.examples_per_row, cfg.data.seq_len)
 
 
 def pooling_for(cfg: Config) -> str:

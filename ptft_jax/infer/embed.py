@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ptft_jax.ckpt.pretrained import inference_params
 from ptft_jax.config import hf
 from ptft_jax.config.load import load_run_config
-from ptft_jax.config.schema import ConfigError, ModelConfig
+from ptft_jax.config.schema import ConfigError, ModelConfig, row_slots
 from ptft_jax.convert.hf import flat_params
 from ptft_jax.core.files import atomic_write, writing_text
 from ptft_jax.core.params import unflatten
@@ -94,7 +94,7 @@ def embed(encoder: Encoder, texts: list[str], pooling: str | None = None,
                           f"(its max_len); give --seq-len {max_len} or less.")
     # Short texts are packed several to a row (data/packed_examples.py): each its own
     # segment, pooled on its own; `batch_size` counts texts, as rows that hold that many.
-    slots = max(1, seq_len // 8)
+    slots = row_slots(0, seq_len)
     examples = PackedExamples(predict_examples(texts, encoder.tokenizer, seq_len,
                                                encoder.cfg.kind), slots, None)
     rows = examples.rows_holding(batch_size)

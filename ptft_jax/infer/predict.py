@@ -20,7 +20,7 @@ from ptft_jax.ckpt.pretrained import first_intact
 from ptft_jax.config.load import load_run_config
 from ptft_jax.config.reading import read_jsonl, read_text
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
-                                    task_for)
+                                    row_slots, task_for)
 from ptft_jax.config.validate import validate
 from ptft_jax.core.files import building_folder, check_new_folder, writing_text
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
@@ -118,16 +118,17 @@ def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
     if task_for(cfg) in FINETUNE_TASKS:  # text: packed rows, the padded rows' metrics
         examples, batch_size = packed_for_inference(examples, cfg)
     metrics = evaluate(engine, state, examples, batch_size, progress=progress)
-    count = len(examples.examples) if isinstance(examples, PackedExamples) else len(examples)
+    n_examples = len(examples.examples) if isinstance(examples, PackedExamples) else \
+        len(examples)
     return {"run_dir": str(run_dir), "checkpoint": source, "split": split,
-            "examples": count, **metrics}
+            "examples": n_examples, **metrics}
 
 
 def packed_for_inference(examples, cfg):
     """(the examples packed several to a row, eval.batch_size in rows): inference on short
     texts computes no padding it can avoid (data/packed_examples.py), whatever the run
     trained on; one compiled shape for every batch."""
-    packed = PackedExamples(examples, cfg.data.examples_per_row or max(1, cfg.data.seq_len // 8),
+    packed = PackedExamples(examples, row_slots(cfg.data.examples_per_row, cfg.data.seq_len),
                             None)
     return packed, packed.rows_holding(cfg.eval.batch_size, data_parallel_size(cfg))
 

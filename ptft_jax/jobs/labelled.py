@@ -11,8 +11,8 @@ from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError, slots_for, task_for
 from ptft_jax.core.mesh import data_parallel_size
 from ptft_jax.data.labelled import open_examples
-from ptft_jax.data.packed_examples import PackedExamples
 from ptft_jax.data.opening import eval_split_of
+from ptft_jax.data.packed_examples import PackedExamples
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path
 from ptft_jax.jobs.common import (data_cache_root, pretrained_init, resolve_vocab, save_run_files,
                                   saved_labels, text_throughput)
@@ -116,7 +116,7 @@ def finetune_job(cfg: Config) -> Job:
 def rows_per_batch(cfg: Config, train, evaluation) -> Config:
     """The config with train.global_batch and eval.batch_size in packed rows. Both count
     examples, as for padded rows; packed, a batch is the rows that hold that many examples on
-    average (so a recipe keeps its meaning), rounded up to what the mesh splits evenly."""
+    average (so a recipe keeps its meaning), to the nearest multiple the mesh splits evenly."""
     dp = data_parallel_size(cfg)
     eval_rows = cfg.eval.batch_size if evaluation is None else \
         evaluation.rows_holding(cfg.eval.batch_size, dp)
