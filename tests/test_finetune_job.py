@@ -2,6 +2,7 @@
 classifier, and `ptft finetune`, `ptft eval` and `ptft predict` work on a run directory."""
 import gzip
 import json
+import re
 
 import jax
 import numpy as np
@@ -138,3 +139,40 @@ def test_lora_run_exports_merged_weights_that_predict_the_same(tmp_path, pretrai
     saved = ptree.flatten(ocp.StandardCheckpointer().restore(
         tmp_path / "exported" / "checkpoints" / "3" / "params"))
     assert not any(p.startswith("lora/") for p in saved)
+
+
+def test_a_packed_few_label_finetune_resumes_bit_identically(tmp_path, pretrained, capsys):
+    """Packed rows (the default), dropout on, data.per_class choosing the examples: a run
+    resumed from its step-2 checkpoint ends bit-identical to the run that went on."""
+    import shutil
+
+    from ptft_jax.ckpt.integrity import check_step
+    from ptft_jax.jobs.entry import finetune
+    train, evaluation = _labelled(tmp_path, n_train=80)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    for row in rows:  # short texts, several to a row of 32
+        row["text"] = " ".join(row["text"].split()[:5])
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    per_label = [sum(r["label"] == name for r in rows) for name in ("lord", "other")]
+    cfg = load_config("configs/finetune_fortunes_full.yaml", [
+        f"run_dir={tmp_path / 'ft'}", f"finetune.init_from={pretrained}",
+        f"data.corpus={train}", f"data.eval_corpus={evaluation}", "data.eval_split=train",
+        "data.per_class=12", "train.steps=4", "train.global_batch=8", "eval.every=2",
+        "checkpoint.every=2", "checkpoint.keep=3", "checkpoint.async_save=false",
+        "model.dropout=0.1", *SHORT])
+    assert cfg.data.packing == "pack"
+    first = finetune(cfg)
+    ckpts = tmp_path / "ft" / "checkpoints"
+    _, a = check_step(ckpts / "4")
+    shutil.rmtree(ckpts / "4")  # as if the run had been stopped after its step-2 save
+    second = finetune(cfg)
+    assert second["start_step"] == 2 and second["steps"] == 4
+    _, b = check_step(ckpts / "4")
+    for item in ("params", "opt_state"):
+        for x, y in zip(jax.tree.leaves(a[item]), jax.tree.leaves(b[item])):
+            assert np.array_equal(x, y), item
+    assert first["eval/macro_f1"] == second["eval/macro_f1"]
+    out = capsys.readouterr().out
+    chosen = sum(min(12, n) for n in per_label)  # data.per_class: up to 12 of each class
+    packed = re.search(rf"\| {chosen} \(packed ([\d.]+) to a row", out)
+    assert packed and float(packed.group(1)) > 2, out[:300]

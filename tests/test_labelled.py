@@ -1,5 +1,6 @@
 """Labelled examples: row layout for texts and pairs, truncation, label spaces, one finite
 eval pass, and opening labelled files and the bundled fortunes set."""
+import dataclasses
 import json
 
 import numpy as np
@@ -107,6 +108,44 @@ def test_open_examples_from_files_and_pairs(tmp_path):
     assert space.names == ("0", "1") and examples.rows([0])["type_ids"][0].sum() > 0
     predicted = predict_examples(["the cat"], tok, 16, "encoder")
     assert len(predicted) == 1 and predicted.labels is None
+
+
+def test_keep_labels_and_per_class_select_text_examples(tmp_path):
+    tokenizer = _files(tmp_path)
+    rows = [{"text": f"the cat sat number {i}", "label": "cat"} for i in range(6)] + \
+           [{"text": f"a dog ran far {i}", "label": "dog"} for i in range(5)] + \
+           [{"text": f"who sat {i}", "label": "owl"} for i in range(4)]
+    (tmp_path / "three.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = load_tokenizer(tokenizer)
+
+    def texts(examples):
+        return [tok.decode([int(t) for t in row if t]) for row in
+                examples.rows(np.arange(len(examples)))["tokens"]]
+    cfg = DataConfig(corpus=str(tmp_path / "three.jsonl"), label_column="label", seq_len=16,
+                     keep_labels=["owl", "dog"], per_class=3, shuffle_seed=4)
+    examples, space = open_examples(cfg, "train", tokenizer, tmp_path / "cache",
+                                    "classification", None, "encoder", progress=False,
+                                    per_class=3)
+    assert space.names == ("dog", "owl") and len(examples) == 6
+    assert sorted(examples.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    chosen = texts(examples)
+    assert all(("dog" in t) == (label == 0) for t, label in zip(chosen, examples.labels))
+    source = [r["text"] for r in rows]
+    assert all(t in source for t in chosen) and chosen == sorted(chosen, key=source.index)
+    again, _ = open_examples(cfg, "train", tokenizer, tmp_path / "cache", "classification",
+                             None, "encoder", progress=False, per_class=3)
+    assert texts(again) == chosen  # the same examples for the same seed
+    other, _ = open_examples(dataclasses.replace(cfg, shuffle_seed=5), "train", tokenizer,
+                             tmp_path / "cache", "classification", None, "encoder",
+                             progress=False, per_class=3)
+    assert texts(other) != chosen
+    # Evaluation keeps the classes but every example of them; a missing class is named.
+    evaluation, _ = open_examples(cfg, "train", tokenizer, tmp_path / "cache",
+                                  "classification", space, "encoder", progress=False)
+    assert len(evaluation) == 9
+    with pytest.raises(ValueError, match=r"data.keep_labels: \['emu'\] are not labels"):
+        open_examples(dataclasses.replace(cfg, keep_labels=["emu", "dog"]), "train", tokenizer,
+                      tmp_path / "cache", "classification", None, "encoder", progress=False)
 
 
 def test_missing_label_column_and_empty_split_are_clear_errors(tmp_path):

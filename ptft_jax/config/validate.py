@@ -35,12 +35,16 @@ def validate(cfg: Config, num_devices: int) -> None:
     d = cfg.data
     _check_columns(cfg)
     _check_local_splits(cfg)
-    for key, off in (("keep_labels", "null"), ("per_class", "0")):  # read by image jobs only
+    for key, off in (("keep_labels", "null"), ("per_class", "0")):  # single-label tasks only
         if str(getattr(d, key)).replace("None", "null") != off and \
-                task_for(cfg) not in IMAGE_TASKS + MULTIMODAL_TASKS:
-            raise ConfigError(f"data.{key} selects examples of image or image-text data; "
-                              f"train.task {task_for(cfg)} does not read it. Filter the labelled "
-                              f"file itself, or set data.{key}={off}.")
+                task_for(cfg) not in IMAGE_TASKS + MULTIMODAL_TASKS + ("classification",):
+            raise ConfigError(f"data.{key} selects examples by their one class; train.task "
+                              f"{task_for(cfg)} does not read it. Filter the labelled file "
+                              f"itself, or set data.{key}={off}.")
+    if d.keep_labels and "classification" in task_for(cfg) and \
+            len({str(v) for v in d.keep_labels}) < 2:
+        raise ConfigError(f"data.keep_labels={d.keep_labels} keeps one class; a classifier "
+                          f"needs at least 2: list more, or null for all.")
     text = cfg.towers.text.model if m.kind in MULTIMODAL_KINDS else m  # the text model
     if d.tokenizer is None:
         check_tokenizer_size(d.tokenizer_vocab_size, text.kind)

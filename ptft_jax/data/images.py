@@ -318,21 +318,5 @@ class ImageExamples(PaddedBatches):
                 "weight": np.ones(len(rows), np.float32)}
 
 
-def select(label_ids: np.ndarray, keep: list[int] | None, per_class: int,
-           seed: int) -> np.ndarray:
-    """Row indices: only classes in `keep` (all when None); with `per_class`, the first N of
-    each class after a seeded shuffle (the same rows for the same seed, in source order)."""
-    rows = np.arange(len(label_ids))
-    if keep is not None:
-        rows = rows[np.isin(label_ids, keep)]
-    if per_class:
-        shuffled = np.random.default_rng([seed, 7]).permutation(rows)
-        chosen = []
-        for c in np.unique(label_ids[rows]):
-            chosen.append(shuffled[label_ids[shuffled] == c][:per_class])
-        rows = np.sort(np.concatenate(chosen)) if chosen else rows[:0]
-    return rows
-
-
 __all__ = ["ImageCache", "ImageExamples", "prepare_image_cache", "prepare_image_cache_once",
-           "select", "CacheError"]
+           "CacheError"]

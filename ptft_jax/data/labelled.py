@@ -15,6 +15,7 @@ and no row is all padding (which would make attention's softmax empty).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -146,20 +147,24 @@ class Examples(PaddedBatches):
 
     def __init__(self, first, second, labels, seq_len: int, cls_id: int | None, sep_id: int,
                  pad_id: int = 0):
-        self.a_tokens, self.a_offsets = first[0], np.asarray(first[1], np.int64)
+        # Each example's first token in its column's stream: a subset keeps the streams.
+        a_offsets = np.asarray(first[1], np.int64)
+        self.a_tokens, self.a_starts = first[0], a_offsets[:-1]
         self.pair = second is not None
         if self.pair:
-            self.b_tokens, self.b_offsets = second[0], np.asarray(second[1], np.int64)
-            if len(self.b_offsets) != len(self.a_offsets):
+            b_offsets = np.asarray(second[1], np.int64)
+            self.b_tokens, self.b_starts = second[0], b_offsets[:-1]
+            if len(b_offsets) != len(a_offsets):
                 raise ValueError("the two text columns hold different numbers of examples")
         self.labels = labels
         self.seq_len, self.cls_id, self.sep_id, self.pad_id = seq_len, cls_id, sep_id, pad_id
-        la = np.diff(self.a_offsets)
-        lb = np.diff(self.b_offsets) if self.pair else np.zeros_like(la)
+        la = np.diff(a_offsets)
+        lb = np.diff(b_offsets) if self.pair else np.zeros_like(la)
         budget = seq_len - (cls_id is not None) - 1 - (1 if self.pair else 0)
         if budget < (2 if self.pair else 1):
             raise ValueError(f"data.seq_len={seq_len} leaves no room for text beside the "
                              f"special tokens; raise data.seq_len.")
+        self.full_lengths = la + lb  # text tokens before truncation
         self.truncated = int(np.sum(la + lb > budget))
         self.len_a, self.len_b = _longest_first(la, lb, budget)
         # Each example's tokens in its row, special tokens included (packing reads these).
@@ -167,7 +172,18 @@ class Examples(PaddedBatches):
             ((self.len_b + 1) if self.pair else 0)
 
     def __len__(self) -> int:
-        return len(self.a_offsets) - 1
+        return len(self.a_starts)
+
+    def subset(self, index: np.ndarray) -> "Examples":
+        """These examples only (data.keep_labels, data.per_class), in the order given."""
+        index = np.asarray(index, np.int64)
+        part = copy.copy(self)
+        for name in ("a_starts", "b_starts", "len_a", "len_b", "lengths", "labels"):
+            if getattr(self, name, None) is not None:
+                setattr(part, name, getattr(self, name)[index])
+        budget = self.seq_len - (self.cls_id is not None) - 1 - (1 if self.pair else 0)
+        part.truncated = int(np.sum(self.full_lengths[index] > budget))
+        return part
 
     def rows(self, index) -> dict[str, np.ndarray]:
         index = np.asarray(index, np.int64)
@@ -184,10 +200,10 @@ class Examples(PaddedBatches):
         is_sep = (col == sep1) | (self.pair & (col == sep2))
         length = (sep2 if self.pair else sep1) + 1
         valid = col < length
-        a_src = self.a_offsets[index][:, None] + np.clip(a_pos, 0, None)
+        a_src = self.a_starts[index][:, None] + np.clip(a_pos, 0, None)
         tokens = np.where(is_a, np.asarray(self.a_tokens[np.where(is_a, a_src, 0)]), self.pad_id)
         if self.pair:
-            b_src = self.b_offsets[index][:, None] + np.clip(b_pos, 0, None)
+            b_src = self.b_starts[index][:, None] + np.clip(b_pos, 0, None)
             tokens = np.where(is_b, np.asarray(self.b_tokens[np.where(is_b, b_src, 0)]), tokens)
         tokens = np.where(is_sep, self.sep_id, tokens)
         if self.cls_id is not None:
@@ -203,6 +219,22 @@ class Examples(PaddedBatches):
         return out
 
 
+def select(label_ids: np.ndarray, keep: list[int] | None, per_class: int,
+           seed: int) -> np.ndarray:
+    """Row indices: only classes in `keep` (all when None); with `per_class`, the first N of
+    each class after a seeded shuffle (the same rows for the same seed, in source order)."""
+    rows = np.arange(len(label_ids))
+    if keep is not None:
+        rows = rows[np.isin(label_ids, keep)]
+    if per_class:
+        shuffled = np.random.default_rng([seed, 7]).permutation(rows)
+        chosen = []
+        for c in np.unique(label_ids[rows]):
+            chosen.append(shuffled[label_ids[shuffled] == c][:per_class])
+        rows = np.sort(np.concatenate(chosen)) if chosen else rows[:0]
+    return rows
+
+
 def _longest_first(la: np.ndarray, lb: np.ndarray, budget: int):
     """Cut lengths so la + lb <= budget, taking tokens from the longer text first."""
     la, lb = la.copy(), lb.copy()
@@ -215,6 +247,18 @@ def _longest_first(la: np.ndarray, lb: np.ndarray, budget: int):
     return la, lb
 
 
+def _kept_rows(raw: list, keep_labels, where: str) -> np.ndarray:
+    """The rows whose label is one of data.keep_labels (every row when it is not set)."""
+    if keep_labels is None:
+        return np.arange(len(raw))
+    keep, names = {str(v) for v in keep_labels}, [str(v) for v in raw]
+    missing = sorted(keep - set(names))
+    if missing:
+        raise ValueError(f"data.keep_labels: {missing} are not labels of {where} (its labels: "
+                         f"{sorted(set(names))[:20]}); list labels the data holds.")
+    return np.flatnonzero([n in keep for n in names])
+
+
 def _cache_dir(root: Path, corpus: str, split: str, column: str) -> Path:
     tag = hashlib.sha1(corpus.encode()).hexdigest()[:8]
     return Path(root) / f"{split}-{column}-{tag}"
@@ -222,9 +266,12 @@ def _cache_dir(root: Path, corpus: str, split: str, column: str) -> Path:
 
 def open_examples(data_cfg, split: str, tokenizer_path, cache_root, kind: str,
                   label_space: LabelSpace | None, model_kind: str, progress: bool = True,
-                  corpus: str | None = None) -> tuple[Examples, LabelSpace]:
+                  corpus: str | None = None, per_class: int = 0
+                  ) -> tuple[Examples, LabelSpace]:
     """The examples of one split, tokenized through the token cache, and the label space
-    (built from this split when `label_space` is None: the training split)."""
+    (built from this split when `label_space` is None: the training split). Classification
+    keeps only the classes in data.keep_labels (when set) and, with `per_class`, the first N
+    examples of each class after a shuffle seeded by data.shuffle_seed."""
     if kind not in TASK_KINDS:
         raise ValueError(f"train.task '{kind}' is not a finetuning task ({', '.join(TASK_KINDS)}).")
     if data_cfg.label_column is None:
@@ -257,13 +304,18 @@ def open_examples(data_cfg, split: str, tokenizer_path, cache_root, kind: str,
                                    data_cfg.num_workers, progress=progress)
         streams.append((cache.tokens, cache.offsets))
     raw = documents.labels(0, len(documents))
+    kept = _kept_rows(raw, data_cfg.keep_labels, where)
     if label_space is None:
         label_space = LabelSpace.from_labels(
-            kind, raw, f"the labels of {where} (data.label_column '{cfg.label_column}')")
-    labels = label_space.encode(raw, where)
+            kind, [raw[i] for i in kept],
+            f"the labels of {where} (data.label_column '{cfg.label_column}')")
+    labels = label_space.encode([raw[i] for i in kept], where)
     ids = TokenIds.of(load_tokenizer(tokenizer_path), model_kind)
-    examples = Examples(streams[0], streams[1] if pair_column else None, labels,
-                        data_cfg.seq_len, ids.bos_id, ids.eos_id)
+    examples = Examples(streams[0], streams[1] if pair_column else None, None,
+                        data_cfg.seq_len, ids.bos_id, ids.eos_id).subset(kept)
+    examples.labels = labels  # encoded for the kept rows only
+    if per_class:  # the first N of each class after a seeded shuffle, in source order
+        examples = examples.subset(select(labels, None, per_class, data_cfg.shuffle_seed))
     if examples.truncated:
         log.info("%s: %d of %d examples truncated to data.seq_len=%d", where,
                  examples.truncated, len(examples), data_cfg.seq_len)

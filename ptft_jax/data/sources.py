@@ -34,7 +34,9 @@ from ptft_jax.data.source_checks import (SCAN_BYTES, as_list, check_json, check_
 log = logging.getLogger(__name__)
 
 _CORPORA = Path(__file__).with_name("corpora")
-BUNDLED = {"kjv": _CORPORA / "kjv.txt.gz"}  # text, one split
+# Text, one split: the KJV, and every fortune of Debian's package but the labelled set's
+# validation ones (in-domain text for continued pretraining before a fortunes finetune).
+BUNDLED = {"kjv": _CORPORA / "kjv.txt.gz", "fortunes-text": _CORPORA / "fortunes-text.txt.gz"}
 # Labelled sets (JSON lines with 'text' and 'label'), one file per split.
 BUNDLED_LABELLED = {"fortunes": {split: _CORPORA / f"fortunes-{split}.jsonl.gz"
                                  for split in ("train", "validation")}}

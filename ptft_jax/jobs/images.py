@@ -9,8 +9,8 @@ import numpy as np
 from ptft_jax.ckpt.pretrained import check_init_from
 from ptft_jax.config.schema import Config, ConfigError
 from ptft_jax.data.image_sources import open_images
-from ptft_jax.data.images import ImageExamples, prepare_image_cache_once, select
-from ptft_jax.data.labelled import LabelSpace
+from ptft_jax.data.images import ImageExamples, prepare_image_cache_once
+from ptft_jax.data.labelled import LabelSpace, select
 from ptft_jax.jobs.common import (check_labelled_splits, data_cache_root, pretrained_init,
                                   save_run_files, saved_labels)
 from ptft_jax.models.flops import image_train_flops

@@ -68,7 +68,8 @@ def finetune_job(cfg: Config) -> Job:
     try:
         train, labels = open_examples(cfg.data, cfg.data.split, tokenizer_path, cache_root,
                                       kind, saved, cfg.model.kind,
-                                      progress=cfg.train.progress)
+                                      progress=cfg.train.progress,
+                                      per_class=cfg.data.per_class)
         evaluation = None
         if cfg.data.eval_split or cfg.data.eval_corpus:
             evaluation, _ = open_examples(cfg.data, eval_split_of(cfg.data),

@@ -18,8 +18,8 @@ from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
 from ptft_jax.config.schema import Config, ConfigError, task_for
 from ptft_jax.core.mesh import broadcast_text
-from ptft_jax.data.images import prepare_image_cache_once, select
-from ptft_jax.data.labelled import LabelSpace, predict_examples
+from ptft_jax.data.images import prepare_image_cache_once
+from ptft_jax.data.labelled import LabelSpace, predict_examples, select
 from ptft_jax.data.pairs import PairExamples, PairRecords, open_pairs
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path, train_tokenizer
 from ptft_jax.jobs.common import (check_labelled_splits, data_cache_root, fitted_vocab_size,

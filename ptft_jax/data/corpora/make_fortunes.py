@@ -3,8 +3,11 @@ package (apt-get install fortunes): a labelled text set for finetuning examples 
 
 The task: predict which fortune file (category) a fortune comes from. Fortunes are separated by
 lines holding a single '%'; whitespace is collapsed, empty, duplicate and long (> 600
-characters) ones are dropped, and each category is split 85/15 with a fixed seed. Gzip with
-mtime 0, so a rebuild is byte-identical.
+characters) ones are dropped, and each category is split 85/15 with a fixed seed. Also
+fortunes-text.txt.gz: unlabelled in-domain text for (continued) pretraining, one fortune per
+line from every file of the package (the ten categories and the 32 others, ascii-art aside),
+deduplicated, with every validation fortune left out so that pretraining never sees the texts
+a finetuned model is scored on. Gzip with mtime 0, so a rebuild is byte-identical.
 
     python ptft_jax/data/corpora/make_fortunes.py [/usr/share/games/fortunes]
 """
@@ -18,6 +21,13 @@ CATEGORIES = ("computers", "definitions", "food", "law", "politics", "science", 
               "sports", "startrek", "work")
 MAX_CHARS = 600
 VALIDATION = 0.15
+NOT_PROSE = ("ascii-art",)
+
+
+def write_gzip(path: Path, data: bytes) -> None:
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0,
+                                                filename="") as f:
+        f.write(data)
 
 
 def read(path: Path) -> list[str]:
@@ -41,10 +51,17 @@ def main(source: str = "/usr/share/games/fortunes") -> None:
         random.Random(f"fortunes/{name}").shuffle(rows)
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
         path = out_dir / f"fortunes-{name}.jsonl.gz"
-        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0,
-                                                    filename="") as f:
-            f.write(data)
+        write_gzip(path, data)
         print(f"{path.name}: {len(rows)} examples, {path.stat().st_size:,} bytes")
+    held_out = {row["text"] for row in splits["validation"]}
+    text, kept = [], set()
+    for path in sorted(Path(source).iterdir()):
+        if path.suffix in (".dat", ".u8") or path.name in NOT_PROSE or not path.is_file():
+            continue
+        text += [t for t in read(path) if t not in held_out and not (t in kept or kept.add(t))]
+    path = out_dir / "fortunes-text.txt.gz"
+    write_gzip(path, "".join(t + "\n" for t in text).encode())
+    print(f"{path.name}: {len(text)} fortunes, {path.stat().st_size:,} bytes")
 
 
 if __name__ == "__main__":
