@@ -102,3 +102,25 @@ def test_validate_checks_the_allowed_values_of_a_config_built_in_code():
 def test_mesh_minus_one_takes_the_rest():
     cfg = load_config(None, ["mesh.data=-1", "mesh.tensor=2"])
     assert resolve_mesh_shape(cfg.mesh, 8) == (4, 1, 2)
+
+
+def test_a_run_named_by_init_from_gives_the_model_its_shape(tmp_path):
+    """finetune.init_from: RUN (or RUN/checkpoints/N) with no shape in the model section
+    takes the run's, as hf: takes config.json's; a config that sets one keeps it."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "7").mkdir(parents=True)
+    shape = {"preset": "bert-mini", "kind": "encoder", "vocab_size": 777, "hidden_size": 64,
+             "num_layers": 3, "num_heads": 2, "mlp_dim": 96, "max_len": 48, "dropout": 0.3}
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": shape}))
+    for spec in (run, run / "checkpoints" / "7"):
+        cfg = load_config(None, [f"finetune.init_from={spec}", "model.dropout=0.05"])
+        m = cfg.model
+        assert (m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim,
+                m.max_len) == (777, 64, 3, 2, 96, 48)
+        assert m.dropout == 0.05  # not a shape key: the finetune config's own
+    kept = load_config(None, [f"finetune.init_from={run}", "model.preset=bert-tiny"]).model
+    assert (kept.hidden_size, kept.num_layers) == (128, 2)
+    kept = load_config(None, [f"finetune.init_from={run}", "model.hidden_size=32"]).model
+    assert kept.hidden_size == 32 and kept.num_layers != 3
+    plain = load_config(None, [f"finetune.init_from={tmp_path / 'nothing'}"]).model
+    assert plain.hidden_size != 64  # not a run: left to init_from's own check

@@ -1,8 +1,8 @@
 """Building a Config: three layers, each overriding the last: the dataclass defaults, the
 YAML file, then command-line `a.b=value` overrides. Model presets (`model.preset: bert-base`)
 fill the model's shape before explicit model keys are applied; an `hf:` init_from fills it
-from the checkpoint's config.json (config/hf.py). Unknown keys are named with the closest
-valid one.
+from the checkpoint's config.json (config/hf.py), a ptft run directory's from its
+config.yaml. Unknown keys are named with the closest valid one.
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = read_yaml_mapping(path, "the --config file", "shipped configs are in configs/, "
                                  "for example configs/pretrain_tiny_mlm.yaml")
     data = merge_dicts(data, parse_overrides(overrides or []))
-    return from_dict(with_hf_model(data))
+    return from_dict(with_run_model(with_hf_model(data)))
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -236,6 +236,32 @@ def with_hf_model(data: dict) -> dict:
             towers = {**towers, name: {**tower, "model": model}}
             data = _with_tokenizer({**data, "towers": towers}, tokenizer)
     return data
+
+
+# A ptft run's shape: config.json's keys, and a ResNet's block layout.
+RUN_SHAPE_KEYS = (*SHAPE_KEYS, "resnet_stages", "resnet_block", "resnet_width", "resnet_stem")
+
+
+def with_run_model(data: dict) -> dict:
+    """With `finetune.init_from` naming a ptft run (its folder, checkpoints/ or one step) and a
+    model section that sets no preset and no shape key, the model's shape is the run's (from
+    its config.yaml), as an hf: init_from takes config.json's. A config that sets a shape
+    keeps it: a mismatch is named per parameter when the weights load."""
+    spec = (data.get("finetune") or {}).get("init_from")
+    model = data.get("model") or {}
+    if not isinstance(spec, str) or is_hf(spec) or not isinstance(model, dict) or \
+            model.get("preset") is not None or \
+            any(model.get(k) is not None for k in RUN_SHAPE_KEYS):
+        return data
+    source = Path(spec)
+    found = next((folder / "config.yaml" for folder in (source, *source.parents[:2])
+                  if (folder / "config.yaml").is_file()), None)
+    if found is None:  # not a run (yet): init_from's own check names it later
+        return data
+    theirs = read_yaml_mapping(found, "the config.yaml of the run finetune.init_from names")
+    shape = {k: v for k, v in (theirs.get("model") or {}).items()
+             if k in RUN_SHAPE_KEYS and v is not None}
+    return {**data, "model": {**model, **shape}} if shape else data
 
 
 def _hf_model_keys(spec: str, model, key: str, source_key: str):
