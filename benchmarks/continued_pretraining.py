@@ -32,12 +32,24 @@ RUNS = REPO / "runs" / "continued"
 CONFIGS = REPO / "configs"
 
 
+def timed(command: str, config: str, run_dir: Path, overrides: list[str]) -> None:
+    """Runs one ptft command and keeps its wall seconds beside the run (a later invocation
+    of this script reads them instead of rerunning)."""
+    seconds = ptft(command, CONFIGS / config, [f"run_dir={run_dir}", *overrides])
+    (run_dir / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+
+
+def wall(run_dir: Path) -> float | None:
+    path = run_dir / "wall_seconds.txt"
+    return float(path.read_text()) if path.exists() else None
+
+
 def pretrain(name: str, config: str) -> dict:
     """Runs (or reads) one pretraining run: its directory, wall seconds, last MLM loss."""
     run_dir = RUNS / name
-    seconds = None
     if not _finished(run_dir):
-        seconds = ptft("pretrain", CONFIGS / config, [f"run_dir={run_dir}"])
+        timed("pretrain", config, run_dir, [])
+    seconds = wall(run_dir)
     rows = _metrics(run_dir)
     train = [r for r in rows if "loss" in r]
     return {"run_dir": run_dir, "seconds": seconds, "steps": train[-1]["step"],
@@ -46,12 +58,11 @@ def pretrain(name: str, config: str) -> dict:
 
 def finetune(name: str, config: str, overrides: list[str]) -> dict:
     run_dir = RUNS / name
-    seconds = None
     if final_eval(run_dir) is None:
-        seconds = ptft("finetune", CONFIGS / config, [f"run_dir={run_dir}", *overrides])
+        timed("finetune", config, run_dir, overrides)
     result = final_eval(run_dir)
     return {"run": name, "accuracy": result["eval/accuracy"],
-            "macro_f1": result["eval/macro_f1"], "seconds": seconds}
+            "macro_f1": result["eval/macro_f1"], "seconds": wall(run_dir)}
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -74,17 +85,23 @@ def seeded(seed: int) -> list[str]:
 def bert_mini(seeds: list[int], rows: list[dict]) -> dict:
     pre = pretrain("bert_mini_mlm", "pretrain_fortunes_bert_mini.yaml")
     tokenizer = pre["run_dir"] / "tokenizer.json"
-    for per_class in (10, 100):
-        for start in ("pretrained", "random"):
-            init = [f"finetune.init_from={pre['run_dir']}"] if start == "pretrained" else \
-                ["finetune.init_from=null", f"data.tokenizer={tokenizer}"]
-            for seed in seeds:
-                result = finetune(f"bert_mini_{start}_{per_class}_s{seed}",
-                                  "finetune_fortunes_bert_mini_few.yaml",
-                                  [*init, f"data.per_class={per_class}", *seeded(seed)])
-                rows.append({"experiment": "bert-mini", "start": start,
-                             "labels_per_class": per_class, "seed": seed, **result})
-                print(rows[-1], flush=True)
+    # CLS pooling is what the recipe's `auto` gives an encoder; mean pooling reads the token
+    # features masked-LM pretraining trains (nothing trains the CLS position's).
+    for pooling in ("cls", "mean"):
+        for per_class in (10, 100):
+            for start in ("pretrained", "random"):
+                init = [f"data.tokenizer={tokenizer}", f"finetune.pooling={pooling}",
+                        "finetune.init_from=" + (str(pre["run_dir"]) if start == "pretrained"
+                                                 else "null")]
+                tag = "" if pooling == "cls" else f"{pooling}_"
+                for seed in seeds:
+                    result = finetune(f"bert_mini_{start}_{tag}{per_class}_s{seed}",
+                                      "finetune_fortunes_bert_mini_few.yaml",
+                                      [*init, f"data.per_class={per_class}", *seeded(seed)])
+                    rows.append({"experiment": "bert-mini", "start": start,
+                                 "pooling": pooling, "labels_per_class": per_class,
+                                 "seed": seed, **result})
+                    print(rows[-1], flush=True)
     return pre
 
 
@@ -96,9 +113,18 @@ def minilm(seeds: list[int], rows: list[dict]) -> dict:
         for seed in seeds:
             result = finetune(f"minilm_{tag}_s{seed}", "finetune_fortunes_minilm_full.yaml",
                               [*init, *seeded(seed)])
-            rows.append({"experiment": "all-MiniLM-L6-v2", "start": start,
+            rows.append({"experiment": "all-MiniLM-L6-v2", "start": start, "pooling": "mean",
                          "labels_per_class": "all", "seed": seed, **result})
             print(rows[-1], flush=True)
+    # What masked LM did to the mean-pooled features the finetune starts from: a linear probe
+    # of each encoder (frozen), one seed.
+    for start in ("MiniLM + fortunes MLM", "MiniLM"):
+        init = [f"finetune.init_from={pre['run_dir']}"] if start != "MiniLM" else []
+        result = finetune(f"minilm_{'dapt' if init else 'direct'}_probe_s0",
+                          "finetune_fortunes_minilm_linear_probe.yaml", [*init, *seeded(0)])
+        rows.append({"experiment": "all-MiniLM-L6-v2, linear probe", "start": start,
+                     "pooling": "mean", "labels_per_class": "all", "seed": 0, **result})
+        print(rows[-1], flush=True)
     return pre
 
 
@@ -106,25 +132,26 @@ def report(rows: list[dict], pretraining: dict, env: dict) -> str:
     lines = ["# Continued pretraining on the fortunes' own text, then finetuning", "",
              f"Machine: {env['machine']} ({env['isa']}), commit {env['git_commit']}. Scores: "
              f"each run's final evaluation on the 792 validation fortunes (10 classes).", "",
-             "| experiment | pretraining | steps | MLM loss first -> last | wall s |",
+             "| experiment | pretraining | steps | MLM loss, first logged step -> last | wall s |",
              "|---|---|---:|---|---:|"]
     for name, pre in pretraining.items():
         wall = "reused" if pre["seconds"] is None else f"{pre['seconds']:.0f}"
         lines.append(f"| {name} | {pre['run_dir'].name} | {pre['steps']} | "
                      f"{pre['first_loss']:.3f} -> {pre['last_loss']:.3f} | {wall} |")
-    lines += ["", "| experiment | start | labels per class | seeds | macro F1 mean (sd) | "
-              "accuracy mean (sd) | macro F1 per seed | wall s per run |",
-              "|---|---|---|---:|---|---|---|---|"]
+    lines += ["", "| experiment | pooling | labels per class | start | seeds | macro F1 mean "
+              "(sd) | accuracy mean (sd) | macro F1 per seed | wall s per run |",
+              "|---|---|---|---|---:|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["experiment"], r["labels_per_class"], r["start"]), []).append(r)
-    for (experiment, per_class, start), group in groups.items():
+        key = (r["experiment"], r["pooling"], r["labels_per_class"], r["start"])
+        groups.setdefault(key, []).append(r)
+    for (experiment, pooling, per_class, start), group in groups.items():
         f1 = [r["macro_f1"] for r in group]
         acc = [r["accuracy"] for r in group]
         sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
         walls = ", ".join("reused" if r["seconds"] is None else f"{r['seconds']:.0f}"
                           for r in group)
-        lines.append(f"| {experiment} | {start} | {per_class} | {len(group)} | "
+        lines.append(f"| {experiment} | {pooling} | {per_class} | {start} | {len(group)} | "
                      f"{statistics.mean(f1):.3f} ({sd(f1):.3f}) | "
                      f"{statistics.mean(acc):.3f} ({sd(acc):.3f}) | "
                      f"{', '.join(f'{v:.3f}' for v in f1)} | {walls} |")
