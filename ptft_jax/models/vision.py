@@ -82,8 +82,34 @@ class ViT(nn.Module):
         return x[:, 0] if cfg.image_pooling == "cls" else jnp.mean(x, axis=1)
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution (strided: every stride-th pixel) as a matmul over channels, with
+    nn.Conv's parameter (`kernel` [1, 1, in, out]), so checkpoints and conversions are
+    unchanged. XLA's CPU backend runs it as a dot about 2x faster than as a convolution,
+    forward and backward (ResNet-50's 1x1 shapes at batch 8); on GPU both are one GEMM."""
+    features: int
+    stride: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    kernel_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
+                            self.param_dtype)
+        if self.stride > 1:
+            x = x[:, ::self.stride, ::self.stride, :]
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+
+
 def _conv(cfg: ModelConfig, features: int, kernel: int, stride: int, name: str):
     dtype, param_dtype = dtypes(cfg)
+    # He et al. 2015's initialisation, fan-out form (torchvision's ResNets).
+    init = nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(2.0, "fan_out", "normal"), (None, None, None, "embed"))
+    if kernel == 1:
+        return PointwiseConv(features, stride, dtype, param_dtype, init, name=name)
     # (k - 1) / 2 pixels on every side, as torchvision's and transformers' ResNets pad: the
     # same output sizes as "SAME", but a strided conv then sees the same pixels as theirs
     # ("SAME" pads only the far side of an even input) and their weights compute the same.
@@ -91,10 +117,7 @@ def _conv(cfg: ModelConfig, features: int, kernel: int, stride: int, name: str):
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)),
                    use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                   # He et al. 2015's initialisation, fan-out form (torchvision's ResNets).
-                   kernel_init=nn.with_logical_partitioning(
-                       nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                       (None, None, None, "embed")))
+                   kernel_init=init)
 
 
 def _norm(cfg: ModelConfig, train: bool, name: str, axis_name: str | None):
