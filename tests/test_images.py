@@ -449,3 +449,27 @@ def test_image_run_resumes_exactly(idx_dir, tmp_path):
     for item in ("params", "opt_state", "model_state"):
         for x, y in zip(jax.tree.leaves(a[item]), jax.tree.leaves(b[item])):
             assert np.array_equal(x, y), item
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_1x1_convolution_as_a_dot_computes_what_nn_conv_does(stride):
+    """PointwiseConv (a ResNet's 1x1 convs, as a matmul for XLA's CPU backend) has nn.Conv's
+    parameter and init, and the same outputs and gradients, strided or not."""
+    import flax.linen as nn
+
+    from ptft_jax.models.vision import PointwiseConv
+    init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    ours = PointwiseConv(6, stride, jnp.float32, jnp.float32, init)
+    theirs = nn.Conv(6, (1, 1), strides=(stride, stride), padding=((0, 0), (0, 0)),
+                     use_bias=False, kernel_init=init)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, 7, 5)), jnp.float32)
+    params = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == \
+        jax.tree.map(jnp.shape, theirs.init(jax.random.key(0), x))
+
+    def loss(module, p, x):
+        return jnp.sum(jnp.tanh(module.apply(p, x)))
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(ours, params, x)),
+                    jax.tree.leaves(jax.grad(loss, argnums=(1, 2))(theirs, params, x))):
+        np.testing.assert_allclose(a, b, atol=1e-5)
