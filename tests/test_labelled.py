@@ -127,6 +127,10 @@ def test_keep_labels_and_per_class_select_text_examples(tmp_path):
                                     "classification", None, "encoder", progress=False,
                                     per_class=3)
     assert space.names == ("dog", "owl") and len(examples) == 6
+    short = dataclasses.replace(cfg, seq_len=5)  # [CLS] + 3 tokens + [SEP]: dogs are cut
+    cut, _ = open_examples(short, "train", tokenizer, tmp_path / "cache", "classification",
+                           None, "encoder", progress=False, per_class=3)
+    assert cut.truncated == int(np.sum(cut.labels == 0)) == 3  # counted on the subset
     assert sorted(examples.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     chosen = texts(examples)
     assert all(("dog" in t) == (label == 0) for t, label in zip(chosen, examples.labels))

@@ -178,11 +178,12 @@ class Examples(PaddedBatches):
         """These examples only (data.keep_labels, data.per_class), in the order given."""
         index = np.asarray(index, np.int64)
         part = copy.copy(self)
-        for name in ("a_starts", "b_starts", "len_a", "len_b", "lengths", "labels"):
+        for name in ("a_starts", "b_starts", "len_a", "len_b", "lengths", "full_lengths",
+                     "labels"):
             if getattr(self, name, None) is not None:
                 setattr(part, name, getattr(self, name)[index])
-        budget = self.seq_len - (self.cls_id is not None) - 1 - (1 if self.pair else 0)
-        part.truncated = int(np.sum(self.full_lengths[index] > budget))
+        # Cut examples kept their full length in full_lengths; the others fit as they are.
+        part.truncated = int(np.sum(part.full_lengths > part.len_a + part.len_b))
         return part
 
     def rows(self, index) -> dict[str, np.ndarray]:
