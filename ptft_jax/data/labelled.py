@@ -165,8 +165,8 @@ class Examples(PaddedBatches):
             raise ValueError(f"data.seq_len={seq_len} leaves no room for text beside the "
                              f"special tokens; raise data.seq_len.")
         self.full_lengths = la + lb  # text tokens before truncation
-        self.truncated = int(np.sum(la + lb > budget))
         self.len_a, self.len_b = _longest_first(la, lb, budget)
+        self.truncated = self._count_truncated()
         # Each example's tokens in its row, special tokens included (packing reads these).
         self.lengths = (cls_id is not None) + self.len_a + 1 + \
             ((self.len_b + 1) if self.pair else 0)
@@ -182,9 +182,12 @@ class Examples(PaddedBatches):
                      "labels"):
             if getattr(self, name, None) is not None:
                 setattr(part, name, getattr(self, name)[index])
-        # Cut examples kept their full length in full_lengths; the others fit as they are.
-        part.truncated = int(np.sum(part.full_lengths > part.len_a + part.len_b))
+        part.truncated = part._count_truncated()
         return part
+
+    def _count_truncated(self) -> int:
+        """Examples cut to fit data.seq_len (the others keep their full length)."""
+        return int(np.sum(self.full_lengths > self.len_a + self.len_b))
 
     def rows(self, index) -> dict[str, np.ndarray]:
         index = np.asarray(index, np.int64)
