@@ -4,7 +4,7 @@
     ptft finetune --config configs/finetune_fortunes_full.yaml [key.sub=value ...]
     ptft eval RUN_DIR [--split NAME] [--corpus PATH]
     ptft predict RUN_DIR [--input FILE] [--output FILE]
-    ptft export RUN_DIR OUT_DIR [--format ptft|hf]   (LoRA adapters merged into the weights)
+    ptft export RUN_DIR OUT_DIR [--format ptft|hf|onnx]   (LoRA adapters merged)
     ptft embed SOURCE [--input FILE] [--output FILE.npy|.jsonl] [--pooling mean|cls]
     ptft tokenizer train --config FILE [key.sub=value ...] [--out PATH] [--force]
     ptft data prepare --config FILE [key.sub=value ...] [--overwrite]
@@ -129,14 +129,17 @@ def main(argv: list[str] | None = None) -> int:
                                                 "(default: 256, or max_len if lower)")
     em.add_argument("--batch-size", type=at_least(1, "examples per batch"), default=64,
                     help="texts per batch (default 64)")
-    ex = sub.add_parser("export", help="a run as a params-only run directory (--format ptft) "
-                                       "or a Hugging Face model directory (--format hf), LoRA "
-                                       "adapters merged into the weights")
+    ex = sub.add_parser("export", help="a run as a params-only run directory (--format ptft), "
+                                       "a Hugging Face model directory (--format hf) or an "
+                                       "ONNX model (--format onnx), LoRA adapters merged into "
+                                       "the weights")
     ex.add_argument("run_dir")
     ex.add_argument("out_dir")
-    ex.add_argument("--format", choices=("ptft", "hf"), default="ptft",
+    ex.add_argument("--format", choices=("ptft", "hf", "onnx"), default="ptft",
                     help="ptft: a finetuned run for ptft eval / predict / init_from; hf: "
-                         "config.json + model.safetensors + tokenizer files for transformers")
+                         "config.json + model.safetensors + tokenizer files for transformers; "
+                         "onnx: model.onnx + tokenizer.json for onnxruntime (finetuned text "
+                         "classifiers; checked against ptft's outputs)")
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     t_sub = t.add_subparsers(dest="action", metavar="ACTION", required=True)
     tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "

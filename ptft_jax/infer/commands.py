@@ -14,6 +14,7 @@ from ptft_jax.core.files import check_new_folder, check_output_file
 from ptft_jax.infer.embed import embed as embed_texts
 from ptft_jax.infer.embed import load_encoder, write
 from ptft_jax.infer.export import export_hf
+from ptft_jax.infer.onnx_export import describe, export_onnx
 from ptft_jax.infer.predict import (evaluate_run, export_run, image_files, is_image_run,
                                     predict_images, predict_pairs, predict_run, read_inputs,
                                     run_task, write_jsonl)
@@ -41,6 +42,9 @@ def evaluate(args) -> int:
 
 def export(args) -> int:
     check_new_folder(Path(args.out_dir), "OUT_DIR")  # before the run is read
+    if args.format == "onnx":
+        print(describe(export_onnx(args.run_dir, args.out_dir)))
+        return 0
     if args.format == "hf":
         result = export_hf(args.run_dir, args.out_dir)
         print(f"exported {result['source']} to {result['out_dir']} as {result['architecture']}: "
