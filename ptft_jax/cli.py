@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--format", choices=("ptft", "hf", "onnx"), default="ptft",
                     help="ptft: a finetuned run for ptft eval / predict / init_from; hf: "
                          "config.json + model.safetensors + tokenizer files for transformers; "
-                         "onnx: model.onnx + tokenizer.json for onnxruntime (finetuned text "
-                         "classifiers; checked against ptft's outputs)")
+                         "onnx: model.onnx (+ tokenizer.json) for onnxruntime: a finetuned "
+                         "text or image classifier, or a text encoder (a pretraining run or "
+                         "hf:...) as embeddings; checked against ptft's outputs")
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     t_sub = t.add_subparsers(dest="action", metavar="ACTION", required=True)
     tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "

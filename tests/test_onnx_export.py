@@ -1,6 +1,8 @@
-"""`ptft export --format onnx`: a finetuned classifier (LoRA merged) as model.onnx + a tokenizer
-that writes ptft's rows, checked by onnxruntime against ptft; the README's script runs it with
-JAX blocked and prints what `ptft predict` prints; bad requests are refused before any write."""
+"""`ptft export --format onnx`: a finetuned classifier (LoRA merged, one text or a pair) as
+model.onnx + a tokenizer that writes ptft's rows, checked by onnxruntime against ptft; the
+README's script runs it with JAX blocked and prints what `ptft predict` prints; an encoder as
+`ptft embed`'s embeddings; an image classifier with BatchNorm as `ptft predict` on images; bad
+requests are refused before any write."""
 import json
 import re
 import subprocess
@@ -98,10 +100,65 @@ def test_an_exported_pair_classifier_reads_rows_as_ptft_writes_them(tmp_path):
     np.testing.assert_array_equal([r.type_ids for r in rows], ours["type_ids"][:, :length])
 
 
-def test_onnx_export_refuses_what_it_cannot_write(run, tmp_path, pretrained):
+def test_an_encoder_exports_as_ptft_embed_computes(pretrained, tmp_path):
+    """A pretraining run (masked LM) exports as an embedding model: mean-pooled, normalised."""
+    from tokenizers import Tokenizer
+
+    from ptft_jax.infer.embed import embed, load_encoder
     from ptft_jax.infer.onnx_export import export_onnx
-    with pytest.raises(ConfigError, match=r"train.task=mlm: --format onnx exports finetuned"):
-        export_onnx(pretrained, tmp_path / "out")
+    meta = export_onnx(pretrained, tmp_path / "enc")
+    assert meta["output"] == "embeddings" and meta["max_length"] == 32
+    texts = ["the lord said unto the king", "and", " ".join(["in the house of god"] * 9)]
+    rows = Tokenizer.from_file(str(tmp_path / "enc" / "tokenizer.json")).encode_batch(texts)
+    assert len(rows[2].ids) == 32  # the long text is cut at ptft embed's length
+    vectors = _ort(tmp_path / "enc", {
+        "input_ids": [r.ids for r in rows], "attention_mask": [r.attention_mask for r in rows],
+        "token_type_ids": [r.type_ids for r in rows]})
+    expected = embed(load_encoder(str(pretrained)), texts, progress=False)
+    np.testing.assert_allclose(vectors, expected, atol=1e-4)
+
+
+def test_an_image_classifier_exports_with_its_batch_norm(tmp_path):
+    """A small ResNet (BatchNorm statistics in the model state) from uint8 pixels."""
+    from PIL import Image
+
+    from ptft_jax.infer.onnx_export import export_onnx
+    from ptft_jax.infer.predict import predict_images
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", image=images, label=rng.integers(0, 3, 24).astype(np.uint8))
+    run = tmp_path / "resnet"
+    finetune(load_config(None, [
+        f"run_dir={run}", f"data.corpus={tmp_path / 'images.npz'}", "data.resize=false",
+        "model.preset=resnet18-small", "model.resnet_width=4", "model.image_size=8",
+        "model.channels=1", "train.task=image_classification", "train.steps=2",
+        "train.global_batch=8", "checkpoint.every=0", "train.progress=false",
+        "optim.warmup_steps=0"]))
+    meta = export_onnx(run, tmp_path / "onnx")
+    assert meta["image_shape"] == [8, 8, 1] and meta["max_abs_diff_from_ptft"] <= 1e-4
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(images[i], "L").save(files[-1])
+    probabilities = _ort(tmp_path / "onnx", {"pixels": images[:3, :, :, None]})
+    expected = [list(p["probabilities"].values()) for p in predict_images(run, files,
+                                                                          progress=False)]
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+
+
+def _ort(folder: Path, inputs: dict) -> np.ndarray:
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    arrays = {k: np.asarray(v, np.uint8 if k == "pixels" else np.int32)
+              for k, v in inputs.items()}
+    return session.run(None, arrays)[0]
+
+
+def test_onnx_export_refuses_what_it_cannot_write(run, tmp_path):
+    from ptft_jax.infer.onnx_export import export_onnx
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ConfigError, match=r"neither a ptft run directory .* nor a Hugging Face"):
+        export_onnx(tmp_path / "notes", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     taken = tmp_path / "taken"
     taken.mkdir()

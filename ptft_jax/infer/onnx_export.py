@@ -1,46 +1,75 @@
-"""`ptft export RUN_DIR --format onnx OUT_DIR`: a finetuned text classifier as an ONNX model.
+"""`ptft export SOURCE --format onnx OUT_DIR`: a model as OUT_DIR/model.onnx, for onnxruntime.
 
-jax2onnx traces what `ptft predict` computes (the classifier, then softmax, sigmoid or the
-regression value) with the weights as constants (LoRA adapters merged) into OUT_DIR/model.onnx:
+jax2onnx traces what ptft itself computes, with the weights as constants (LoRA adapters merged):
 
-    inputs   input_ids, attention_mask, token_type_ids   int32 [batch, length]
-    output   probabilities [batch, labels]   (classification, multi_label)
-             value [batch]                   (regression)
+    finetuned text classifier   input_ids, attention_mask, token_type_ids   int32 [batch, length]
+      (a run)                   -> probabilities [batch, labels] (classification, multi_label)
+                                   or value [batch] (regression): what `ptft predict` writes
+    text encoder (a pretraining input_ids, attention_mask, token_type_ids
+      run, or hf:...)           -> embeddings [batch, hidden], L2-normalised: `ptft embed`'s
+    image classifier (a run)    pixels uint8 [batch, image_size, image_size, channels]
+                                -> probabilities [batch, classes]
 
-Batch and length are both dynamic (length up to the run's data.seq_len). Beside the model:
-tokenizer.json, set up to write ptft's rows itself ([CLS] a [SEP] / a <|endoftext|>, pairs
-with type ids 1 on the second text, truncation to data.seq_len, padding to the longest text
-of a batch), so that a runtime with `tokenizers` and `onnxruntime` and no JAX gets the same
-inputs; labels.json; and onnx.json (what it came from, its inputs and outputs, the check).
+Batch is dynamic; for text, length too (up to the run's data.seq_len, or for embeddings
+`ptft embed`'s default of 256 or max_len). Beside the model: for text, tokenizer.json set up
+to write ptft's rows itself ([CLS] a [SEP] / a <|endoftext|>, pairs with type ids 1 on the
+second text, truncation, padding to the longest text of a batch), so that a runtime with
+`tokenizers` and `onnxruntime` and no JAX gets ptft's inputs; labels.json for classifiers;
+onnx.json (what it came from, inputs, outputs, the check).
 
-The export is checked before it is kept: onnxruntime runs it on rows of several batch sizes
-and lengths, and its outputs must equal ptft's within ONNX_TOLERANCE; otherwise nothing is
+The export is checked before it is kept: onnxruntime runs it on inputs of several batch sizes
+(and lengths), and its outputs must equal ptft's within ONNX_TOLERANCE; otherwise nothing is
 written. jax2onnx's package metadata pins an older orbax-checkpoint than ptft's, though its
 export does not use it: install it with `pip install --no-deps jax2onnx` (see the README).
 """
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer, processors
 
+from ptft_jax.config import hf
 from ptft_jax.config.load import load_run_config
-from ptft_jax.config.schema import FINETUNE_TASKS, ConfigError, task_for
+from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, PRETRAIN_TASKS, ConfigError,
+                                    task_for)
 from ptft_jax.core.files import atomic_write_json, building_folder, check_new_folder
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer
+from ptft_jax.infer.embed import load_encoder
 from ptft_jax.infer.predict import load_run
+from ptft_jax.models.heads import pool
+from ptft_jax.models.transformer import Transformer
 
 ONNX_TOLERANCE = 1e-4  # max abs difference from ptft's outputs, float32
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INSTALL = ("pip install onnx onnx-ir onnxruntime && pip install --no-deps jax2onnx==0.17.1 "
            "(or .venv/bin/pip install -e '.[onnx]' and the same --no-deps line)")
+
+
+@dataclass
+class Exportable:
+    """What one kind of model exports as: the function traced and how to check it."""
+    fn: Callable  # the inputs, in order -> one output
+    inputs: dict  # name -> jax.ShapeDtypeStruct (symbolic dims by name)
+    output: str
+    samples: Callable  # rng -> list of input tuples to check with
+    meta: dict
+    tokenizer: object = None  # a configured tokenizers.Tokenizer, for text models
+    copies: list = field(default_factory=list)  # files copied beside the model
 
 
 def _runtime():
     try:
         import jax2onnx  # noqa: F401
+        import onnx  # noqa: F401
         import onnxruntime
     except ImportError as e:
         raise ConfigError(f"--format onnx needs jax2onnx and onnxruntime ({e.name} is not "
@@ -48,95 +77,163 @@ def _runtime():
     return onnxruntime
 
 
-def export_onnx(run_dir, out_dir) -> dict:
-    """Write OUT_DIR (model.onnx, tokenizer.json, labels.json, onnx.json) from a finetuned
-    text classifier's best (else latest) checkpoint; returns what was written and checked."""
+def export_onnx(source, out_dir) -> dict:
+    """Write OUT_DIR (model.onnx, onnx.json, and tokenizer.json / labels.json as the model
+    needs) from a run's best (else latest) checkpoint or a Hugging Face encoder."""
     ort = _runtime()
-    run_dir, out_dir = Path(run_dir), check_new_folder(Path(out_dir), "OUT_DIR")
-    kind = task_for(load_run_config(run_dir)) if (run_dir / "config.yaml").is_file() else None
-    if kind is not None and kind not in FINETUNE_TASKS:
-        raise ConfigError(f"{run_dir} was trained with train.task={kind}: --format onnx exports "
-                          f"finetuned text classifiers ({', '.join(FINETUNE_TASKS)}) so far. "
-                          f"Export a finetune run, or use --format hf for a pretraining run.")
-    engine, state, cfg, source = load_run(run_dir)
-    host = engine.host_state(state)
-    params, spec = host.params, lora_spec(cfg)
-    if spec is not None and LORA_KEY in params:
-        params = merge(params, spec)
-    predict = _predict_fn(engine.task, params, host.model_state)
-    output = "value" if engine.task.labels.kind == "regression" else "probabilities"
+    out_dir = check_new_folder(Path(out_dir), "OUT_DIR")
+    model = _exportable(str(source))
     with building_folder(out_dir, "onnx export", marked=False) as tmp:
-        _convert(predict, tmp / "model.onnx", output)
-        diff, shapes = _check(ort, tmp / "model.onnx", predict, cfg)
+        _convert(model, tmp / "model.onnx")
+        diff, shapes = _check(ort, tmp / "model.onnx", model)
         if diff > ONNX_TOLERANCE:
             raise ValueError(f"the ONNX model's outputs differ from ptft's by up to {diff:.2e} "
                              f"(more than {ONNX_TOLERANCE:g}); nothing was written to "
-                             f"{out_dir}. Report this with the run's config.yaml.")
-        tokenizer = runtime_tokenizer(run_dir / "tokenizer.json", cfg.model.kind,
-                                      cfg.data.seq_len)
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        shutil.copyfile(run_dir / "labels.json", tmp / "labels.json")
-        meta = {"source": source, "task": engine.task.labels.kind,
-                "labels": list(engine.task.labels.names), "inputs": list(INPUTS),
-                "output": output, "max_length": cfg.data.seq_len,
-                "lora_merged": spec is not None, "checked_shapes": shapes,
-                "max_abs_diff_from_ptft": diff}
+                             f"{out_dir}. Report this with the source's config.")
+        if model.tokenizer is not None:
+            model.tokenizer.save(str(tmp / "tokenizer.json"))
+        for path in model.copies:
+            shutil.copyfile(path, tmp / Path(path).name)
+        meta = {**model.meta, "inputs": list(model.inputs), "output": model.output,
+                "checked_shapes": shapes, "max_abs_diff_from_ptft": diff}
         atomic_write_json(tmp / "onnx.json", meta)
     return {**meta, "out_dir": str(out_dir)}
 
 
-def _predict_fn(task, params, model_state):
-    """(input_ids, attention_mask, token_type_ids) -> what `ptft predict` computes."""
-    import jax.numpy as jnp
+def _exportable(source: str) -> Exportable:
+    run_dir = Path(source)
+    if hf.is_hf(source) or not (run_dir / "config.yaml").is_file():
+        return _encoder(source)  # load_encoder names what a source must be
+    kind = task_for(load_run_config(run_dir))
+    if kind in PRETRAIN_TASKS:
+        return _encoder(source)
+    if kind not in FINETUNE_TASKS + IMAGE_TASKS:
+        raise ConfigError(f"{run_dir} was trained with train.task={kind}: --format onnx exports "
+                          f"text classifiers ({', '.join(FINETUNE_TASKS)}), image classifiers "
+                          f"and text encoders (pretraining runs, hf:...) so far.")
+    engine, state, cfg, checkpoint = load_run(run_dir)
+    host = engine.host_state(state)
+    params, spec = host.params, lora_spec(cfg)
+    if spec is not None and LORA_KEY in params:
+        params = merge(params, spec)
+    task = engine.task
+    meta = {"source": checkpoint, "task": kind, "lora_merged": spec is not None}
+    if kind in IMAGE_TASKS:
+        m = cfg.model
+        shape = (m.image_size, m.image_size, m.channels)
 
-    def predict(input_ids, attention_mask, token_type_ids):
+        def classify_images(pixels):
+            return task.predict(params, host.model_state, {"image": pixels})
+        return Exportable(
+            classify_images, {"pixels": _spec(("batch", *shape), "uint8")}, "probabilities",
+            lambda rng: [(rng.integers(0, 256, (b, *shape)).astype(np.uint8),) for b in (1, 3)],
+            {**meta, "labels": list(task.class_names), "image_shape": list(shape)},
+            copies=[run_dir / "labels.json"])
+
+    def classify_texts(input_ids, attention_mask, token_type_ids):
         batch = {"tokens": input_ids, "segment_ids": attention_mask,
-                 # Positions from a cumulative sum: jnp.arange of a dynamic length does not
-                 # trace in jax2onnx; padding's positions do not matter (it is masked).
-                 "positions": jnp.cumsum(jnp.ones_like(input_ids), axis=1) - 1,
-                 "type_ids": token_type_ids,
-                 "weight": jnp.ones_like(input_ids[:, 0], dtype=jnp.float32)}
-        return task.predict(params, model_state, batch)
-    return predict
+                 "positions": _positions(input_ids), "type_ids": token_type_ids,
+                 "weight": _ones(input_ids)}
+        return task.predict(params, host.model_state, batch)
+    output = "value" if task.labels.kind == "regression" else "probabilities"
+    return _text(classify_texts, output, cfg.model, cfg.data.seq_len,
+                 bool(cfg.data.text_pair_column), load_tokenizer(run_dir / "tokenizer.json"),
+                 {**meta, "labels": list(task.labels.names), "max_length": cfg.data.seq_len},
+                 copies=[run_dir / "labels.json"])
 
 
-def _convert(predict, path: Path, output: str) -> None:
-    import jax
-    import jax.numpy as jnp
+def _encoder(source: str) -> Exportable:
+    """A text encoder (or decoder) as `ptft embed` runs it: pooled, L2-normalised."""
+    encoder = load_encoder(source)
+    model, params = Transformer(encoder.cfg), encoder.params
+    length = min(256, encoder.cfg.max_len)  # ptft embed's default --seq-len
+
+    def embed(input_ids, attention_mask, token_type_ids):
+        hidden = model.apply({"params": params}, input_ids, attention_mask,
+                             _positions(input_ids), token_type_ids)
+        pooled = pool(hidden.astype(jnp.float32), attention_mask, encoder.pooling)
+        return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return _text(embed, "embeddings", encoder.cfg, length, False, encoder.tokenizer,
+                 {"source": encoder.description, "task": "embed", "pooling": encoder.pooling,
+                  "max_length": length, "lora_merged": False})
+
+
+def _text(fn, output, model_cfg, length, pairs, tokenizer, meta, copies=()) -> Exportable:
+    vocab = model_cfg.vocab_size
+
+    def samples(rng):
+        out = []
+        for batch, width in ((1, min(length, 5)), (3, length), (8, max(2, length // 2))):
+            lengths = rng.integers(1, width + 1, batch)
+            lengths[0] = width  # one row fills the batch's length, as padding to the longest
+            mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+            ids = np.where(mask, rng.integers(5, vocab, (batch, width)), 0).astype(np.int32)
+            second = (np.arange(width)[None] >= lengths[:, None] // 2) & (mask == 1)
+            out.append((ids, mask, (second & pairs).astype(np.int32)))
+        return out
+    specs = {name: _spec(("batch", "length"), "int32") for name in TEXT_INPUTS}
+    return Exportable(fn, specs, output, samples, meta,
+                      runtime_tokenizer(tokenizer, model_cfg.kind, length), list(copies))
+
+
+def _spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _positions(input_ids):
+    # A cumulative sum, not jnp.arange: an arange of a dynamic length does not trace in
+    # jax2onnx. Padding's positions do not matter (it is masked).
+    return jnp.cumsum(jnp.ones_like(input_ids), axis=1) - 1
+
+
+def _ones(input_ids):
+    return jnp.ones_like(input_ids[:, 0], dtype=jnp.float32)
+
+
+def _convert(model: Exportable, path: Path) -> None:
     from jax2onnx import to_onnx
-    spec = jax.ShapeDtypeStruct(("batch", "length"), jnp.int32)
-    to_onnx(predict, [spec, spec, spec], input_names=list(INPUTS), output_names=[output],
-            return_mode="file", output_path=str(path))
+    import onnx
+    # jax2onnx logs a traceback for each of its example plugins whose library (equinox) is
+    # not installed, and onnx_ir a warning per shape-only value it does not serialise: noise
+    # about things ptft's models do not use. Errors still show.
+    quiet = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # jax2onnx's tracing asks JAX for float64 constants
+            warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
+            to_onnx(model.fn, list(model.inputs.values()), input_names=list(model.inputs),
+                    output_names=[model.output], return_mode="file", output_path=str(path))
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    # jax2onnx annotates some intermediate values of convolutions with channels-last shapes
+    # that its channels-first ONNX ops contradict (onnxruntime warns on every load); the
+    # annotations are optional, and onnxruntime infers the shapes itself without them.
+    graph = onnx.load(str(path))
+    del graph.graph.value_info[:]
+    onnx.save(graph, str(path))
 
 
-def _check(ort, path: Path, predict, cfg) -> tuple[float, list]:
-    """The largest |onnxruntime - ptft| over rows of several batch sizes and lengths."""
-    import jax
+def _check(ort, path: Path, model: Exportable) -> tuple[float, list]:
+    """The largest |onnxruntime - ptft| over the model's sample inputs."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    if names != list(INPUTS):
-        raise ValueError(f"the ONNX model's inputs are {names}, not {list(INPUTS)}")
-    rng = np.random.default_rng(0)
-    T, vocab, pairs = cfg.data.seq_len, cfg.model.vocab_size, bool(cfg.data.text_pair_column)
-    worst, shapes = 0.0, []
-    for batch, length in ((1, min(T, 5)), (3, T), (8, max(2, T // 2))):
-        lengths = rng.integers(1, length + 1, batch)
-        lengths[0] = length  # one row fills the batch's length, as padding to the longest does
-        mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
-        ids = np.where(mask, rng.integers(5, vocab, (batch, length)), 0).astype(np.int32)
-        types = ((np.arange(length)[None] >= lengths[:, None] // 2) & (mask == 1)).astype(
-            np.int32) if pairs else np.zeros_like(ids)
-        ours = np.asarray(jax.jit(predict)(ids, mask, types))
-        theirs = session.run(None, dict(zip(INPUTS, (ids, mask, types))))[0]
+    if names != list(model.inputs):
+        raise ValueError(f"the ONNX model's inputs are {names}, not {list(model.inputs)}")
+    worst, shapes, ours_fn = 0.0, [], jax.jit(model.fn)
+    for inputs in model.samples(np.random.default_rng(0)):
+        ours = np.asarray(ours_fn(*inputs))
+        theirs = session.run(None, dict(zip(names, inputs)))[0]
         worst = max(worst, float(np.max(np.abs(ours - theirs))))
-        shapes.append([batch, length])
+        shapes.append(list(inputs[0].shape))
     return worst, shapes
 
 
-def runtime_tokenizer(path: Path, model_kind: str, seq_len: int):
-    """The run's tokenizer, set up to write ptft's rows (data/labelled.py) on its own."""
-    from tokenizers import processors
-    tokenizer = load_tokenizer(path)
+def runtime_tokenizer(tokenizer, model_kind: str, max_length: int):
+    """A copy of `tokenizer` set up to write ptft's rows (data/labelled.py) on its own."""
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
     ids = TokenIds.of(tokenizer, model_kind)
     end = tokenizer.id_to_token(ids.eos_id)
     if ids.bos_id is not None:
@@ -148,16 +245,16 @@ def runtime_tokenizer(path: Path, model_kind: str, seq_len: int):
         special = [(end, ids.eos_id)]
     tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair,
                                                              special_tokens=special)
-    tokenizer.enable_truncation(seq_len, strategy="longest_first")
-    pad = tokenizer.token_to_id("[PAD]")
-    tokenizer.enable_padding(pad_id=pad if pad is not None else 0,
-                             pad_token=tokenizer.id_to_token(pad if pad is not None else 0))
+    tokenizer.enable_truncation(max_length, strategy="longest_first")
+    pad = tokenizer.token_to_id("[PAD]") or 0
+    tokenizer.enable_padding(pad_id=pad, pad_token=tokenizer.id_to_token(pad))
     return tokenizer
 
 
 def describe(result: dict) -> str:
-    return (f"exported {result['source']} to {result['out_dir']}/model.onnx "
-            f"({result['task']}, output '{result['output']}', dynamic batch and length up to "
-            f"{result['max_length']}" + ("; LoRA adapters merged" if result["lora_merged"]
-                                         else "") +
+    shape = (f"pixels {result['image_shape']}" if "image_shape" in result else
+             f"length up to {result['max_length']}")
+    return (f"exported {result['source']} to {result['out_dir']}/model.onnx ({result['task']}, "
+            f"output '{result['output']}', dynamic batch, {shape}"
+            + ("; LoRA adapters merged" if result["lora_merged"] else "") +
             f"): onnxruntime matches ptft within {result['max_abs_diff_from_ptft']:.1e}")
