@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                          "onnx: model.onnx (+ tokenizer.json) for onnxruntime: a finetuned "
                          "text or image classifier, or a text encoder (a pretraining run or "
                          "hf:...) as embeddings; checked against ptft's outputs")
+    ex.add_argument("--quantize", choices=("int8",),
+                    help="with --format onnx: int8 weights (onnxruntime's dynamic "
+                         "quantization), checked against ptft's float outputs")
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     t_sub = t.add_subparsers(dest="action", metavar="ACTION", required=True)
     tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "

@@ -42,8 +42,11 @@ def evaluate(args) -> int:
 
 def export(args) -> int:
     check_new_folder(Path(args.out_dir), "OUT_DIR")  # before the run is read
+    if args.quantize and args.format != "onnx":
+        raise ConfigError(f"--quantize {args.quantize} goes with --format onnx (so far); give "
+                          f"--format onnx, or leave --quantize out.")
     if args.format == "onnx":
-        print(describe(export_onnx(args.run_dir, args.out_dir)))
+        print(describe(export_onnx(args.run_dir, args.out_dir, args.quantize)))
         return 0
     if args.format == "hf":
         result = export_hf(args.run_dir, args.out_dir)

@@ -77,9 +77,14 @@ def _runtime():
     return onnxruntime
 
 
-def export_onnx(source, out_dir) -> dict:
+def export_onnx(source, out_dir, quantize: str | None = None) -> dict:
     """Write OUT_DIR (model.onnx, onnx.json, and tokenizer.json / labels.json as the model
-    needs) from a run's best (else latest) checkpoint or a Hugging Face encoder."""
+    needs) from a run's best (else latest) checkpoint or a Hugging Face encoder. `quantize`
+    "int8": onnxruntime's dynamic quantization of the checked float32 model (int8 weights of
+    every MatMul / Gemm, activations quantized per call), its difference from ptft reported."""
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize {quantize}: --format onnx quantizes to int8 only; give "
+                          f"--quantize int8, or leave it out for float32.")
     ort = _runtime()
     out_dir = check_new_folder(Path(out_dir), "OUT_DIR")
     model = _exportable(str(source))
@@ -90,12 +95,15 @@ def export_onnx(source, out_dir) -> dict:
             raise ValueError(f"the ONNX model's outputs differ from ptft's by up to {diff:.2e} "
                              f"(more than {ONNX_TOLERANCE:g}); nothing was written to "
                              f"{out_dir}. Report this with the source's config.")
+        quantized = {}
+        if quantize == "int8":
+            quantized = _quantize_int8(ort, tmp / "model.onnx", model)
         if model.tokenizer is not None:
             model.tokenizer.save(str(tmp / "tokenizer.json"))
         for path in model.copies:
             shutil.copyfile(path, tmp / Path(path).name)
         meta = {**model.meta, "inputs": list(model.inputs), "output": model.output,
-                "checked_shapes": shapes, "max_abs_diff_from_ptft": diff}
+                "checked_shapes": shapes, "max_abs_diff_from_ptft": diff, **quantized}
         atomic_write_json(tmp / "onnx.json", meta)
     return {**meta, "out_dir": str(out_dir)}
 
@@ -216,6 +224,63 @@ def _convert(model: Exportable, path: Path) -> None:
     onnx.save(graph, str(path))
 
 
+def _quantize_int8(ort, path: Path, model: Exportable) -> dict:
+    """Replace the float32 model at `path` by its int8 form; what that cost, measured."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+    float_path, folded = path.with_name("float32.onnx"), path.with_name("folded.onnx")
+    path.rename(float_path)
+    # onnxruntime's pre-processing folds the weights' reshapes into constants (the quantizer
+    # only quantizes matmuls whose weight is a constant), then quantizes.
+    quant_pre_process(str(float_path), str(folded))
+    _gemms_as_matmuls(folded)
+    quantize_dynamic(str(folded), str(path), weight_type=QuantType.QInt8)
+    float_bytes = float_path.stat().st_size
+    float_path.unlink()
+    folded.unlink()
+    diff, _ = _check(ort, path, model)
+    return {"quantized": "int8 (onnxruntime dynamic: int8 MatMul / Gemm weights)",
+            "float32_bytes": float_bytes, "int8_bytes": path.stat().st_size,
+            "int8_max_abs_diff_from_ptft": diff}
+
+
+def _gemms_as_matmuls(path: Path) -> None:
+    """Rewrite each Gemm with a constant weight as MatMul (+ Add of its bias): onnxruntime's
+    dynamic quantizer quantizes MatMul, not Gemm, and jax2onnx writes 2-D matmuls as Gemm."""
+    import onnx
+    from onnx import helper, numpy_helper
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {i.name: i for i in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in constants or attrs.get("transA", 0) \
+                or attrs.get("alpha", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):  # store the weight as MatMul reads it
+            weight = f"{node.input[1]}_t"
+            graph.initializer.append(numpy_helper.from_array(
+                numpy_helper.to_array(constants[node.input[1]]).T.copy(), weight))
+        beta = attrs.get("beta", 1.0)
+        has_bias = len(node.input) > 2 and node.input[2] and beta != 0.0
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product],
+                                      name=f"{node.name}_matmul"))
+        if has_bias:
+            bias = node.input[2]
+            if beta != 1.0:
+                bias = f"{node.input[2]}_beta"
+                graph.initializer.append(numpy_helper.from_array(
+                    beta * numpy_helper.to_array(constants[node.input[2]]), bias))
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]],
+                                          name=f"{node.name}_bias"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+
+
 def _check(ort, path: Path, model: Exportable) -> tuple[float, list]:
     """The largest |onnxruntime - ptft| over the model's sample inputs."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -257,4 +322,7 @@ def describe(result: dict) -> str:
     return (f"exported {result['source']} to {result['out_dir']}/model.onnx ({result['task']}, "
             f"output '{result['output']}', dynamic batch, {shape}"
             + ("; LoRA adapters merged" if result["lora_merged"] else "") +
-            f"): onnxruntime matches ptft within {result['max_abs_diff_from_ptft']:.1e}")
+            f"): onnxruntime matches ptft within {result['max_abs_diff_from_ptft']:.1e}"
+            + (f"; int8: {result['float32_bytes'] / 1e6:.1f} -> {result['int8_bytes'] / 1e6:.1f}"
+               f" MB, outputs within {result['int8_max_abs_diff_from_ptft']:.1e} of ptft's"
+               if "quantized" in result else ""))
