@@ -85,8 +85,8 @@ def _runtime():
 def export_onnx(source, out_dir, quantize: str | None = None) -> dict:
     """Write OUT_DIR (model.onnx, onnx.json, and tokenizer.json / labels.json as the model
     needs) from a run's best (else latest) checkpoint or a Hugging Face encoder. `quantize`
-    "int8": onnxruntime's dynamic quantization of the checked float32 model (int8 weights of
-    every MatMul / Gemm, activations quantized per call), its difference from ptft reported."""
+    "int8": onnxruntime's dynamic quantization of the checked float32 model (INT8_SETTINGS;
+    activations quantized per call), its difference from ptft measured and recorded."""
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize {quantize}: --format onnx quantizes to int8 only; give "
                           f"--quantize int8, or leave it out for float32.")
@@ -166,9 +166,12 @@ def _encoder(source: str) -> Exportable:
                              _positions(input_ids), token_type_ids)
         pooled = pool(hidden.astype(jnp.float32), attention_mask, encoder.pooling)
         return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    run_dir = Path(source)
+    merged = not hf.is_hf(source) and (run_dir / "config.yaml").is_file() and \
+        lora_spec(load_run_config(run_dir)) is not None  # load_encoder merged the adapters
     return _text(embed, "embeddings", encoder.cfg, length, False, encoder.tokenizer,
                  {"source": encoder.description, "task": "embed", "pooling": encoder.pooling,
-                  "max_length": length, "lora_merged": False})
+                  "max_length": length, "lora_merged": merged})
 
 
 def _text(fn, output, model_cfg, length, pairs, tokenizer, meta, copies=()) -> Exportable:
