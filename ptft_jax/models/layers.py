@@ -7,7 +7,6 @@ axes. Parameters are stored in `param_dtype`; matmuls run in `dtype`.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import flax.linen as nn
