@@ -136,8 +136,10 @@ def _limited(*args, kib):
 
 
 def test_a_full_disk_at_the_tokenizer_and_the_cache_is_one_line(tmp_path, small_corpus):
+    # A run_dir of its own (beside tmp_path, which must stay empty): the config's runs/tiny_mlm
+    # may hold a user's run, with another tokenizer, in a working checkout.
     common = ["--config", MLM, f"data.corpus={small_corpus}", "data.tokenizer_vocab_size=1000",
-              "data.num_workers=1"]
+              "data.num_workers=1", f"run_dir={tmp_path.parent / (tmp_path.name + '-run')}"]
     tok = tmp_path / "tok.json"
     result = _limited("tokenizer", "train", *common, "--out", str(tok), kib=8)
     assert result.returncode == 4, result.stderr[-2000:]
