@@ -39,6 +39,7 @@ class Encoder:
     tokenizer: object
     pooling: str  # the source's own pooling, when it says (sentence-transformers does)
     description: str
+    lora_merged: bool = False  # a run's LoRA adapters were folded into `params`
 
 
 def load_encoder(source: str) -> Encoder:
@@ -74,11 +75,11 @@ def _from_run(run_dir: Path) -> Encoder:
     if cfg.model.kind not in ("encoder", "decoder"):
         raise ConfigError(f"{run_dir} is a run of a {cfg.model.kind} model; ptft embed reads a "
                           f"text encoder or decoder run (or hf:NAME): give one.")
-    params, step_dir, _ = inference_params(run_dir, cfg)
+    params, step_dir, merged = inference_params(run_dir, cfg)
     cfg.model.dropout = 0.0
     default = "mean" if cfg.model.kind == "encoder" else "last"
     return Encoder(cfg.model, params["transformer"],
-                   load_tokenizer(run_dir / "tokenizer.json"), default, str(step_dir))
+                   load_tokenizer(run_dir / "tokenizer.json"), default, str(step_dir), merged)
 
 
 def embed(encoder: Encoder, texts: list[str], pooling: str | None = None,

@@ -41,10 +41,9 @@ from ptft_jax.config.load import load_run_config
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, PRETRAIN_TASKS, ConfigError,
                                     task_for)
 from ptft_jax.core.files import atomic_write_json, building_folder, check_new_folder
-from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer
 from ptft_jax.infer.embed import load_encoder
-from ptft_jax.infer.predict import load_run
+from ptft_jax.infer.predict import load_run, merged_params
 from ptft_jax.models.heads import pool
 from ptft_jax.models.transformer import Transformer
 
@@ -125,12 +124,9 @@ def _exportable(source: str) -> Exportable:
                           f"text classifiers ({', '.join(FINETUNE_TASKS)}), image classifiers "
                           f"and text encoders (pretraining runs, hf:...) so far.")
     engine, state, cfg, checkpoint = load_run(run_dir)
-    host = engine.host_state(state)
-    params, spec = host.params, lora_spec(cfg)
-    if spec is not None and LORA_KEY in params:
-        params = merge(params, spec)
+    host, params, merged = merged_params(engine, state, cfg)
     task = engine.task
-    meta = {"source": checkpoint, "task": kind, "lora_merged": spec is not None}
+    meta = {"source": checkpoint, "task": kind, "lora_merged": merged}
     if kind in IMAGE_TASKS:
         m = cfg.model
         shape = (m.image_size, m.image_size, m.channels)
@@ -166,12 +162,9 @@ def _encoder(source: str) -> Exportable:
                              _positions(input_ids), token_type_ids)
         pooled = pool(hidden.astype(jnp.float32), attention_mask, encoder.pooling)
         return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-    run_dir = Path(source)
-    merged = not hf.is_hf(source) and (run_dir / "config.yaml").is_file() and \
-        lora_spec(load_run_config(run_dir)) is not None  # load_encoder merged the adapters
     return _text(embed, "embeddings", encoder.cfg, length, False, encoder.tokenizer,
                  {"source": encoder.description, "task": "embed", "pooling": encoder.pooling,
-                  "max_length": length, "lora_merged": merged})
+                  "max_length": length, "lora_merged": encoder.lora_merged})
 
 
 def _text(fn, output, model_cfg, length, pairs, tokenizer, meta, copies=()) -> Exportable:

@@ -133,6 +133,15 @@ def packed_for_inference(examples, cfg):
     return packed, packed.rows_holding(cfg.eval.batch_size, data_parallel_size(cfg))
 
 
+def merged_params(engine, state, cfg):
+    """(host state, its params with LoRA adapters folded into the weights they adapt, whether
+    there were adapters to fold) of a loaded run: what every export writes."""
+    host = engine.host_state(state)
+    params, spec = host.params, lora_spec(cfg)
+    merged = spec is not None and LORA_KEY in params
+    return host, merge(params, spec) if merged else params, merged
+
+
 def export_run(run_dir, out_dir) -> dict:
     """A finetuned run as a new run directory holding one params-only checkpoint (the best, or
     the latest), with LoRA adapters merged into the weights they adapt: what `ptft eval`,
@@ -143,11 +152,7 @@ def export_run(run_dir, out_dir) -> dict:
 
     run_dir, out_dir = Path(run_dir), check_new_folder(Path(out_dir), "OUT_DIR")
     engine, state, cfg, source = load_run(run_dir)
-    host = engine.host_state(state)
-    params, spec = host.params, lora_spec(cfg)
-    merged = spec is not None and LORA_KEY in params
-    if merged:
-        params = merge(params, spec)
+    host, params, merged = merged_params(engine, state, cfg)
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0,
                                                                 init_from=None))
     # Built in a hidden sibling and renamed into place: a killed export leaves no
