@@ -6,6 +6,7 @@
     ptft predict RUN_DIR [--input FILE] [--output FILE]
     ptft export RUN_DIR OUT_DIR [--format ptft|hf|onnx]   (LoRA adapters merged)
     ptft embed SOURCE [--input FILE] [--output FILE.npy|.jsonl] [--pooling mean|cls]
+    ptft serve SOURCE [--port 8000] [--host 127.0.0.1]   (HTTP: /v1/predict, /v1/embed, /docs)
     ptft tokenizer train --config FILE [key.sub=value ...] [--out PATH] [--force]
     ptft data prepare --config FILE [key.sub=value ...] [--overwrite]
     ptft checkpoints verify RUN_DIR   (every step's checksums; exit 1 if one is damaged)
@@ -36,6 +37,7 @@ COMMANDS = {
     "eval": "ptft_jax.infer.commands:evaluate",
     "predict": "ptft_jax.infer.commands:predict",
     "embed": "ptft_jax.infer.commands:embed",
+    "serve": "ptft_jax.infer.server:command",
     "export": "ptft_jax.infer.commands:export",
     "tokenizer train": "ptft_jax.data.commands:tokenizer_train",
     "data prepare": "ptft_jax.data.commands:data_prepare",
@@ -46,10 +48,22 @@ COMMANDS = {
 }
 
 
+# Commands that need an optional extra (pyproject.toml): what to install when it is missing.
+EXTRAS = {"serve": ("serve", ("fastapi", "uvicorn", "starlette", "pydantic"))}
+
+
 def run_command(args) -> int:
     name = " ".join(filter(None, (args.command, getattr(args, "action", None))))
     module, function = COMMANDS[name].split(":")
-    return getattr(importlib.import_module(module), function)(args)
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        extra, packages = EXTRAS.get(name, (None, ()))
+        if extra is None or (e.name or "").split(".")[0] not in packages:
+            raise
+        raise ConfigError(f"ptft {name} needs {e.name}, which is not installed: pip install "
+                          f"'ptft_jax[{extra}]'.") from None
+    return getattr(loaded, function)(args)
 
 
 class Once(argparse.Action):
@@ -129,6 +143,36 @@ def main(argv: list[str] | None = None) -> int:
                                                 "(default: 256, or max_len if lower)")
     em.add_argument("--batch-size", type=at_least(1, "examples per batch"), default=64,
                     help="texts per batch (default 64)")
+    sv = sub.add_parser("serve", help="an HTTP JSON server for a finetuned run (POST "
+                                      "/v1/predict) or a text encoder (POST /v1/embed), "
+                                      "requests batched together; docs at /docs")
+    sv.add_argument("source", help="a finetuned run directory (predictions), or a pretraining "
+                                   "run or Hugging Face model (hf:DIR) for embeddings")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                        "127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=at_least(0, "port"), default=8000, help="default 8000")
+    sv.add_argument("--max-batch-tokens", type=at_least(16, "tokens"), default=8192,
+                    help="tokens one model call gathers from concurrent requests (default "
+                         "8192); the batch shapes compiled at start-up follow from it")
+    sv.add_argument("--max-batch-images", type=at_least(1, "images"), default=32,
+                    help="images one model call gathers (image runs; default 32)")
+    sv.add_argument("--max-wait-ms", type=at_least(0, "milliseconds"), default=0,
+                    help="how long a batch waits for more requests after its first (default "
+                         "0: it takes what queued while the model ran the last batch)")
+    sv.add_argument("--no-batching", action="store_true",
+                    help="run each request on its own (for comparison)")
+    sv.add_argument("--max-texts", type=at_least(1, "texts"), default=256,
+                    help="texts (or images) in one request, past which it gets 413 (default 256)")
+    sv.add_argument("--max-body-bytes", type=at_least(1, "bytes"), default=8 << 20,
+                    help="request body size, past which it gets 413 (default 8 MiB)")
+    sv.add_argument("--max-concurrent", type=at_least(1, "requests"), default=64,
+                    help="requests in flight, past which new ones get 429 (default 64)")
+    sv.add_argument("--token", default=os.environ.get("PTFT_SERVE_TOKEN"),
+                    help="require 'Authorization: Bearer TOKEN' on /v1/ routes but /v1/health "
+                         "(default: $PTFT_SERVE_TOKEN, which keeps it out of the process list)")
+    sv.add_argument("--seq-len", type=at_least(3, "tokens"),
+                    help="embeddings: tokens per text (default 256, or max_len if lower)")
+    sv.add_argument("--access-log", action="store_true", help="log every request")
     ex = sub.add_parser("export", help="a run as a params-only run directory (--format ptft), "
                                        "a Hugging Face model directory (--format hf) or an "
                                        "ONNX model (--format onnx), LoRA adapters merged into "

@@ -329,14 +329,26 @@ def open_examples(data_cfg, split: str, tokenizer_path, cache_root, kind: str,
 def predict_examples(texts: list[str], tokenizer, seq_len: int, model_kind: str,
                      pairs: list[str] | None = None) -> Examples:
     """Raw texts (and optional second texts) tokenized in memory, unlabelled."""
+    return examples_of_ids(encode_texts(tokenizer, texts),
+                           encode_texts(tokenizer, pairs) if pairs is not None else None,
+                           tokenizer, seq_len, model_kind)
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, without special tokens, before truncation."""
     tokenizer.no_padding()
     tokenizer.no_truncation()
+    return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def stream(values):
-        ids = [e.ids for e in tokenizer.encode_batch(list(values), add_special_tokens=False)]
+
+def examples_of_ids(first: list[list[int]], second: list[list[int]] | None, tokenizer,
+                    seq_len: int, model_kind: str) -> Examples:
+    """Unlabelled examples of texts already encoded (encode_texts): what a server gathers
+    from several requests."""
+    def stream(ids):
         offsets = np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64)
         tokens = np.fromiter((t for i in ids for t in i), np.int32, int(offsets[-1]))
         return tokens, offsets
     ids = TokenIds.of(tokenizer, model_kind)
-    return Examples(stream(texts), stream(pairs) if pairs is not None else None, None, seq_len,
-                    ids.bos_id, ids.eos_id)
+    return Examples(stream(first), stream(second) if second is not None else None, None,
+                    seq_len, ids.bos_id, ids.eos_id)

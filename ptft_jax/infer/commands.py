@@ -111,3 +111,4 @@ def predict(args) -> int:
     print(f"predicted {n} example(s)" + (f" into {args.output}" if args.output else ""),
           file=sys.stderr)
     return 0
+

@@ -82,41 +82,62 @@ def _from_run(run_dir: Path) -> Encoder:
                    load_tokenizer(run_dir / "tokenizer.json"), default, str(step_dir), merged)
 
 
+class Embedder:
+    """An encoder's embedding function, jitted: texts packed several to a row (each its own
+    segment, pooled on its own; data/packed_examples.py), L2-normalised. Each batch's row
+    count is one compiled shape; `ptft embed` uses one, `ptft serve` a few buckets."""
+
+    def __init__(self, encoder: Encoder, pooling: str | None = None,
+                 seq_len: int | None = None):
+        self.pooling = pooling or encoder.pooling
+        max_len = encoder.cfg.max_len
+        if seq_len is None:
+            seq_len = min(256, max_len)
+        elif seq_len > max_len:
+            raise ConfigError(f"--seq-len {seq_len} is past the model's {max_len} positions "
+                              f"(its max_len); give --seq-len {max_len} or less.")
+        self.encoder, self.seq_len = encoder, seq_len
+        self.slots = slots = row_slots(0, seq_len)
+        model, pooling = Transformer(encoder.cfg), self.pooling
+
+        @jax.jit
+        def one_batch(params, tokens, segment_ids, positions):
+            hidden = model.apply({"params": params}, tokens, segment_ids, positions)
+            pooled = pool_segments(hidden.astype(jnp.float32), segment_ids, positions,
+                                   pooling, slots)
+            return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        self.one_batch = one_batch
+        self.params = jax.device_put(encoder.params)
+
+    def examples(self, texts: list[str]) -> PackedExamples:
+        return self.packed(predict_examples(texts, self.encoder.tokenizer, self.seq_len,
+                                            self.encoder.cfg.kind))
+
+    def packed(self, examples) -> PackedExamples:
+        return PackedExamples(examples, self.slots, None)
+
+    def __call__(self, examples: PackedExamples, rows: int, bar=None) -> np.ndarray:
+        """[len(examples.examples), hidden] in input order, in batches of `rows` rows."""
+        out = []
+        for batch in examples.batches(rows):
+            out.append(np.asarray(self.one_batch(self.params, batch["tokens"],
+                                                 batch["segment_ids"], batch["positions"])))
+            if bar is not None:
+                bar.update()
+        return examples.in_input_order(np.concatenate(out, axis=0)[:len(examples)])
+
+
 def embed(encoder: Encoder, texts: list[str], pooling: str | None = None,
           seq_len: int | None = None, batch_size: int = 64, progress: bool = True) -> np.ndarray:
     """[len(texts), hidden] float32, each row of unit L2 norm. seq_len: tokens per text, at
-    most the model's max_len (None: 256, or max_len if lower)."""
-    pooling = pooling or encoder.pooling
-    max_len = encoder.cfg.max_len
-    if seq_len is None:
-        seq_len = min(256, max_len)
-    elif seq_len > max_len:
-        raise ConfigError(f"--seq-len {seq_len} is past the model's {max_len} positions "
-                          f"(its max_len); give --seq-len {max_len} or less.")
-    # Short texts are packed several to a row (data/packed_examples.py): each its own
-    # segment, pooled on its own; `batch_size` counts texts, as rows that hold that many.
-    slots = row_slots(0, seq_len)
-    examples = PackedExamples(predict_examples(texts, encoder.tokenizer, seq_len,
-                                               encoder.cfg.kind), slots, None)
+    most the model's max_len (None: 256, or max_len if lower); `batch_size` counts texts, as
+    rows that hold that many."""
+    embedder = Embedder(encoder, pooling, seq_len)
+    examples = embedder.examples(texts)
     rows = examples.rows_holding(batch_size)
-    model = Transformer(encoder.cfg)
-
-    @jax.jit
-    def one_batch(params, tokens, segment_ids, positions):
-        hidden = model.apply({"params": params}, tokens, segment_ids, positions)
-        pooled = pool_segments(hidden.astype(jnp.float32), segment_ids, positions, pooling,
-                               slots)
-        return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-
-    params = jax.device_put(encoder.params)
-    out = []
     with tqdm(total=examples.num_batches(rows), unit="batch", desc="embed",
               disable=not progress, leave=False) as bar:
-        for batch in examples.batches(rows):
-            out.append(np.asarray(one_batch(params, batch["tokens"], batch["segment_ids"],
-                                            batch["positions"])))
-            bar.update()
-    return examples.in_input_order(np.concatenate(out, axis=0)[:len(examples)])
+        return embedder(examples, rows, bar)
 
 
 def write(vectors: np.ndarray, texts: list[str], output: str | None) -> None:

@@ -252,7 +252,7 @@ def predict_run(run_dir, texts: list[str], pairs: list[str] | None = None,
     packed, rows = packed_for_inference(examples, cfg)
     outputs = predict_outputs(engine, state, packed, rows, progress)
     for row in packed.in_input_order(outputs):
-        yield _prediction(labels, row)
+        yield prediction(labels, row)
 
 
 def image_files(path: str | None) -> list[Path]:
@@ -297,7 +297,7 @@ def predict_images(run_dir, files: list[Path], batch_size: int | None = None,
     examples = ImageExamples(images, np.zeros(len(files), np.int64))
     out = predict_outputs(engine, state, examples, cfg.eval.batch_size, progress)
     for f, row in zip(files, out):
-        yield {"file": str(f), **_prediction(engine.task.labels, row)}
+        yield {"file": str(f), **prediction(engine.task.labels, row)}
 
 
 def run_task(run_dir) -> str | None:
@@ -340,14 +340,14 @@ def predict_pairs(run_dir, path: str | None, batch_size: int | None = None,
     out = predict_outputs(engine, state, examples, cfg.eval.batch_size, progress)
     for index, row in enumerate(out):
         yield {"image": str(pairs.rows[index]["image"]), "text": texts[index],
-               **_prediction(engine.task.labels, row)}
+               **prediction(engine.task.labels, row)}
 
 
 def image_where(pairs, i: int) -> str:
     return f"{pairs.path} row {i + 1} ({pairs.rows[i]['image']})"
 
 
-def _prediction(labels: LabelSpace, row) -> dict:
+def prediction(labels: LabelSpace, row) -> dict:
     if labels.kind == "regression":
         return {"value": float(row)}
     probs = {name: round(float(p), 6) for name, p in zip(labels.names, row)}
