@@ -185,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                          "onnx: model.onnx (+ tokenizer.json) for onnxruntime: a finetuned "
                          "text or image classifier, or a text encoder (a pretraining run or "
                          "hf:...) as embeddings; checked against ptft's outputs")
-    ex.add_argument("--quantize", choices=("int8",),
-                    help="with --format onnx: int8 weights (onnxruntime's dynamic "
-                         "quantization), checked against ptft's float outputs")
+    ex.add_argument("--quantize", choices=("int8", "int8-weights"),
+                    help="--format ptft: a run of Qwix's int8 model that eval / predict / "
+                         "serve read (int8: weights and activations; int8-weights: weights "
+                         "only); --format onnx: int8 (onnxruntime's dynamic quantization), "
+                         "checked against ptft's float outputs")
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     t_sub = t.add_subparsers(dest="action", metavar="ACTION", required=True)
     tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "

@@ -113,7 +113,8 @@ def test_finetune_eval_and_predict_end_to_end(tmp_path, pretrained):
 
 
 def test_lora_run_exports_merged_weights_that_predict_the_same(tmp_path, pretrained):
-    from ptft_jax.infer.predict import export_run, predict_run
+    from ptft_jax.infer.predict import predict_run
+    from ptft_jax.infer.run_export import export_run
     from ptft_jax.jobs.entry import finetune
     pre = pretrained
     train, _ = _labelled(tmp_path)

@@ -185,5 +185,5 @@ def test_onnx_export_refuses_what_it_cannot_write(run, tmp_path):
         export_onnx(run, tmp_path / "out", quantize="int4")
     result = _ptft("export", str(run), str(tmp_path / "hf"), "--format", "hf", "--quantize",
                    "int8")
-    assert result.returncode != 0 and "--quantize int8 goes with --format onnx" in result.stderr
+    assert result.returncode != 0 and "leave --quantize out for --format hf" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()

@@ -15,7 +15,9 @@ from ptft_jax.infer.embed import embed as embed_texts
 from ptft_jax.infer.embed import load_encoder, write
 from ptft_jax.infer.export import export_hf
 from ptft_jax.infer.onnx_export import describe, export_onnx
-from ptft_jax.infer.predict import (evaluate_run, export_run, image_files, is_image_run,
+from ptft_jax.infer.quantize import read_mode
+from ptft_jax.infer.run_export import export_run
+from ptft_jax.infer.predict import (evaluate_run, image_files, is_image_run,
                                     predict_images, predict_pairs, predict_run, read_inputs,
                                     run_task, write_jsonl)
 
@@ -42,9 +44,14 @@ def evaluate(args) -> int:
 
 def export(args) -> int:
     check_new_folder(Path(args.out_dir), "OUT_DIR")  # before the run is read
-    if args.quantize and args.format != "onnx":
-        raise ConfigError(f"--quantize {args.quantize} goes with --format onnx (so far); give "
-                          f"--format onnx, or leave --quantize out.")
+    if args.quantize and args.format == "hf":
+        raise ConfigError(f"--quantize {args.quantize} writes a ptft run (--format ptft, Qwix) "
+                          f"or an ONNX model (--format onnx); transformers reads float weights: "
+                          f"leave --quantize out for --format hf.")
+    if args.format != "ptft" and read_mode(args.run_dir) is not None:
+        raise ConfigError(f"{args.run_dir} is a quantized run (ptft export --quantize): "
+                          f"--format {args.format} exports float weights; export the float run "
+                          f"it came from.")
     if args.format == "onnx":
         print(describe(export_onnx(args.run_dir, args.out_dir, args.quantize)))
         return 0
@@ -59,9 +66,12 @@ def export(args) -> int:
                           f"--format ptft exports finetuned runs. A pretraining run is read as "
                           f"it is by finetune.init_from={args.run_dir}; --format hf exports it "
                           f"for transformers.")
-    result = export_run(args.run_dir, args.out_dir)
+    result = export_run(args.run_dir, args.out_dir, args.quantize)
+    q = result["quantization"]
     print(f"exported {result['source']} to {result['out_dir']}: {result['parameters']:,} "
-          f"parameters" + (" (LoRA adapters merged)" if result["lora_merged"] else ""))
+          f"parameters" + (" (LoRA adapters merged)" if result["lora_merged"] else "") + (
+              f"; {q['mode']} with {q['library']}: {q['float_bytes'] / 1e6:.1f} -> "
+              f"{q['quantized_bytes'] / 1e6:.1f} MB of weights" if q else ""))
     return 0
 
 

@@ -43,7 +43,8 @@ from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, PRETRAIN_TASKS,
 from ptft_jax.core.files import atomic_write_json, building_folder, check_new_folder
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer
 from ptft_jax.infer.embed import load_encoder
-from ptft_jax.infer.predict import load_run, merged_params
+from ptft_jax.infer.predict import load_run
+from ptft_jax.infer.run_export import merged_params
 from ptft_jax.models.heads import pool
 from ptft_jax.models.transformer import Transformer
 
@@ -233,7 +234,7 @@ def _quantize_int8(ort, path: Path, model: Exportable) -> dict:
     # onnxruntime's pre-processing folds the weights' reshapes into constants (the quantizer
     # only quantizes matmuls whose weight is a constant), then quantizes.
     quant_pre_process(str(float_path), str(folded))
-    gemms_as_matmuls(folded)
+    as_matmuls(folded)
     quantize_dynamic(str(folded), str(path), **INT8_SETTINGS, weight_type=QuantType.QInt8)
     float_bytes = float_path.stat().st_size
     float_path.unlink()
@@ -245,26 +246,38 @@ def _quantize_int8(ort, path: Path, model: Exportable) -> dict:
             "int8_max_abs_diff_from_ptft": diff}
 
 
-def gemms_as_matmuls(path: Path) -> None:
-    """Rewrite each Gemm with a constant weight as MatMul (+ Add of its bias): onnxruntime's
-    dynamic quantizer quantizes MatMul, not Gemm, and jax2onnx writes 2-D matmuls as Gemm."""
+def as_matmuls(path: Path) -> None:
+    """Rewrite each product with a constant weight as the MatMul that onnxruntime's dynamic
+    quantizer quantizes (it skips Gemm and Einsum): a Gemm (jax2onnx's 2-D matmuls) as MatMul
+    + Add of its bias; an Einsum that contracts x's trailing axes with the weight's leading ones
+    (models/layers.py's projections, e.g. 'ab,bcd->acd') as Reshape, MatMul with the weight
+    flattened to 2-D, Reshape."""
     import onnx
     from onnx import helper, numpy_helper
     model = onnx.load(str(path))
     graph = model.graph
     constants = {i.name: i for i in graph.initializer}
     nodes = []
+
+    def constant(name: str, value: np.ndarray) -> str:
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Einsum" and node.input[1] in constants:
+            rewritten = _einsum_as_matmul(node, attrs["equation"].decode(),
+                                          numpy_helper.to_array(constants[node.input[1]]),
+                                          constant, helper)
+            nodes.extend(rewritten or [node])
+            continue
         if node.op_type != "Gemm" or node.input[1] not in constants or attrs.get("transA", 0) \
                 or attrs.get("alpha", 1.0) != 1.0:
             nodes.append(node)
             continue
         weight = node.input[1]
         if attrs.get("transB", 0):  # store the weight as MatMul reads it
-            weight = f"{node.input[1]}_t"
-            graph.initializer.append(numpy_helper.from_array(
-                numpy_helper.to_array(constants[node.input[1]]).T.copy(), weight))
+            weight = constant(f"{node.input[1]}_t",
+                              numpy_helper.to_array(constants[node.input[1]]).T.copy())
         beta = attrs.get("beta", 1.0)
         has_bias = len(node.input) > 2 and node.input[2] and beta != 0.0
         product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
@@ -273,14 +286,34 @@ def gemms_as_matmuls(path: Path) -> None:
         if has_bias:
             bias = node.input[2]
             if beta != 1.0:
-                bias = f"{node.input[2]}_beta"
-                graph.initializer.append(numpy_helper.from_array(
-                    beta * numpy_helper.to_array(constants[node.input[2]]), bias))
+                bias = constant(f"{node.input[2]}_beta",
+                                beta * numpy_helper.to_array(constants[node.input[2]]))
             nodes.append(helper.make_node("Add", [product, bias], [node.output[0]],
                                           name=f"{node.name}_bias"))
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.save(model, str(path))
+
+
+def _einsum_as_matmul(node, equation: str, weight: np.ndarray, constant, helper):
+    """The nodes computing `node` (x, weight -> y) as Reshape / MatMul / Reshape, or None
+    where its equation is not 'rows + contracted, contracted + kept -> rows + kept'."""
+    inputs, _, out = equation.replace(" ", "").partition("->")
+    x, _, w = inputs.partition(",")
+    k = len(x) - 1  # x: one row axis, then the contracted ones
+    if k < 1 or w[:k] != x[1:] or out != x[0] + w[k:] or len(set(w)) != len(w):
+        return None
+    inner, kept = int(np.prod(weight.shape[:k])), list(weight.shape[k:])
+    name = node.name or node.output[0]
+    flat = constant(f"{name}_weight2d", weight.reshape(inner, -1).copy())
+    rows_shape = constant(f"{name}_rows", np.array([-1, inner], np.int64))
+    out_shape = constant(f"{name}_out", np.array([-1, *kept], np.int64))
+    return [helper.make_node("Reshape", [node.input[0], rows_shape], [f"{name}_x2d"],
+                             name=f"{name}_x2d"),
+            helper.make_node("MatMul", [f"{name}_x2d", flat], [f"{name}_y2d"],
+                             name=f"{name}_matmul"),
+            helper.make_node("Reshape", [f"{name}_y2d", out_shape], [node.output[0]],
+                             name=f"{name}_y")]
 
 
 def _check(ort, path: Path, model: Exportable) -> tuple[float, list]:

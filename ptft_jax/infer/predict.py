@@ -13,7 +13,6 @@ from typing import Iterable, Iterator
 
 import jax
 import numpy as np
-import yaml
 
 from ptft_jax.ckpt.checkpoint import Checkpointer, CheckpointMismatch
 from ptft_jax.ckpt.pretrained import first_intact
@@ -22,11 +21,8 @@ from ptft_jax.config.reading import read_jsonl, read_text
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
                                     row_slots, task_for)
 from ptft_jax.config.validate import validate
-from ptft_jax.core.files import building_folder, check_new_folder, writing_text
-from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
+from ptft_jax.core.files import writing_text
 from ptft_jax.core.mesh import data_parallel_size
-from ptft_jax.core.params import count
-from ptft_jax.core.state import TrainState
 from ptft_jax.data.image_io import BadImage, decode
 from ptft_jax.data.image_sources import IMAGE_SUFFIXES
 from ptft_jax.data.images import ImageExamples, convert
@@ -35,6 +31,7 @@ from ptft_jax.data.opening import eval_split_of
 from ptft_jax.data.packed_examples import PackedExamples
 from ptft_jax.data.pairs import FilePairs, PairExamples
 from ptft_jax.data.tokenizer import load_tokenizer
+from ptft_jax.infer.quantize import quantized_engine, read_mode
 from ptft_jax.jobs.images import image_split
 from ptft_jax.jobs.pairs import pairs_split
 from ptft_jax.tasks.factory import make_task
@@ -74,6 +71,10 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
                      if tokenizer_path.is_file() else None)
     engine = build(cfg, task)
     target = engine.restore_target()
+    mode, unpack = read_mode(run_dir), None
+    if mode is not None:  # exported with --quantize: Qwix's int8 model (infer/quantize.py)
+        engine, params_target, unpack = quantized_engine(engine, mode)
+        target = target.replace(params=params_target)
 
     def restore(step_dir: Path):
         ckpt = Checkpointer(step_dir.parent, async_save=False, read_only=True)
@@ -88,6 +89,8 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
             raise
         raise ConfigError(str(e)) from None
     source = f"{step_dir.parent} (step {step_dir.name})"
+    if unpack is not None:
+        state = state.replace(params=unpack(state.params))
     return engine, engine.place(state), cfg, source
 
 
@@ -131,44 +134,6 @@ def packed_for_inference(examples, cfg):
     packed = PackedExamples(examples, row_slots(cfg.data.examples_per_row, cfg.data.seq_len),
                             None)
     return packed, packed.rows_holding(cfg.eval.batch_size, data_parallel_size(cfg))
-
-
-def merged_params(engine, state, cfg):
-    """(host state, its params with LoRA adapters folded into the weights they adapt, whether
-    there were adapters to fold) of a loaded run: what every export writes."""
-    host = engine.host_state(state)
-    params, spec = host.params, lora_spec(cfg)
-    merged = spec is not None and LORA_KEY in params
-    return host, merge(params, spec) if merged else params, merged
-
-
-def export_run(run_dir, out_dir) -> dict:
-    """A finetuned run as a new run directory holding one params-only checkpoint (the best, or
-    the latest), with LoRA adapters merged into the weights they adapt: what `ptft eval`,
-    `ptft predict` and `finetune.init_from` read. Refuses to write into a non-empty folder."""
-    import shutil
-
-    import jax.numpy as jnp
-
-    run_dir, out_dir = Path(run_dir), check_new_folder(Path(out_dir), "OUT_DIR")
-    engine, state, cfg, source = load_run(run_dir)
-    host, params, merged = merged_params(engine, state, cfg)
-    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0,
-                                                                init_from=None))
-    # Built in a hidden sibling and renamed into place: a killed export leaves no
-    # half-written run at out_dir.
-    with building_folder(out_dir, "run") as tmp:
-        for name in ("tokenizer.json", "labels.json"):
-            shutil.copyfile(run_dir / name, tmp / name)
-        step = int(source.rsplit("step ", 1)[1].rstrip(")"))
-        ckpt = Checkpointer(tmp / "checkpoints", async_save=False)
-        ckpt.save(step, TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                   opt_state=None, model_state=host.model_state),
-                  {"config": cfg.to_dict(), "exported_from": source, "lora_merged": merged})
-        ckpt.close()
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return {"out_dir": str(out_dir), "source": source, "lora_merged": merged,
-            "parameters": count(params)}
 
 
 def read_inputs(path: str | None) -> tuple[list[str], list[str] | None]:

@@ -6,7 +6,6 @@ axes. Parameters are stored in `param_dtype`; matmuls run in `dtype`.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -104,9 +103,10 @@ class Projection(nn.Module):
 
     (flax's DenseGeneral initialises a flattened kernel and applies the logical-axis constraint
     to it, which fails under a mesh; this keeps the named shape from the start.) It runs as one
-    2-D matmul, [rows, in] @ [in, out]: what int8 quantizers recognise in an ONNX export (a
-    Gemm with a constant weight; an einsum exports as an Einsum, which they skip), as fast as
-    the einsum was on XLA's CPU backend (bert-mini and MiniLM-shaped finetuning steps).
+    `lax.dot_general` of x's rows with the kernel as it is: what Qwix's int8 quantization
+    intercepts (infer/quantize.py; an operator `@` or a reshaped kernel it cannot see as a
+    weight), and what an ONNX export writes as a MatMul with a constant weight, which
+    onnxruntime's int8 quantizer takes (an einsum exports as an Einsum, which it skips).
     """
     cfg: ModelConfig
     in_axes: int
@@ -124,8 +124,11 @@ class Projection(nn.Module):
         bias = self.param("bias", zeros(self.bias_axes), self.bias_shape, param_dtype)
         n = self.in_axes
         outer, inner, out = x.shape[:-n], self.kernel_shape[:n], self.kernel_shape[n:]
-        y = x.astype(dtype).reshape(-1, math.prod(inner)) @ \
-            kernel.astype(dtype).reshape(math.prod(inner), math.prod(out))
+        # flax's promote_dtype and lax.dot_general on the kernel as it is: what Qwix's int8
+        # quantization intercepts (infer/quantize.py).
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=dtype)
+        y = jax.lax.dot_general(x.reshape(-1, *inner), kernel,
+                                ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())))
         return y.reshape(*outer, *out) + bias.astype(dtype)
 
 
