@@ -301,6 +301,16 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = r"attn/(query|value)/kernel$"
+    # Magnitude pruning (train/prune.py): the smallest weights of `prune_targets` are set to
+    # zero, their share rising on a cubic schedule from 0 at step `prune_start` to
+    # `prune_sparsity` at `prune_end` (null: two thirds of train.steps), the masks recomputed
+    # every `prune_every` steps over all targets at once (global) or array by array.
+    prune_sparsity: float = 0.0  # 0: no pruning
+    prune_targets: str = r"^transformer/.*kernel$"
+    prune_scope: Literal["global", "per_layer"] = "global"
+    prune_start: int = 0
+    prune_end: int | None = None
+    prune_every: int = 10
 
 
 @dataclass
@@ -384,6 +394,12 @@ def row_slots(examples_per_row: int, seq_len: int) -> int:
     """At most how many examples a packed row of `seq_len` holds: data.examples_per_row, or
     (0) seq_len // 8."""
     return examples_per_row or max(1, seq_len // 8)
+
+
+def prune_end(cfg: Config) -> int:
+    """The step where pruning reaches finetune.prune_sparsity (default: 2/3 of the steps)."""
+    e = cfg.finetune.prune_end
+    return e if e is not None else max(cfg.finetune.prune_start + 1, 2 * cfg.train.steps // 3)
 
 
 def slots_for(cfg: Config) -> int | None:

@@ -11,7 +11,7 @@ import re
 from ptft_jax.config.ranges import check_values
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_KINDS, IMAGE_TASKS, MULTIMODAL_KINDS,
                                     MULTIMODAL_TASKS, PRETRAIN_TASKS, Config, ConfigError,
-                                    resolve_mesh_shape, task_for)
+                                    prune_end, resolve_mesh_shape, task_for)
 
 
 def _validate_optimizer(cfg: Config) -> None:
@@ -123,6 +123,7 @@ def _validate_finetune(cfg: Config) -> None:
     for key in ("load", "dont_load", "init_fresh", "freeze"):
         _check_regexes(getattr(f, key), f"finetune.{key}")
     _check_regexes([f.lora_targets], "finetune.lora_targets")
+    _check_pruning(cfg)
     if f.lr_multipliers:
         _check_rules(f.lr_multipliers, "finetune.lr_multipliers")
         for pattern, factor in f.lr_multipliers:
@@ -154,6 +155,25 @@ def _validate_finetune(cfg: Config) -> None:
             raise ConfigError(f"finetune.linear_probe trains the head only; finetune.{key} "
                               f"({getattr(f, key)}) {what}. Choose one: "
                               f"finetune.linear_probe=false or finetune.{key}={off}.")
+
+
+def _check_pruning(cfg: Config) -> None:
+    f = cfg.finetune
+    if not f.prune_sparsity:
+        return
+    _check_regexes([f.prune_targets], "finetune.prune_targets")
+    end = prune_end(cfg)
+    if not f.prune_start < end <= cfg.train.steps:
+        raise ConfigError(f"finetune.prune_start ({f.prune_start}) and prune_end ({end}) must "
+                          f"satisfy prune_start < prune_end <= train.steps ({cfg.train.steps}).")
+    # What pruning cannot be combined with: the weights it prunes are frozen (LoRA trains
+    # adapters beside them), or the optimizer state that holds its masks restarts per phase.
+    for key, on, why in (("lora_rank", f.lora_rank > 0, "freezes the weights pruning zeroes"),
+                         ("unfreeze", f.unfreeze != "none", "restarts the optimizer state "
+                                                            "(and the masks) each phase")):
+        if on:
+            raise ConfigError(f"finetune.prune_sparsity with finetune.{key}={getattr(f, key)}: "
+                              f"it {why}. Choose one.")
 
 
 # The data.*_column keys each kind of task reads, the labels last; what each column holds.

@@ -21,6 +21,8 @@ def summary_line(summary: dict) -> str:
         line += f" | MFU {summary['mfu']:.1%}" + (
             " (above 100%: the measured ceiling was too low)"
             if summary.get("mfu_ceiling_too_low") else "")
+    if summary.get("pruned") is not None:
+        line += f" | pruned {summary['pruned']:.1%} of finetune.prune_targets"
     if summary.get("metric"):
         line += (f" | eval {summary['metric']} {summary.get('eval/' + summary['metric'], 0):.4f}"
                  f" (best {summary['best']:.4f} at step {summary['best_step']})")

@@ -18,14 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from ptft_jax.config.schema import Config, OptimConfig
+from ptft_jax.config.schema import Config, ConfigError, OptimConfig, prune_end
 from ptft_jax.core.lora import lora_spec
 from ptft_jax.core.mesh import LOGICAL_RULES, global_batch_array, make_mesh, process_rows
-from ptft_jax.core.params import check_rules_hit, flatten
+from ptft_jax.core.params import check_rules_hit, flatten, matching
 from ptft_jax.core.state import (TrainState, abstract_state, carry_opt_state, init_opt_state,
                                  init_state, model_variables, state_shardings, with_shardings)
 from ptft_jax.train.optim import hyperparams, make_optimizer, set_hyperparams
 from ptft_jax.train.plan import Plan, make_plan
+from ptft_jax.train.prune import magnitude_pruning
 from ptft_jax.train.step import JitStep, PmapStep, pmap_sharding
 
 
@@ -168,6 +169,19 @@ def build(cfg: Config, task, devices=None, phase: int = 0) -> Engine:
     return _build(cfg, task, devices, phase)
 
 
+def pruning(cfg: Config, trainable):
+    """finetune.prune_sparsity's transformation (train/prune.py), or None."""
+    f = cfg.finetune
+    if not f.prune_sparsity:
+        return None
+    if not matching(trainable, [f.prune_targets]):
+        raise ConfigError(f"finetune.prune_targets {f.prune_targets!r} matches no trainable "
+                          f"parameter; give a regex on trainable paths (e.g. "
+                          f"'^transformer/.*kernel$').")
+    return magnitude_pruning(f.prune_targets, f.prune_sparsity, f.prune_start, prune_end(cfg),
+                             f.prune_every, f.prune_scope)
+
+
 def _build(cfg: Config, task, devices=None, phase: int = 0) -> Engine:
     t = cfg.train
     lora = lora_spec(cfg)
@@ -176,7 +190,8 @@ def _build(cfg: Config, task, devices=None, phase: int = 0) -> Engine:
                               jax.random.key(0))
     plan = make_plan(cfg, nn.unbox(boxed), phase)
     check_rules_match(nn.unbox(boxed), cfg.optim.weight_decay_rules, "optim.weight_decay_rules")
-    tx, learning_rate = make_optimizer(cfg.optim, t.steps, plan.lr_factors, plan.grad_masks)
+    tx, learning_rate = make_optimizer(cfg.optim, t.steps, plan.lr_factors, plan.grad_masks,
+                                       pruning(cfg, plan.trainable))
     abstract, logical_specs = abstract_state(task, tx, example, plan.trainable, lora)
     static = dict(task=task, tx=tx, learning_rate=learning_rate, trainable=plan.trainable, lora=lora,
                   grad_accum=t.grad_accum)

@@ -32,6 +32,7 @@ from ptft_jax.train.job import Job
 from ptft_jax.train.log import MetricsWriter
 from ptft_jax.train.optim import get_hyperparam, plateau_step, set_hyperparams
 from ptft_jax.train.plan import phase_at_step
+from ptft_jax.train.prune import pruned_share
 from ptft_jax.train.resume import (Start, changed_settings, check_data_position,
                                    resume_or_init)
 from ptft_jax.train.safety import DivergenceGuard, SaveClock, StopOnSignal
@@ -387,7 +388,8 @@ class Training:
                 "compile_seconds": self.compile_seconds, "peak_flops": self.reference.flops,
                 "flops_per_unit": self.flops_per_unit, "phase": p.phase, "best": p.best,
                 "best_step": p.best_step, "metric": self.metric, "diverged": diverged,
-                "last_saved_step": last_saved, **self.last,
+                "last_saved_step": last_saved, "pruned": pruned_share(self.state.opt_state),
+                **self.last,
                 **{f"eval/{k}": v for k, v in self.last_eval.items()}}
 
 

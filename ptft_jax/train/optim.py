@@ -101,13 +101,14 @@ def _core(cfg: OptimConfig, decay_mask, h: dict) -> optax.GradientTransformation
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, lr_factors: dict | None = None,
-                   grad_masks: dict | None = None):
+                   grad_masks: dict | None = None, last=None):
     """Returns (tx, learning_rate): `learning_rate(opt_state)` is the LR of the coming update.
 
     - `grad_masks` {path: 0/1 array}: zeroes the gradient slices of frozen layers inside a
       stacked array before clipping, so they count in no norm and get no optimizer moments.
     - `lr_factors` {path: factor}: scales each leaf's whole update (the optimizer's step and
       weight decay), i.e. its learning rate; 0 keeps a frozen slice exactly where it is.
+    - `last`: a transformation applied after all of these (pruning's masks, train/prune.py).
     Weight decay follows `cfg.weight_decay_rules` (first match wins)."""
     def decay_mask(params):
         return match_rules(params, cfg.weight_decay_rules, "optim.weight_decay_rules")
@@ -124,6 +125,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, lr_factors: dict | None =
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts += [core(**hyperparams(cfg, total_steps)), _scale_by_path(lr_factors or {})]
+    if last is not None:
+        parts.append(last)
     tx = optax.chain(*parts)
 
     def learning_rate(opt_state):
