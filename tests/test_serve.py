@@ -40,15 +40,15 @@ def run(tmp_path_factory):
     finetune(load_config(None, [
         f"run_dir={tmp / 'run'}", f"finetune.init_from=hf:{FIXTURES / 'bert_cls'}",
         f"data.corpus={_labelled(tmp)}", "data.label_column=label",
-        "train.task=classification", "train.steps=3", "data.seq_len=24",
+        "train.task=classification", "train.steps=3", "data.seq_len=40",
         "finetune.pooling=mean", "finetune.lora_rank=2", *SHORT]))
     return tmp / "run"
 
 
 @pytest.fixture(scope="module")
 def model(run):
-    # A small token budget: several batch shapes, and a request that needs two batches.
-    return TextClassifier(run, max_examples=8, max_batch_tokens=200)
+    # Rows of 20 or 40 tokens; 8 or 16 rows (the 8 fake devices split each batch).
+    return TextClassifier(run, max_examples=8, max_batch_tokens=640)
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +94,19 @@ def test_served_predictions_are_ptft_predicts_in_order(model, expected, dynamic)
     assert model.calls == calls
 
 
-def test_a_request_over_the_batch_budget_runs_in_several_batches(model, expected):
+def test_texts_run_in_the_shortest_rows_that_hold_them(model, expected):
+    """Short texts in rows of 20 tokens, a long one in rows of data.seq_len (40), and every
+    answer the same as ptft predict's rows of 40."""
+    assert model.lengths == [20, 40] and model.sizes == [8, 16]
+    short = model.packed(model.prepare({"texts": TEXTS[3:4]}).inputs["texts"], None)
+    long = model.packed(model.prepare({"texts": [" ".join(TEXTS * 3)]}).inputs["texts"], None)
+    assert short.seq_len == 20 and long.seq_len == 40
     with TestClient(create_app(model, Limits())) as client:
-        response = client.post("/v1/predict", json={"texts": TEXTS[:8]})
-    assert response.status_code == 200
-    _check_same(response.json()["predictions"], expected[:8])
+        for texts in (TEXTS[3:4], TEXTS[:8], [" ".join(TEXTS * 3)]):
+            response = client.post("/v1/predict", json={"texts": texts})
+            assert response.status_code == 200
+            want = list(predict_run(model.run_dir, texts, progress=False))
+            _check_same(response.json()["predictions"], want)
 
 
 BAD = [  # (body or raw bytes, status, what the error says)
@@ -160,11 +168,11 @@ def test_the_model_route_names_the_checkpoint_and_the_docs_list_the_routes(model
     assert info["task"] == "classification" and info["step"] == 3
     assert info["checkpoint"].endswith("(step 3)") and info["params_checksum"].startswith(
         "sha256:")
-    assert info["batch_sizes"] == model.sizes and model.sizes[-1] * 24 <= 200
+    assert info["batch_sizes"] == model.sizes and info["row_lengths"] == [20, 40]
     assert docs.status_code == 200 and {"/v1/predict", "/v1/embed", "/v1/health",
                                         "/v1/model"} <= set(paths)
     # The same weights give the same checksum; other weights another.
-    assert TextClassifier(run, 8, 200).checksum == info["params_checksum"]
+    assert TextClassifier(run, 8, 64).checksum == info["params_checksum"]
 
 
 def test_an_encoder_serves_ptft_embeds_embeddings(pretrained):

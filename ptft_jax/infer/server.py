@@ -326,8 +326,8 @@ def serve(source: str, host: str, port: int, limits: Limits, max_texts: int,
     start = time.perf_counter()
     model.warm_up()  # every batch shape compiled now: no request waits for a compile
     print(f"ptft serve: {model.info()['checkpoint']} on /v1/{model.endpoint}; compiled "
-          f"{len(model.sizes)} batch shapes {model.sizes} in "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+          f"{model.shapes()} in {time.perf_counter() - start:.1f} s", file=sys.stderr,
+          flush=True)
     server = uvicorn.Server(uvicorn.Config(
         create_app(model, limits), host=host, port=port, access_log=access_log,
         timeout_graceful_shutdown=GRACE_S, log_level="info"))

@@ -95,6 +95,10 @@ class Served:
     def warm_up(self) -> None:
         raise NotImplementedError
 
+    def shapes(self) -> str:
+        """The batch shapes warm_up compiles, in words."""
+        return f"{len(self.sizes)} batch sizes {self.sizes}"
+
     def info(self) -> dict:
         raise NotImplementedError
 
@@ -164,10 +168,13 @@ class TextClassifier(RunModel):
         self.tokenizer = load_tokenizer(run_dir / "tokenizer.json")
         self.pairs = bool(self.cfg.data.text_pair_column)
         self.seq_len = self.cfg.data.seq_len
-        self.slots = row_slots(self.cfg.data.examples_per_row, self.seq_len)
         self.budget = max_batch_tokens
         rows = max(self.dp, max_batch_tokens // self.seq_len // self.dp * self.dp)
         self.sizes = buckets(rows, self.dp)
+        # Row lengths: a batch of short texts (one short request, say) runs in short rows
+        # rather than paying for data.seq_len tokens per row.
+        self.lengths = sorted({n for n in (self.seq_len // 4, self.seq_len // 2) if n >= 16} |
+                              {self.seq_len})
 
     def prepare(self, body: dict) -> Prepared:
         allowed = ("texts", "text_pairs") if self.pairs else ("texts",)
@@ -186,25 +193,48 @@ class TextClassifier(RunModel):
                    for a, b in zip(inputs["texts"], inputs["pairs"] or inputs["texts"]))
         return Prepared(len(texts), cost, inputs)
 
+    def packed(self, first: list, second: list | None) -> PackedExamples:
+        """The texts packed into rows of the shortest length that holds the longest of them
+        (as data.seq_len truncates it) in rows the largest batch holds; else data.seq_len.
+        Each text is the same segment whatever its row's length: the same outputs."""
+        kind = self.cfg.model.kind
+        full = examples_of_ids(first, second, self.tokenizer, self.seq_len, kind)
+        longest = int(full.lengths.max())
+        for length in self.lengths:
+            if length < longest:
+                continue
+            examples = full if length == self.seq_len else \
+                examples_of_ids(first, second, self.tokenizer, length, kind)
+            packed = PackedExamples(examples, row_slots(self.cfg.data.examples_per_row, length),
+                                    None)
+            if len(packed) <= self.sizes[-1] or length == self.seq_len:
+                return packed
+
     def run(self, parts: list[Prepared]) -> list[list]:
         first = [ids for p in parts for ids in p.inputs["texts"]]
         second = [ids for p in parts for ids in p.inputs["pairs"]] if self.pairs else None
-        examples = examples_of_ids(first, second, self.tokenizer, self.seq_len,
-                                   self.cfg.model.kind)
-        packed = PackedExamples(examples, self.slots, None)
+        packed = self.packed(first, second)
         out = packed.in_input_order(self.outputs(packed, bucket_for(self.sizes, len(packed))))
         return self.split([prediction(self.labels, row) for row in out], parts)
 
     def warm_up(self) -> None:
-        examples = predict_examples(["warm up"], self.tokenizer, self.seq_len,
-                                    self.cfg.model.kind, ["warm up"] if self.pairs else None)
-        for size in self.sizes:
-            self.outputs(PackedExamples(examples, self.slots, None), size)
+        one = [[0]]  # one token: the shapes, not the text, are what compiles
+        for length in self.lengths:
+            examples = examples_of_ids(one, one if self.pairs else None, self.tokenizer,
+                                       length, self.cfg.model.kind)
+            for size in self.sizes:
+                self.outputs(PackedExamples(examples, row_slots(
+                    self.cfg.data.examples_per_row, length), None), size)
         self.calls = 0
+
+    def shapes(self) -> str:
+        return f"{len(self.sizes) * len(self.lengths)} batch shapes: {self.sizes} rows of " \
+            f"{self.lengths} tokens"
 
     def info(self) -> dict:
         return {**super().info(), "inputs": ["texts", "text_pairs"] if self.pairs else
-                ["texts"], "seq_len": self.seq_len, "max_batch_tokens": self.budget}
+                ["texts"], "seq_len": self.seq_len, "row_lengths": self.lengths,
+                "max_batch_tokens": self.budget}
 
 
 def decode_images(body: dict, key: str, size: int, channels: int) -> np.ndarray:
