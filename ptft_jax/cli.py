@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                                                         "127.0.0.1: this machine only)")
     sv.add_argument("--port", type=at_least(0, "port"), default=8000, help="default 8000")
-    sv.add_argument("--max-batch-tokens", type=at_least(16, "tokens"), default=8192,
+    sv.add_argument("--max-batch-tokens", type=at_least(16, "tokens"), default=4096,
                     help="tokens one model call gathers from concurrent requests (default "
-                         "8192); the batch shapes compiled at start-up follow from it")
+                         "4096: on a CPU larger batches add latency, not throughput); the "
+                         "batch shapes compiled at start-up follow from it")
     sv.add_argument("--max-batch-images", type=at_least(1, "images"), default=32,
                     help="images one model call gathers (image runs; default 32)")
     sv.add_argument("--max-wait-ms", type=at_least(0, "milliseconds"), default=0,

@@ -108,3 +108,32 @@ def assert_same_gradients(engine_a, engine_b, host_batch, rtol=1e-3, atol=1e-6,
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
                                    err_msg=jax.tree_util.keystr(path))
     return a
+
+
+def lora_classifier(tmp, seq_len: int = 24):
+    """A classifier finetuned with LoRA from the small BERT fixture, mean pooling, on 30
+    labelled texts (3 steps): the run the inference tests read (export, quantize, serve)."""
+    from ptft_jax.jobs.entry import finetune
+    from tests.test_hf_runs import FIXTURES, SHORT, _labelled
+    finetune(load_config(None, [
+        f"run_dir={tmp / 'run'}", f"finetune.init_from=hf:{FIXTURES / 'bert_cls'}",
+        f"data.corpus={_labelled(tmp)}", "data.label_column=label",
+        "train.task=classification", "train.steps=3", f"data.seq_len={seq_len}",
+        "finetune.pooling=mean", "finetune.lora_rank=2", *SHORT]))
+    return tmp / "run"
+
+
+def resnet_run(tmp):
+    """(a small ResNet finetuned 2 steps on 24 random 8x8 grey images (BatchNorm statistics in
+    its model state), the images)."""
+    from ptft_jax.jobs.entry import finetune
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 8, 8), dtype=np.uint8)
+    np.savez(tmp / "images.npz", image=images, label=rng.integers(0, 3, 24).astype(np.uint8))
+    finetune(load_config(None, [
+        f"run_dir={tmp / 'resnet'}", f"data.corpus={tmp / 'images.npz'}", "data.resize=false",
+        "model.preset=resnet18-small", "model.resnet_width=4", "model.image_size=8",
+        "model.channels=1", "train.task=image_classification", "train.steps=2",
+        "train.global_batch=8", "checkpoint.every=0", "train.progress=false",
+        "optim.warmup_steps=0"]))
+    return tmp / "resnet", images

@@ -18,6 +18,7 @@ from ptft_jax.data.labelled import predict_examples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.jobs.entry import finetune
 from tests.test_hf_runs import FIXTURES, SHORT, TEXTS, _labelled
+from tests.helpers import resnet_run
 from tests.test_main_job import _ptft
 
 pytest.importorskip("onnxruntime")
@@ -124,16 +125,7 @@ def test_an_image_classifier_exports_with_its_batch_norm(tmp_path):
 
     from ptft_jax.infer.onnx_export import export_onnx
     from ptft_jax.infer.predict import predict_images
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (24, 8, 8), dtype=np.uint8)
-    np.savez(tmp_path / "images.npz", image=images, label=rng.integers(0, 3, 24).astype(np.uint8))
-    run = tmp_path / "resnet"
-    finetune(load_config(None, [
-        f"run_dir={run}", f"data.corpus={tmp_path / 'images.npz'}", "data.resize=false",
-        "model.preset=resnet18-small", "model.resnet_width=4", "model.image_size=8",
-        "model.channels=1", "train.task=image_classification", "train.steps=2",
-        "train.global_batch=8", "checkpoint.every=0", "train.progress=false",
-        "optim.warmup_steps=0"]))
+    run, images = resnet_run(tmp_path)
     meta = export_onnx(run, tmp_path / "onnx")
     assert meta["image_shape"] == [8, 8, 1] and meta["max_abs_diff_from_ptft"] <= 1e-4
     files = []

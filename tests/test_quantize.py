@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from ptft_jax.config.load import load_config
-from ptft_jax.jobs.entry import finetune
-from tests.test_hf_runs import FIXTURES, SHORT, _labelled
+from tests.helpers import lora_classifier
+from tests.test_hf_runs import _labelled
 from tests.test_main_job import _ptft
 
 from ptft_jax.ckpt import integrity
-from ptft_jax.ckpt.pretrained import read_params
+from ptft_jax.ckpt.pretrained import check_init_from, read_params
+from ptft_jax.config.schema import ConfigError
 from ptft_jax.core.params import flatten
 from ptft_jax.infer.predict import evaluate_run, predict_run
 
@@ -23,14 +23,8 @@ TEXTS = ["the lord said unto the king", "and he was a man", "in the house of god
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A classifier finetuned with LoRA from a small BERT (LoRA is merged before quantizing)."""
-    tmp = tmp_path_factory.mktemp("quantize")
-    finetune(load_config(None, [
-        f"run_dir={tmp / 'run'}", f"finetune.init_from=hf:{FIXTURES / 'bert_cls'}",
-        f"data.corpus={_labelled(tmp)}", "data.label_column=label",
-        "train.task=classification", "train.steps=3", "data.seq_len=24",
-        "finetune.pooling=mean", "finetune.lora_rank=2", *SHORT]))
-    return tmp / "run"
+    """A LoRA classifier (LoRA is merged before quantizing)."""
+    return lora_classifier(tmp_path_factory.mktemp("quantize"))
 
 
 def _probabilities(run_dir):
@@ -108,3 +102,5 @@ def test_what_cannot_be_quantized_is_refused_before_any_write(run, tmp_path):
                  "int8-weights")
     assert onnx.returncode == 2 and "int8" in onnx.stderr
     assert not any((tmp_path / name).exists() for name in ("again", "hf", "onnx"))
+    with pytest.raises(ConfigError, match="is a quantized run"):
+        check_init_from(out, image_task=False)

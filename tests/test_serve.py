@@ -14,9 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from ptft_jax.config.load import load_config
-from ptft_jax.jobs.entry import finetune
-from tests.test_hf_runs import FIXTURES, SHORT, _labelled
+from tests.helpers import lora_classifier, resnet_run
 from tests.test_main_job import ENV, _command, _ptft
 
 pytest.importorskip("fastapi")
@@ -35,14 +33,7 @@ TEXTS = ["the lord said unto the king", "and he was a man", "in the house of god
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A classifier finetuned with LoRA from a small BERT, mean pooling."""
-    tmp = tmp_path_factory.mktemp("serve")
-    finetune(load_config(None, [
-        f"run_dir={tmp / 'run'}", f"finetune.init_from=hf:{FIXTURES / 'bert_cls'}",
-        f"data.corpus={_labelled(tmp)}", "data.label_column=label",
-        "train.task=classification", "train.steps=3", "data.seq_len=40",
-        "finetune.pooling=mean", "finetune.lora_rank=2", *SHORT]))
-    return tmp / "run"
+    return lora_classifier(tmp_path_factory.mktemp("serve"), seq_len=40)
 
 
 @pytest.fixture(scope="module")
@@ -194,17 +185,7 @@ def test_an_encoder_serves_ptft_embeds_embeddings(pretrained):
 
 def test_an_image_run_serves_base64_images(tmp_path):
     from PIL import Image
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (24, 8, 8), dtype=np.uint8)
-    np.savez(tmp_path / "images.npz", image=images,
-             label=rng.integers(0, 3, 24).astype(np.uint8))
-    run = tmp_path / "resnet"
-    finetune(load_config(None, [
-        f"run_dir={run}", f"data.corpus={tmp_path / 'images.npz'}", "data.resize=false",
-        "model.preset=resnet18-small", "model.resnet_width=4", "model.image_size=8",
-        "model.channels=1", "train.task=image_classification", "train.steps=2",
-        "train.global_batch=8", "checkpoint.every=0", "train.progress=false",
-        "optim.warmup_steps=0"]))
+    run, images = resnet_run(tmp_path)
     files, encoded = [], []
     for i in range(5):
         files.append(tmp_path / f"{i}.png")

@@ -68,6 +68,10 @@ def check_init_from(path, image_task: bool, key: str = "finetune.init_from") -> 
                    if (folder / "config.yaml").is_file()), None)
     if config is None:
         return  # a bare checkpoints folder: the parameters' shapes are checked when loaded
+    if (config.parent / "quantization.json").is_file():  # written by ptft export --quantize
+        raise ConfigError(f"{key}: {config.parent} is a quantized run (int8, for inference); "
+                          f"training starts from float weights: give the run it was exported "
+                          f"from.")
     kind = ((read_yaml(config, "the run's config").get("model") or {}).get("kind")
             or ModelConfig.kind)
     if kind not in MULTIMODAL_KINDS and (kind in IMAGE_KINDS) != image_task:

@@ -32,7 +32,7 @@ import qwix
 from ptft_jax.config.schema import ConfigError
 from ptft_jax.core.mesh import LOGICAL_RULES, replicated
 from ptft_jax.core.params import flatten, path_str, unflatten
-from ptft_jax.train.step import eval_step, predict_step
+from ptft_jax.train.step import JitStep, eval_step, predict_step
 
 QUANTIZATION_FILE = "quantization.json"
 MODES = {"int8": "int8", "int8-weights": None}  # --quantize -> the activations' type
@@ -108,24 +108,16 @@ def unpack(stored: dict, abstract):
     return jax.tree_util.tree_unflatten(treedef, [flat[path_str(p)] for p, _ in paths])
 
 
-class QuantizedSteps:
-    """The eval and predict steps of a quantized model (parameters replicated: a quantized
-    model is one that fits), jitted as the float ones are (train/step.py)."""
+class QuantizedSteps(JitStep):
+    """The eval and predict steps of a quantized model (train/step.py's, with the parameters
+    replicated: a quantized model is one that fits); no train step."""
 
-    def __init__(self, task, mesh):
+    def __init__(self, task, mesh):  # pylint: disable=super-init-not-called
         self.mesh = mesh
         self.jitted_eval = jax.jit(functools.partial(eval_step, task=task,
                                                      rules=LOGICAL_RULES))
         self.jitted_predict = jax.jit(functools.partial(predict_step, task=task,
                                                         rules=LOGICAL_RULES))
-
-    def evaluate(self, state, batch):
-        with jax.set_mesh(self.mesh):
-            return self.jitted_eval(state.params, state.model_state, batch)
-
-    def predict(self, state, batch):
-        with jax.set_mesh(self.mesh):
-            return self.jitted_predict(state.params, state.model_state, batch)
 
 
 def quantized_engine(engine, mode: str):

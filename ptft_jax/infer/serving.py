@@ -53,13 +53,14 @@ class Prepared:
 
 
 def buckets(largest: int, step: int) -> list[int]:
-    """Batch sizes step, 2 step, 4 step, ... up to `largest` (a multiple of `step`, which the
-    mesh splits evenly), `largest` included."""
-    sizes, size = [], step
-    while size < largest:
-        sizes.append(size)
-        size *= 2
-    return sizes + [largest]
+    """Batch sizes 1, 2, 3, 4, 6, 8, 12, ... times `step` (which the mesh splits evenly), up
+    to `largest` (a multiple of `step`), `largest` included: a batch pads at most a third of
+    its rows (doublings alone pad up to half, and a CPU computes the padding in full)."""
+    sizes, k = set(), 1
+    while k * step < largest:
+        sizes.update(m * step for m in (k, 3 * k // 2) if m and m * step < largest)
+        k *= 2
+    return sorted(sizes | {largest})
 
 
 def bucket_for(sizes: list[int], needed: int) -> int:
