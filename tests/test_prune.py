@@ -67,14 +67,15 @@ def test_pruning_reaches_its_sparsity_on_the_targets_and_keeps_it(scope):
 
 def _cfg(run, *extra):
     data = run.parent / "train.jsonl"  # written once: a rewritten file is another source
+    data = data if data.is_file() else _labelled(run.parent)
     return load_config(None, [
         f"run_dir={run}", f"finetune.init_from=hf:{FIXTURES / 'bert_cls'}",
-        f"data.corpus={data if data.is_file() else _labelled(run.parent)}",
-        "data.label_column=label",
+        f"data.corpus={data}", f"data.eval_corpus={data}", "data.label_column=label",
         "train.task=classification", "train.steps=6", "data.seq_len=24",
         "train.global_batch=8", "train.progress=false", "optim.warmup_steps=0",
         "model.dropout=0.0", "checkpoint.every=0", "checkpoint.every_minutes=1e-9",
         "checkpoint.async_save=false", "checkpoint.keep=10", "finetune.prune_sparsity=0.5",
+        "eval.every=2",
         "finetune.prune_start=1", "finetune.prune_end=4", "finetune.prune_every=1", *extra])
 
 
@@ -95,6 +96,9 @@ def test_a_pruned_finetune_resumes_exactly_and_its_zeros_stay(tmp_path):
     at_end = _params(run, 4)  # the schedule's end: the masks are fixed from here on
     for p in targets:
         assert np.array_equal(at_end[p] == 0, final[p] == 0)
+    # best/ holds an evaluation at the full sparsity (step 4 or 6), never step 2's.
+    best = [int(s.name) for s in integrity.step_folders(run / "best")]
+    assert best and all(step >= 4 for step in best) and summary["best_step"] >= 4
     masks = [v for p, v in _arrays(run, 6).items() if p.startswith("opt_state/") and
              v.dtype == np.bool_ and v.ndim]
     assert len(masks) == len(targets)

@@ -26,6 +26,7 @@ from ptft_jax.core.files import LEGACY_RUN, atomic_write_text, claim_folder
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.tasks.base import add_sums
 from ptft_jax.tasks.metrics import eval_metric
+from ptft_jax.config.schema import prune_end
 from ptft_jax.train import peak
 from ptft_jax.train.evaluate import evaluate
 from ptft_jax.train.job import Job
@@ -299,6 +300,12 @@ class Training:
             reason = on_eval(self.step, self.last_eval)
         return reason
 
+    def at_final_sparsity(self) -> bool:
+        """Whether the model is pruned as asked (finetune.prune_sparsity reached at
+        prune_end): before that, an evaluation is not a candidate for best/ (nor counts
+        towards early stopping), which eval, predict and export read."""
+        return not self.cfg.finetune.prune_sparsity or self.step >= prune_end(self.cfg)
+
     def evaluate(self) -> dict:
         cfg = self.cfg
         values = evaluate(self.engine, self.state, self.job.eval_examples, cfg.eval.batch_size,
@@ -310,7 +317,8 @@ class Training:
             self.stop_reason = (f"diverged: eval/{nonfinite[0]} is {values[nonfinite[0]]} at "
                                 f"step {self.step} (the model's outputs overflow); nothing "
                                 f"was saved from this step on")
-        elif self.progress.improved(float(values[self.metric]), self.mode):
+        elif self.at_final_sparsity() and \
+                self.progress.improved(float(values[self.metric]), self.mode):
             self.progress.best_step = self.step
             try:
                 self.best.save(self.step, self.engine.host_state(self.state),
