@@ -46,3 +46,11 @@ def pretrained(tmp_path_factory, small_corpus):
         "train.steps=2", "train.global_batch=8", "checkpoint.every=0", "data.seq_len=32",
         "model.max_len=32", "train.progress=false"]))
     return run
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+    """A small LoRA classifier (tests/helpers.py) that the inference tests only read: serve,
+    quantize."""
+    from tests.helpers import lora_classifier
+    return lora_classifier(tmp_path_factory.mktemp("lora"), seq_len=40)

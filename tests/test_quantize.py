@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import lora_classifier
 from tests.test_hf_runs import _labelled
 from tests.test_main_job import _ptft
 
@@ -16,15 +15,26 @@ from ptft_jax.ckpt.pretrained import check_init_from, read_params
 from ptft_jax.config.schema import ConfigError
 from ptft_jax.core.params import flatten
 from ptft_jax.infer.predict import evaluate_run, predict_run
+from ptft_jax.infer.run_export import export_run
 
 TEXTS = ["the lord said unto the king", "and he was a man", "in the house of god",
          "unto the land of the house of the lord and the king", "he shall be"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(lora_run):
     """A LoRA classifier (LoRA is merged before quantizing)."""
-    return lora_classifier(tmp_path_factory.mktemp("quantize"))
+    return lora_run
+
+
+@pytest.fixture(scope="module")
+def int8_run(run, tmp_path_factory):
+    """`ptft export RUN OUT --quantize int8` through the command line, once."""
+    out = tmp_path_factory.mktemp("int8") / "int8"
+    result = _ptft("export", str(run), str(out), "--quantize", "int8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "int8 with qwix" in result.stdout and "LoRA adapters merged" in result.stdout
+    return out
 
 
 def _probabilities(run_dir):
@@ -33,11 +43,11 @@ def _probabilities(run_dir):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-weights"])
-def test_a_quantized_run_is_read_like_any_run(run, tmp_path, mode):
-    out = tmp_path / mode
-    result = _ptft("export", str(run), str(out), "--quantize", mode)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{mode} with qwix" in result.stdout and "LoRA adapters merged" in result.stdout
+def test_a_quantized_run_is_read_like_any_run(run, int8_run, tmp_path, mode):
+    out = int8_run
+    if mode != "int8":  # the other mode in this process (the command line is int8_run's)
+        out = tmp_path / mode
+        assert export_run(run, out, mode)["quantization"]["mode"] == mode
     meta = json.loads((out / "quantization.json").read_text())
     assert meta["mode"] == mode and meta["quantized_bytes"] < meta["float_bytes"] / 2.5
 
@@ -68,14 +78,13 @@ def test_a_quantized_run_is_read_like_any_run(run, tmp_path, mode):
     assert metrics["examples"] == 30 and 0 <= metrics["accuracy"] <= 1
 
 
-def test_a_quantized_run_is_served(run, tmp_path):
+def test_a_quantized_run_is_served(run, int8_run):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from ptft_jax.infer.server import Limits, create_app
     from ptft_jax.infer.serving import TextClassifier
-    out = tmp_path / "int8"
-    assert _ptft("export", str(run), str(out), "--quantize", "int8").returncode == 0
+    out = int8_run
     model = TextClassifier(out, 16, 512)
     model.warm_up()
     with TestClient(create_app(model, Limits())) as client:
@@ -88,9 +97,8 @@ def test_a_quantized_run_is_served(run, tmp_path):
     assert np.abs(got - quantized).max() < np.abs(quantized - _probabilities(run)).max()
 
 
-def test_what_cannot_be_quantized_is_refused_before_any_write(run, tmp_path):
-    out = tmp_path / "int8"
-    assert _ptft("export", str(run), str(out), "--quantize", "int8").returncode == 0
+def test_what_cannot_be_quantized_is_refused_before_any_write(run, int8_run, tmp_path):
+    out = int8_run
     again = _ptft("export", str(out), str(tmp_path / "again"), "--quantize", "int8")
     assert again.returncode == 2 and "already quantized" in again.stderr
     for fmt in ("hf", "onnx"):

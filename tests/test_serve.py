@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import lora_classifier, resnet_run
+from tests.helpers import resnet_run
 from tests.test_main_job import ENV, _command, _ptft
 
 pytest.importorskip("fastapi")
@@ -32,8 +32,8 @@ TEXTS = ["the lord said unto the king", "and he was a man", "in the house of god
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return lora_classifier(tmp_path_factory.mktemp("serve"), seq_len=40)
+def run(lora_run):
+    return lora_run
 
 
 @pytest.fixture(scope="module")

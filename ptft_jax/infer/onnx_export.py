@@ -52,7 +52,7 @@ ONNX_TOLERANCE = 1e-4  # max abs difference from ptft's outputs, float32
 # onnxruntime's dynamic int8: a scale per output channel, and 7-bit weights (reduce_range:
 # onnxruntime's advice for CPUs without VNNI, where u8 x s8 products can saturate). On the
 # fortunes classifier from all-MiniLM-L6-v2 (2-core AVX2 box) this lost 0.6 macro-F1 points
-# where onnxruntime's defaults lost 1.6 (benchmarks/onnx_export.py, results onnx-export.md).
+# where onnxruntime's defaults lost 1.6 (benchmarks/quantization.py, results quantization.md).
 INT8_SETTINGS = {"per_channel": True, "reduce_range": True}
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INSTALL = ("pip install onnx onnx-ir onnxruntime && pip install --no-deps jax2onnx==0.17.1 "
