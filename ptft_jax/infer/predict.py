@@ -94,6 +94,11 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
     return engine, engine.place(state), cfg, source
 
 
+def checkpoint_step(source: str) -> int:
+    """The step of load_run's `source` ('DIR (step N)')."""
+    return int(source.rsplit("step ", 1)[1].rstrip(")"))
+
+
 def evaluate_run(run_dir, split: str | None = None, corpus: str | None = None,
                  batch_size: int | None = None, progress: bool = True) -> dict:
     engine, state, cfg, source = load_run(run_dir, batch_size)

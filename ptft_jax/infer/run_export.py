@@ -21,7 +21,7 @@ from ptft_jax.core.files import building_folder, check_new_folder
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.core.params import count
 from ptft_jax.core.state import TrainState
-from ptft_jax.infer.predict import load_run
+from ptft_jax.infer.predict import checkpoint_step, load_run
 from ptft_jax.infer.quantize import QUANTIZATION_FILE, quantize_params, quantized_task, read_mode
 
 
@@ -66,7 +66,7 @@ def export_run(run_dir, out_dir, quantize: str | None = None) -> dict:
         for name in ("tokenizer.json", "labels.json"):
             if (run_dir / name).is_file():  # image runs have no tokenizer
                 shutil.copyfile(run_dir / name, tmp / name)
-        step = int(source.rsplit("step ", 1)[1].rstrip(")"))
+        step = checkpoint_step(source)
         ckpt = Checkpointer(tmp / "checkpoints", async_save=False)
         ckpt.save(step, TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                    opt_state=None, model_state=host.model_state),

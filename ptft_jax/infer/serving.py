@@ -32,7 +32,7 @@ from ptft_jax.data.packed_examples import PackedExamples
 from ptft_jax.data.pairs import PairExamples
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.infer.embed import Embedder, load_encoder
-from ptft_jax.infer.predict import load_run, prediction, run_task
+from ptft_jax.infer.predict import checkpoint_step, load_run, prediction, run_task
 from ptft_jax.train.evaluate import predict_outputs
 
 
@@ -143,7 +143,7 @@ class RunModel(Served):
         self.run_dir = run_dir
         self.engine, self.state, self.cfg, self.source = load_run(run_dir)
         self.labels = self.engine.task.labels
-        self.step = int(self.source.rsplit("step ", 1)[1].rstrip(")"))
+        self.step = checkpoint_step(self.source)
         self.dp = data_parallel_size(self.cfg)
         self.checksum = params_checksum(self.engine.host_state(self.state).params)
 

@@ -75,8 +75,9 @@ def magnitude_pruning(targets: str, sparsity: float, start: int, end: int, every
     def update(updates, state, params):
         step = state.count + 1  # the training step this update makes (the config counts so)
         due = (step >= start) & (step <= end) & (((step - start) % every == 0) | (step == end))
-        updated = optax.apply_updates(params, updates)
-        masks = jax.lax.cond(due, lambda: recompute(updated, state.masks,
+        # The updated weights are ranked only on a step that recomputes the masks.
+        masks = jax.lax.cond(due, lambda: recompute(optax.apply_updates(params, updates),
+                                                    state.masks,
                                                     sparsity_at(step, sparsity, start, end)),
                              lambda: state.masks)
         # Kept weights take their update; pruned ones minus themselves: exactly zero after.
