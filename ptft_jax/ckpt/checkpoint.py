@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from ptft_jax.ckpt import integrity
 from ptft_jax.ckpt.integrity import CheckpointDamaged
-from ptft_jax.core.params import flatten
+from ptft_jax.core.params import TRAINING_ONLY, flatten
 from ptft_jax.core.state import TrainState
 
 ITEMS = ("params", "opt_state", "model_state", "meta")
@@ -151,6 +151,21 @@ class Checkpointer:
             raise CheckpointDamaged(self.step_dir(step), f"{item} metadata cannot be read "
                                           f"({integrity.short_error(e)})") from None
 
+    def _training_only(self, step: int, abstract_params) -> dict:
+        """Targets (replicated like the params' first leaf) for the stored TRAINING_ONLY
+        subtrees that `abstract_params` does not hold."""
+        stored = self._stored_tree(step, "params")
+        extra = [k for k in TRAINING_ONLY if k in stored and k not in abstract_params]
+        if not extra:
+            return {}
+        replicated = jax.tree.leaves(abstract_params)[0].sharding
+        if isinstance(replicated, jax.sharding.NamedSharding):
+            replicated = jax.sharding.NamedSharding(replicated.mesh,
+                                                    jax.sharding.PartitionSpec())
+        return {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                               sharding=replicated), stored[k])
+                for k in extra}
+
     def check_shapes(self, step: int, abstract_params) -> None:
         """Raises CheckpointMismatch listing every parameter whose path or shape differs."""
         stored = self._stored_tree(step, "params")
@@ -196,11 +211,16 @@ class Checkpointer:
     def restore(self, step: int, target: TrainState, params_only: bool = False):
         """Restores into `target` (ShapeDtypeStructs with shardings) and verifies every
         array's checksum. Returns (state, meta); with `params_only`, the state's step and
-        optimizer state are taken from `target`. Raises CheckpointMismatch for a checkpoint
-        that does not fit the config, CheckpointDamaged for one that is damaged."""
+        optimizer state are taken from `target`, and the checkpoint's training-only params
+        (core/params.TRAINING_ONLY) that `target` lacks are read (checksums) and dropped.
+        Raises CheckpointMismatch for a checkpoint that does not fit the config,
+        CheckpointDamaged for one that is damaged."""
         meta = self.read_meta(step)
-        self.check_shapes(step, target.params)
-        args = {"params": ocp.args.StandardRestore(target.params)}
+        wanted = target.params
+        if params_only:
+            wanted = {**self._training_only(step, target.params), **target.params}
+        self.check_shapes(step, wanted)
+        args = {"params": ocp.args.StandardRestore(wanted)}
         if _has_leaves(target.model_state):
             self._stored_tree(step, "model_state")
             args["model_state"] = ocp.args.StandardRestore(target.model_state)
@@ -211,7 +231,8 @@ class Checkpointer:
         model_state = restored["model_state"] if "model_state" in args else \
             target.model_state
         if params_only:
-            return target.replace(params=restored["params"], model_state=model_state), meta
+            params = {k: v for k, v in restored["params"].items() if k in target.params}
+            return target.replace(params=params, model_state=model_state), meta
         step_array = jax.device_put(np.int32(meta["step"]), target.step.sharding)
         state = TrainState(step=step_array, params=restored["params"],
                            opt_state=restored["opt_state"], model_state=model_state)

@@ -24,8 +24,8 @@ from ptft_jax.config.schema import (IMAGE_KINDS, MULTIMODAL_KINDS, ConfigError,
                                     FinetuneConfig, ModelConfig)
 from ptft_jax.convert.hf import flat_params
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
-from ptft_jax.core.params import (any_rule, check_rules_hit, flatten, is_stacked, path_str,
-                                  stack_layers, unflatten, unstack_layers)
+from ptft_jax.core.params import (any_rule, check_rules_hit, flatten, for_inference, is_stacked,
+                                  path_str, stack_layers, unflatten, unstack_layers)
 from ptft_jax.models.vision import interpolate_positions
 
 # Parameters whose rows are the vocabulary (path endings: a text tower's table is under text/).
@@ -131,6 +131,7 @@ def inference_params(run_dir: Path, cfg, label_names=None) -> tuple[dict, Path, 
     best checkpoint, else its latest intact one, with LoRA adapters folded into the
     weights. `label_names`: see first_intact."""
     params, step_dir = first_intact(run_dir, read_params, label_names)
+    params = for_inference(params)
     spec = lora_spec(cfg)
     merged = spec is not None and LORA_KEY in params
     return (merge(params, spec) if merged else params), step_dir, merged
@@ -183,7 +184,8 @@ def _match_hf_labels(flat: dict, config: dict, label_names) -> str:
 
 def load_pretrained(path, model_params, load, dont_load, init_fresh,
                     vocab_rows: int | None = None, label_names=None,
-                    rename: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+                    rename: dict[str, str] | None = None,
+                    key: str = "finetune.init_from") -> tuple[dict, list[str]]:
     """`model_params` (freshly initialised, placed) with the parameters the rules select taken
     from the checkpoint at `path`; returns (params, report lines).
 
@@ -193,15 +195,15 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
     checkpoint rows that no token id reaches are sliced off, extra model rows keep their fresh
     values. Every problem is collected and raised together, before anything is placed.
     `rename` ({'transformer': 'text'}) keeps only those top-level subtrees of the checkpoint,
-    under the model's names for them."""
+    under the model's names for them. `key`: the config key errors name."""
     wanted = flatten(model_params)
     paths = list(wanted)
     # The default init_fresh rules ('^head/', '^lora/') may match nothing (no LoRA, say);
     # a regex the user wrote may not.
     user_fresh = [r for r in init_fresh if r not in DEFAULT_INIT_FRESH]
-    for key, patterns in (("finetune.load", load), ("finetune.dont_load", dont_load),
-                          ("finetune.init_fresh", user_fresh)):
-        check_rules_hit(paths, patterns, key)
+    for rule_key, patterns in (("finetune.load", load), ("finetune.dont_load", dont_load),
+                               ("finetune.init_fresh", user_fresh)):
+        check_rules_hit(paths, patterns, rule_key)
     stored_tree, source, source_report = read_source(path, label_names)
     if rename is not None:
         found = {new: stored_tree[old] for old, new in rename.items() if old in stored_tree}
@@ -257,7 +259,7 @@ def load_pretrained(path, model_params, load, dont_load, init_fresh,
                          f"finetune.init_fresh to train them from a fresh init.")
     if problems:
         shown = "\n".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        raise CheckpointMismatch(f"finetune.init_from: the checkpoint at {source} does not fit "
+        raise CheckpointMismatch(f"{key}: the checkpoint at {source} does not fit "
                                  f"the model ({len(problems)} parameter(s)):\n{shown}\nCheck "
                                  f"model.* (preset, sizes) against the pretraining run's "
                                  f"config.yaml, or leave these out with finetune.dont_load.")

@@ -18,9 +18,9 @@ import typing
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from ptft_jax.config.schema import (AugmentConfig, CheckpointConfig, ConfigError, DataConfig,
-                                    DistributedConfig, EvalConfig, FinetuneConfig, MeshConfig,
-                                    ModelConfig, ObjectiveConfig, OptimConfig, TowerConfig,
-                                    TrainConfig, check_choice)
+                                    DistillConfig, DistributedConfig, EvalConfig,
+                                    FinetuneConfig, MeshConfig, ModelConfig, ObjectiveConfig,
+                                    OptimConfig, TowerConfig, TrainConfig, check_choice)
 
 UNIT = "[0, 1)"  # a rate or probability that must leave something: dropout, b1, ...
 
@@ -53,6 +53,7 @@ RANGES: dict[type, dict[str, str]] = {
                      "unfreeze_patience": ">= 1", "unfreeze_layers": ">= 1",
                      "lora_alpha": "> 0", "lora_dropout": UNIT, "prune_sparsity": UNIT,
                      "prune_every": ">= 1"},
+    DistillConfig: {"temperature": "> 0", "alpha": "[0, 1]", "hidden_weight": ">= 0"},
     EvalConfig: {"batch_size": ">= 1"},
     CheckpointConfig: {"every_minutes": ">= 0", "keep": ">= 1"},
     DistributedConfig: {"num_processes": ">= 1"},

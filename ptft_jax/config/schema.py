@@ -36,6 +36,8 @@ IMAGE_TASKS = ("image_classification",)
 # Image-text pairs: contrastive alignment of two towers (ptft pretrain; a tower may be locked
 # through finetune.freeze), and classification by the fused towers (ptft finetune).
 MULTIMODAL_TASKS = ("contrastive", "multimodal_classification")
+# What a student may learn under distill.teacher (tasks/distill.py).
+DISTILL_TASKS = ("classification", "mlm")
 TASKS = PRETRAIN_TASKS + FINETUNE_TASKS + IMAGE_TASKS + MULTIMODAL_TASKS
 
 
@@ -314,6 +316,21 @@ class FinetuneConfig:
 
 
 @dataclass
+class DistillConfig:
+    # Knowledge distillation (tasks/distill.py): a frozen teacher, a ptft run or "hf:...", read
+    # by the same tokenizer, runs inside each training step; the model being trained (the
+    # student: classification, or masked LM) learns alpha x the label loss + (1 - alpha) x
+    # temperature^2 x KL(teacher || student) of the temperature-softened outputs, plus
+    # `hidden_weight` x the mean squared error between student layer s (through a learned
+    # projection) and teacher layer t for each [s, t] in `hidden_layers` (0 = embeddings).
+    teacher: str | None = None  # null: no distillation
+    temperature: float = 2.0
+    alpha: float = 0.5
+    hidden_layers: list = field(default_factory=list)  # [[student_layer, teacher_layer], ...]
+    hidden_weight: float = 1.0
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # evaluate every N steps (and always at the end); 0: only at the end
     batch_size: int = 64  # examples per eval batch; the last batch is padded, never dropped
@@ -356,6 +373,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

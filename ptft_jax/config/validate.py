@@ -9,9 +9,9 @@ import dataclasses
 import re
 
 from ptft_jax.config.ranges import check_values
-from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_KINDS, IMAGE_TASKS, MULTIMODAL_KINDS,
-                                    MULTIMODAL_TASKS, PRETRAIN_TASKS, Config, ConfigError,
-                                    prune_end, resolve_mesh_shape, task_for)
+from ptft_jax.config.schema import (DISTILL_TASKS, FINETUNE_TASKS, IMAGE_KINDS, IMAGE_TASKS,
+                                    MULTIMODAL_KINDS, MULTIMODAL_TASKS, PRETRAIN_TASKS, Config,
+                                    ConfigError, prune_end, resolve_mesh_shape, task_for)
 
 
 def _validate_optimizer(cfg: Config) -> None:
@@ -124,6 +124,7 @@ def _validate_finetune(cfg: Config) -> None:
         _check_regexes(getattr(f, key), f"finetune.{key}")
     _check_regexes([f.lora_targets], "finetune.lora_targets")
     _check_pruning(cfg)
+    _check_distill(cfg)
     if f.lr_multipliers:
         _check_rules(f.lr_multipliers, "finetune.lr_multipliers")
         for pattern, factor in f.lr_multipliers:
@@ -174,6 +175,35 @@ def _check_pruning(cfg: Config) -> None:
         if on:
             raise ConfigError(f"finetune.prune_sparsity with finetune.{key}={getattr(f, key)}: "
                               f"it {why}. Choose one.")
+
+
+def _check_distill(cfg: Config) -> None:
+    """What can be checked of distill.* without reading the teacher (jobs/distill.py checks
+    the teacher itself: its tokenizer, labels and layers)."""
+    d = cfg.distill
+    if d.teacher is None:
+        if d.hidden_layers:
+            raise ConfigError("distill.hidden_layers is set but distill.teacher is null; name "
+                              "the teacher (a ptft run or hf:...) or drop hidden_layers.")
+        return
+    if task_for(cfg) not in DISTILL_TASKS:
+        raise ConfigError(f"distill.teacher: train.task {task_for(cfg)} cannot be distilled; "
+                          f"distillation trains {' or '.join(DISTILL_TASKS)} students.")
+    if not isinstance(d.hidden_layers, list) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pair)
+            for pair in d.hidden_layers):
+        raise ConfigError(f"distill.hidden_layers must be a list of [student_layer, "
+                          f"teacher_layer] pairs of layer numbers (0 = the embeddings), e.g. "
+                          f"[[2, 4], [4, 6]]; got {d.hidden_layers!r}.")
+    for s, _ in d.hidden_layers:
+        if s > cfg.model.num_layers:
+            raise ConfigError(f"distill.hidden_layers: student layer {s} is past the student's "
+                              f"model.num_layers ({cfg.model.num_layers}).")
+    if d.alpha == 1.0 and not (d.hidden_layers and d.hidden_weight):
+        raise ConfigError("distill.alpha=1 trains on the labels alone and no hidden layers are "
+                          "matched: the teacher would do nothing. Lower distill.alpha, or set "
+                          "distill.teacher=null.")
 
 
 # The data.*_column keys each kind of task reads, the labels last; what each column holds.

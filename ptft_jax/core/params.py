@@ -22,6 +22,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+# Top-level parameter subtrees that only training reads (distillation's hidden-state
+# projections, tasks/distill.py): a run's checkpoints hold them, its model for inference not.
+TRAINING_ONLY = ("distill",)
+
+
+def for_inference(params: dict) -> dict:
+    """`params` without the TRAINING_ONLY subtrees."""
+    return {k: v for k, v in params.items() if k not in TRAINING_ONLY}
+
+
 def _key_name(k) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):

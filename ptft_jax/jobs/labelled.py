@@ -14,6 +14,8 @@ from ptft_jax.data.labelled import open_examples
 from ptft_jax.data.opening import eval_split_of
 from ptft_jax.data.packed_examples import PackedExamples
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path
+from ptft_jax.jobs.distill import (check_same_tokenizer, check_teacher_labels, distill_task,
+                                   open_teacher, teacher_init, with_teacher_tokenizer)
 from ptft_jax.jobs.common import (data_cache_root, pretrained_init, resolve_vocab, save_run_files,
                                   saved_labels, text_throughput)
 from ptft_jax.tasks.factory import make_task
@@ -55,8 +57,13 @@ def finetune_tokenizer_path(cfg: Config, run_dir: Path) -> Path:
 def finetune_job(cfg: Config) -> Job:
     run_dir = Path(cfg.run_dir)
     check_init_from(cfg.finetune.init_from, image_task=False)
+    teacher = open_teacher(cfg) if cfg.distill.teacher else None
+    if teacher is not None:
+        cfg = with_teacher_tokenizer(cfg, teacher)
     tokenizer_path = finetune_tokenizer_path(cfg, run_dir)
     tokenizer = load_tokenizer(tokenizer_path)
+    if teacher is not None:
+        check_same_tokenizer(teacher, tokenizer, tokenizer_path)
     token_ids = TokenIds.of(tokenizer, cfg.model.kind)
     cfg = resolve_vocab(cfg, token_ids)
     kind = task_for(cfg)
@@ -88,11 +95,15 @@ def finetune_job(cfg: Config) -> Job:
             evaluation = PackedExamples(evaluation, slots, None)
         written_cfg, cfg = cfg, rows_per_batch(cfg, train, evaluation)
     task = make_task(cfg, labels)
+    init_from = pretrained_init(cfg, token_ids, labels.names)
+    if teacher is not None:
+        check_teacher_labels(teacher, labels)
+        task = distill_task(cfg, task, teacher, token_ids.vocab_size)
+        init_from = teacher_init(teacher, token_ids.vocab_size, labels.names, then=init_from)
 
     def save_files():
         save_run_files(run_dir, tokenizer, labels)
 
-    init_from = pretrained_init(cfg, token_ids, labels.names)
     truncated = train.truncated + (evaluation.truncated if evaluation is not None else 0)
 
     def count(split):
@@ -104,6 +115,8 @@ def finetune_job(cfg: Config) -> Job:
                 + (f", {count(evaluation)} eval examples" if evaluation is not None else "")
                 + f" of up to {cfg.data.seq_len} tokens ({truncated:,} truncated) | "
                   f"{labels.kind}: {labels.num_outputs} output(s)")
+    if teacher is not None:
+        describe += f" | distilling from {teacher.source}"
     if slots is not None:
         describe += (f" | batches of {written_cfg.train.global_batch} examples: "
                      f"{cfg.train.global_batch} packed rows (about "

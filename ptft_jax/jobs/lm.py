@@ -10,6 +10,8 @@ from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.packing import Packer
 from ptft_jax.data.tokenizer import TokenIds, tokenizer_source
+from ptft_jax.jobs.distill import (check_same_tokenizer, distill_task, open_teacher,
+                                   teacher_init, with_teacher_tokenizer)
 from ptft_jax.jobs.common import (data_cache_root, prepare_tokenizer, pretrained_init,
                                   resolve_vocab, save_run_files, text_throughput)
 from ptft_jax.tasks.factory import make_task, mlm_spec
@@ -33,6 +35,9 @@ def lm_throughput(cfg: Config, task) -> Throughput:
 
 def pretrain_job(cfg: Config) -> Job:
     run_dir = Path(cfg.run_dir)
+    teacher = open_teacher(cfg) if cfg.distill.teacher else None
+    if teacher is not None:
+        cfg = with_teacher_tokenizer(cfg, teacher)
     try:
         documents = open_documents(cfg.data)
     except ValueError as e:
@@ -41,6 +46,11 @@ def pretrain_job(cfg: Config) -> Job:
     token_ids = TokenIds.of(tokenizer, cfg.model.kind)
     cfg = resolve_vocab(cfg, token_ids)
     task = make_task(cfg, mlm=mlm_spec(cfg, token_ids) if task_for(cfg) == "mlm" else None)
+    init_from = pretrained_init(cfg, token_ids)
+    if teacher is not None:
+        check_same_tokenizer(teacher, tokenizer, cfg.data.tokenizer)
+        task = distill_task(cfg, task, teacher, token_ids.vocab_size)
+        init_from = teacher_init(teacher, token_ids.vocab_size, then=init_from)
 
     class LazyRows:
         """The packed rows, built on first use: the token cache is made only after every
@@ -70,6 +80,8 @@ def pretrain_job(cfg: Config) -> Job:
     def describe():
         p = rows.build()
         return (f"{len(p)} rows of {cfg.data.seq_len} tokens ({cfg.data.packing}; "
-                f"{p.dropped_tokens} tail tokens dropped)")
+                f"{p.dropped_tokens} tail tokens dropped)"
+                + (f" | distilling from {teacher.source}" if teacher is not None else ""))
     return Job(cfg, task, rows, describe, {"tokenizer_vocab_size": token_ids.vocab_size},
-               save_files, lm_throughput(cfg, task), init_from=pretrained_init(cfg, token_ids))
+               save_files, lm_throughput(cfg, task.student if teacher else task),
+               init_from=init_from)

@@ -197,7 +197,9 @@ class Block(nn.Module):
     """One Transformer layer: post-norm (BERT) or pre-norm (GPT-2).
 
     Returns `(x, None)` so that the same module serves `nn.scan` (carry, per-layer output).
-    `train` (a Python bool, static) turns dropout on.
+    `train` (a Python bool, static) turns dropout on. The output is also sown as
+    `intermediates/.../hidden` (kept only when that collection is mutable: distillation
+    matches hidden states, models/transformer.hidden_states).
     """
     cfg: ModelConfig
     causal: bool
@@ -214,4 +216,6 @@ class Block(nn.Module):
         else:
             x = layer_norm(cfg, "attn_norm")(x + dropout(attn(x, mask)))
             x = layer_norm(cfg, "mlp_norm")(x + dropout(mlp(x)))
-        return constrain(x, ("act_batch", "act_len", "act_embed")), None
+        x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        self.sow("intermediates", "hidden", x)
+        return x, None

@@ -39,7 +39,8 @@ def layer_stack(cfg: ModelConfig, causal: bool):
         block = nn.remat(Block, policy=CHECKPOINT_POLICIES[cfg.remat],
                          prevent_cse=not cfg.scan_layers, static_argnums=(3,))
     if cfg.scan_layers:
-        stack = nn.scan(block, variable_axes={"params": 0},
+        # Sown hidden states (distillation) stack along the layers too.
+        stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
@@ -103,6 +104,7 @@ class Transformer(nn.Module):
             x = self.norm(x)
         x = self.dropout(x, deterministic=not train or cfg.dropout == 0)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        self.sow("intermediates", "embedded", x)  # "layer 0" for distillation
         mask = None if segment_ids is None else attention_mask(segment_ids)
         x = run_layers(self.layers, x, mask, train, cfg.scan_layers)
         if cfg.norm == "pre":
@@ -125,6 +127,19 @@ class Transformer(nn.Module):
         logits = jnp.einsum("bld,vd->blv", x.astype(dtype), table,
                             preferred_element_type=jnp.float32)
         return constrain(logits, ("act_batch", "act_len", "act_vocab"))
+
+
+def hidden_states(intermediates: dict, num_layers: int) -> list:
+    """[embeddings, layer 1, ..., layer L] outputs [batch, len, dim] of the Transformer under
+    `transformer/`, from the `intermediates` a model applied with that collection mutable
+    sowed (the last one before a pre-norm model's final norm)."""
+    sown = intermediates["transformer"]
+    if "layers" in sown:  # scanned: one array stacked along the layers
+        stacked = sown["layers"]["hidden"][0]
+        layers = [stacked[i] for i in range(num_layers)]
+    else:
+        layers = [sown[f"layers_{i}"]["hidden"][0] for i in range(num_layers)]
+    return [sown["embedded"][0], *layers]
 
 
 class MlmHead(nn.Module):

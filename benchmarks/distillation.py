@@ -1,0 +1,124 @@
+"""Knowledge distillation on the bundled fortunes (10 categories, scored on all 792 validation
+fortunes): the classifier finetuned from all-MiniLM-L6-v2 (the teacher,
+configs/finetune_fortunes_minilm_full.yaml) taught to two smaller students, each beside the
+same student trained on the labels alone with the same recipe and budget:
+
+- a 3-layer MiniLM that starts from the teacher's lower layers
+  (configs/finetune_fortunes_distill_minilm3.yaml); also with its hidden states matched to the
+  teacher's (layers 1, 2, 3 to 2, 4, 6);
+- bert-mini (4 layers, width 256) from a random init (configs/finetune_fortunes_distill_bert_mini.yaml).
+
+Per model: accuracy and macro F1 of the final evaluation, parameters, the median training step
+time (distilled runs include the teacher's forward pass), wall time of the run, and predict
+throughput (`ptft predict`'s model, loaded and compiled once, median of three passes over the
+split after a warm-up, batches of --batch texts). Every run is its own process and run
+directory under runs/distill/ (a finished run is read, not rerun). Writes
+benchmarks/results/<device>/distillation.{md,jsonl}.
+
+    .venv/bin/python -m benchmarks.distillation [--teacher runs/fortunes_minilm_full]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.fmnist_transfer import REPO, final_eval, ptft
+from benchmarks.quantization import macro_f1, median_s, ptft_predictor
+from ptft_jax.bench.report import device_slug, environment
+from ptft_jax.ckpt.pretrained import inference_params
+from ptft_jax.config.load import load_run_config
+from ptft_jax.core.params import count
+from ptft_jax.data.opening import open_documents
+
+RUNS = REPO / "runs" / "distill"
+CONFIGS = REPO / "configs"
+HIDDEN = "distill.hidden_layers=[[1,2],[2,4],[3,6]]"
+# (name, config, overrides); the teacher is set by --teacher.
+STUDENTS = [
+    ("minilm3_labels", "finetune_fortunes_distill_minilm3.yaml", ["distill.teacher=null"]),
+    ("minilm3_distilled", "finetune_fortunes_distill_minilm3.yaml", []),
+    ("minilm3_distilled_hidden", "finetune_fortunes_distill_minilm3.yaml", [HIDDEN]),
+    ("bert_mini_labels", "finetune_fortunes_distill_bert_mini.yaml", ["distill.teacher=null"]),
+    ("bert_mini_distilled", "finetune_fortunes_distill_bert_mini.yaml", []),
+]
+
+
+def train(name: str, config: str, overrides: list[str], teacher: Path) -> Path:
+    run_dir = RUNS / name
+    if final_eval(run_dir) is None:
+        teacher_keys = [f"finetune.init_from={teacher}"] if "minilm3" in name else []
+        if "distill.teacher=null" not in overrides:
+            teacher_keys.append(f"distill.teacher={teacher}")
+        seconds = ptft("finetune", CONFIGS / config,
+                       [f"run_dir={run_dir}", *teacher_keys, *overrides])
+        (run_dir / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+    return run_dir
+
+
+def describe(name: str, run_dir: Path, texts, truth, batch: int) -> dict:
+    """Final evaluation, size and speeds of one finetuned run."""
+    cfg = load_run_config(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    step_times = [r["step_time_s"] for r in rows if "step_time_s" in r]
+    final = final_eval(run_dir) or {}
+    predict = ptft_predictor(run_dir, batch)
+    predicted = predict(texts).argmax(1)
+    wall = run_dir / "wall_seconds.txt"
+    return {"model": name, "layers": cfg.model.num_layers, "width": cfg.model.hidden_size,
+            "params": count(inference_params(run_dir, cfg)[0]),
+            "eval_accuracy": final.get("eval/accuracy"), "eval_macro_f1": final.get("eval/macro_f1"),
+            "accuracy": float(np.mean(predicted == truth)),
+            "macro_f1": macro_f1(predicted, truth, int(truth.max()) + 1),
+            "step_time_s": statistics.median(step_times) if step_times else None,
+            "run_seconds": float(wall.read_text()) if wall.exists() else None,
+            "texts_per_s": len(texts) / median_s(lambda: predict(texts))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="runs/fortunes_minilm_full")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--only", nargs="*", help="student names (default: all)")
+    args = parser.parse_args()
+    teacher = Path(args.teacher).resolve()
+    if final_eval(teacher) is None:
+        ptft("finetune", CONFIGS / "finetune_fortunes_minilm_full.yaml", [f"run_dir={teacher}"])
+    cfg = load_run_config(teacher)
+    documents = open_documents(cfg.data, "validation")
+    texts, raw = documents.texts(0, len(documents)), documents.labels(0, len(documents))
+    names = json.loads((teacher / "labels.json").read_text())["names"]
+    truth = np.array([names.index(str(v)) for v in raw])
+    students = [s for s in STUDENTS if not args.only or s[0] in args.only]
+    runs = [("teacher (all-MiniLM-L6-v2, finetuned)", teacher)] + [
+        (name, train(name, config, overrides, teacher)) for name, config, overrides in students]
+    results = [describe(name, run, texts, truth, args.batch) for name, run in runs]
+    env = environment()
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    out = REPO / "benchmarks" / "results" / device_slug(env)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "distillation.jsonl", "a") as f:
+        for r in results:
+            f.write(json.dumps({**r, "teacher": str(teacher), "examples": len(texts),
+                                "batch": args.batch, "time": stamp, **env}) + "\n")
+    lines = [f"Distillation on fortunes ({len(texts)} validation texts; predict in batches of "
+             f"{args.batch}); {env.get('machine', '')} {env.get('isa', '')}; {stamp}", "",
+             "| model | layers x width | params | accuracy | macro F1 | step ms | run s | "
+             "predict texts/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        step = f"{1000 * r['step_time_s']:.0f}" if r["step_time_s"] else "-"
+        run_s = f"{r['run_seconds']:.0f}" if r["run_seconds"] else "-"
+        lines.append(f"| {r['model']} | {r['layers']} x {r['width']} | {r['params'] / 1e6:.1f}M | "
+                     f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} | {step} | {run_s} | "
+                     f"{r['texts_per_s']:.1f} |")
+    (out / "distillation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
