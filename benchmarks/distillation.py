@@ -6,7 +6,8 @@ same student trained on the labels alone with the same recipe and budget:
 - a 3-layer MiniLM that starts from the teacher's lower layers
   (configs/finetune_fortunes_distill_minilm3.yaml); also with its hidden states matched to the
   teacher's (layers 1, 2, 3 to 2, 4, 6);
-- bert-mini (4 layers, width 256) from a random init (configs/finetune_fortunes_distill_bert_mini.yaml).
+- bert-mini (4 layers, width 256) from a random init
+  (configs/finetune_fortunes_distill_bert_mini.yaml).
 
 Per model: accuracy and macro F1 of the final evaluation, parameters, the median training step
 time (distilled runs include the teacher's forward pass), wall time of the run, and predict
@@ -72,7 +73,8 @@ def describe(name: str, run_dir: Path, texts, truth, batch: int) -> dict:
     wall = run_dir / "wall_seconds.txt"
     return {"model": name, "layers": cfg.model.num_layers, "width": cfg.model.hidden_size,
             "params": count(inference_params(run_dir, cfg)[0]),
-            "eval_accuracy": final.get("eval/accuracy"), "eval_macro_f1": final.get("eval/macro_f1"),
+            "eval_accuracy": final.get("eval/accuracy"),
+            "eval_macro_f1": final.get("eval/macro_f1"),
             "accuracy": float(np.mean(predicted == truth)),
             "macro_f1": macro_f1(predicted, truth, int(truth.max()) + 1),
             "step_time_s": statistics.median(step_times) if step_times else None,

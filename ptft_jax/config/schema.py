@@ -317,12 +317,11 @@ class FinetuneConfig:
 
 @dataclass
 class DistillConfig:
-    # Knowledge distillation (tasks/distill.py): a frozen teacher, a ptft run or "hf:...", read
-    # by the same tokenizer, runs inside each training step; the model being trained (the
-    # student: classification, or masked LM) learns alpha x the label loss + (1 - alpha) x
-    # temperature^2 x KL(teacher || student) of the temperature-softened outputs, plus
-    # `hidden_weight` x the mean squared error between student layer s (through a learned
-    # projection) and teacher layer t for each [s, t] in `hidden_layers` (0 = embeddings).
+    # Knowledge distillation (tasks/distill.py): a frozen teacher (a ptft run or "hf:...", same
+    # tokenizer) runs inside each step; the student (classification or masked LM) learns
+    # alpha x label loss + (1 - alpha) x T^2 x KL(teacher || student) at temperature T, plus
+    # hidden_weight x the squared error of student layer s (through a learned projection) to
+    # teacher layer t for each [s, t] in hidden_layers (0 = the embeddings).
     teacher: str | None = None  # null: no distillation
     temperature: float = 2.0
     alpha: float = 0.5

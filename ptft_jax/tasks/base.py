@@ -50,6 +50,9 @@ class Task(abc.ABC):
     # True: evaluation scores the split as a whole from the model's outputs (`score_split`),
     # not by adding per-batch sums.
     scores_split: bool = False
+    # model_state collections the task never changes (a distillation teacher): not averaged
+    # across devices under pmap, where the others (BatchNorm statistics) are.
+    constant_state: tuple[str, ...] = ()
 
     @property
     def eval_shown(self) -> tuple[str, ...]:

@@ -88,6 +88,7 @@ class DistillTask(Task):
     """`student` (a ClassifyTask or MaskedLM) learning from `teacher`, a model of the same
     kind (Classifier or LanguageModel) over the same tokenizer; its weights are loaded into
     model_state["teacher"] by the job (jobs/distill.py)."""
+    constant_state = (TEACHER,)
 
     def __init__(self, student: Task, teacher: nn.Module, spec: DistillSpec,
                  student_cfg: ModelConfig, teacher_cfg: ModelConfig,

@@ -98,7 +98,8 @@ def train_step(state: TrainState, batch: dict, key, *, task, tx, learning_rate, 
                                               grad_accum=grad_accum, device_index=device_index)
     if axis_name is not None:
         grads, sums = jax.lax.psum((grads, sums), axis_name)
-        model_state = jax.lax.pmean(model_state, axis_name)
+        model_state = {k: v if k in task.constant_state else jax.lax.pmean(v, axis_name)
+                       for k, v in model_state.items()}
     count = jnp.maximum(sums["count"], 1.0)
     with jax.named_scope("optimizer"):  # named for profiles (ptft bench --profile)
         grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean loss
