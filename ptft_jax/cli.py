@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                          "serve read (int8: weights and activations; int8-weights: weights "
                          "only); --format onnx: int8 (onnxruntime's dynamic quantization), "
                          "checked against ptft's float outputs")
+    ex.add_argument("--prune-heads", type=int, metavar="K",
+                    help="--format ptft, text classifiers: keep each layer's K most important "
+                         "attention heads (Michel et al.'s gradient score on the run's "
+                         "training examples) and cut the others out of the weights")
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     t_sub = t.add_subparsers(dest="action", metavar="ACTION", required=True)
     tt = t_sub.add_parser("train", help="train a tokenizer on data.corpus: WordPiece for "

@@ -238,8 +238,9 @@ def with_hf_model(data: dict) -> dict:
     return data
 
 
-# A ptft run's shape: config.json's keys, and a ResNet's block layout.
-RUN_SHAPE_KEYS = (*SHAPE_KEYS, "resnet_stages", "resnet_block", "resnet_width", "resnet_stem")
+# A ptft run's shape: config.json's keys, a pruned model's head size, a ResNet's block layout.
+RUN_SHAPE_KEYS = (*SHAPE_KEYS, "head_dim", "resnet_stages", "resnet_block", "resnet_width",
+                  "resnet_stem")
 
 
 def with_run_model(data: dict) -> dict:

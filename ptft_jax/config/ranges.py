@@ -28,7 +28,7 @@ UNIT = "[0, 1)"  # a rate or probability that must leave something: dropout, b1,
 # finite value). A key missing here that is a float is deliberately unbounded.
 RANGES: dict[type, dict[str, str]] = {
     ModelConfig: {"vocab_size": ">= 8", "hidden_size": ">= 1", "num_layers": ">= 1",
-                  "num_heads": ">= 1", "mlp_dim": ">= 1", "max_len": ">= 1",
+                  "num_heads": ">= 1", "head_dim": ">= 1", "mlp_dim": ">= 1", "max_len": ">= 1",
                   "dropout": UNIT, "norm_eps": "(0, 1)", "image_size": ">= 8",
                   "channels": ">= 1", "patch_size": ">= 1", "resnet_width": ">= 1"},
     TowerConfig: {"projection_dim": ">= 1"},

@@ -67,6 +67,8 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 2
+    head_dim: int | None = None  # per attention head; null: hidden_size / num_heads (what
+    #                              `ptft export --prune-heads` keeps when it drops heads)
     mlp_dim: int = 512
     max_len: int = 512
     type_vocab_size: int = 2  # BERT's segment (token type) embeddings; 0 for none
@@ -286,7 +288,8 @@ class FinetuneConfig:
     init_fresh: list = field(default_factory=lambda: [
         "^head/", "^lora/", "^mlm_head/", "^output_bias$",
         # multimodal: what a contrastive run adds to its towers, and the fusion layers
-        "^image_proj/", "^text_proj/", "^contrastive/", "^fusion/"])
+        "^image_proj/", "^text_proj/", "^contrastive/", "^fusion/",
+        "^distill/"])  # distillation's hidden-state projections
     # auto: cls for encoders, last for decoders
     pooling: Literal["auto", "cls", "mean", "last"] = "auto"
     # Which parameters train. All of these combine.

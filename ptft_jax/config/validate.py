@@ -51,9 +51,9 @@ def validate(cfg: Config, num_devices: int) -> None:
     if m.attention == "cudnn" and _backend() not in ("gpu", "cuda"):
         raise ConfigError(f"model.attention 'cudnn' needs an NVIDIA GPU; this machine's JAX "
                           f"backend is '{_backend()}'. Use model.attention=auto.")
-    if m.hidden_size % m.num_heads:
+    if m.head_dim is None and m.hidden_size % m.num_heads:
         raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be divisible by "
-                          f"model.num_heads ({m.num_heads}).")
+                          f"model.num_heads ({m.num_heads}) (or set model.head_dim).")
     max_len_key = "towers.text.model.max_len" if m.kind in MULTIMODAL_KINDS else "model.max_len"
     if cfg.data.seq_len > text.max_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds {max_len_key} "

@@ -44,6 +44,9 @@ def evaluate(args) -> int:
 
 def export(args) -> int:
     check_new_folder(Path(args.out_dir), "OUT_DIR")  # before the run is read
+    if args.prune_heads is not None and args.format != "ptft":
+        raise ConfigError(f"--prune-heads writes a ptft run (--format ptft); export that run "
+                          f"with --format {args.format} afterwards.")
     if args.quantize and args.format == "hf":
         raise ConfigError(f"--quantize {args.quantize} writes a ptft run (--format ptft, Qwix) "
                           f"or an ONNX model (--format onnx); transformers reads float weights: "
@@ -66,12 +69,15 @@ def export(args) -> int:
                           f"--format ptft exports finetuned runs. A pretraining run is read as "
                           f"it is by finetune.init_from={args.run_dir}; --format hf exports it "
                           f"for transformers.")
-    result = export_run(args.run_dir, args.out_dir, args.quantize)
-    q = result["quantization"]
+    result = export_run(args.run_dir, args.out_dir, args.quantize, args.prune_heads)
+    q, heads = result["quantization"], result["head_pruning"]
     print(f"exported {result['source']} to {result['out_dir']}: {result['parameters']:,} "
           f"parameters" + (" (LoRA adapters merged)" if result["lora_merged"] else "") + (
               f"; {q['mode']} with {q['library']}: {q['float_bytes'] / 1e6:.1f} -> "
-              f"{q['quantized_bytes'] / 1e6:.1f} MB of weights" if q else ""))
+              f"{q['quantized_bytes'] / 1e6:.1f} MB of weights" if q else "") + (
+              f"; attention heads pruned to {heads['heads_per_layer']} of {heads['of']} per "
+              f"layer (scored on {heads['scored_on_examples']} training examples)"
+              if heads else ""))
     return 0
 
 

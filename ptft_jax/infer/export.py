@@ -41,6 +41,11 @@ def check_exportable(cfg, labels: dict | None) -> tuple[str, str]:
         raise ConfigError(f"This run's model is a {m.kind} (model.kind); --format hf exports "
                           f"text encoders (as BERT) and decoders (as GPT-2). Export it in "
                           f"ptft's own format instead (ptft export RUN OUT --format ptft).")
+    if m.head_dim is not None and m.head_dim * m.num_heads != m.hidden_size:
+        raise ConfigError(f"This model's attention heads were pruned ({m.num_heads} heads of "
+                          f"{m.head_dim}, width {m.hidden_size}): Hugging Face's BERT and "
+                          f"GPT-2 configs cannot say so. Export it as ONNX (--format onnx) or "
+                          f"as a ptft run.")
     if m.kind == "encoder":
         if m.norm != "post":
             raise ConfigError("model.norm is 'pre': BERT is post-norm, so this encoder has no "

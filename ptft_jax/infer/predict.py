@@ -19,7 +19,7 @@ from ptft_jax.ckpt.pretrained import first_intact
 from ptft_jax.config.load import load_run_config
 from ptft_jax.config.reading import read_jsonl, read_text
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
-                                    row_slots, task_for)
+                                    MeshConfig, resolve_mesh_shape, row_slots, task_for)
 from ptft_jax.config.validate import validate
 from ptft_jax.core.files import writing_text
 from ptft_jax.core.mesh import data_parallel_size
@@ -64,6 +64,10 @@ def load_run(run_dir: str | Path, batch_size: int | None = None):
                           f"running its training command again into a new run_dir).")
     if batch_size is not None:
         cfg.eval.batch_size = batch_size
+    try:
+        resolve_mesh_shape(cfg.mesh, jax.device_count())
+    except ConfigError:  # trained on another number of devices: shard the rows over these
+        cfg.mesh = MeshConfig(parallelism=cfg.mesh.parallelism)
     validate(cfg, jax.device_count())
     labels = LabelSpace.load(run_dir / "labels.json") if has_labels else None
     tokenizer_path = run_dir / "tokenizer.json"  # image runs have none

@@ -61,8 +61,12 @@ def fitted_vocab_size(size: int, vocab: int | None, init_from: str | None, key: 
     """The vocabulary size a text model takes for a tokenizer of `size` tokens: `vocab` (the
     config's `key`) if it is that size or that size rounded up to a multiple of 128 (padding
     rows make the vocabulary matmuls faster); null picks the latter. A Hugging Face model
-    (`init_from` hf:...) keeps its own table, which must hold every token id."""
+    (`init_from` hf:...) keeps its own table, which must hold every token id; so does a model
+    started from a ptft run whose table holds them (one that came from a Hugging Face model
+    may have more rows than its tokenizer has tokens)."""
     padded = -(-size // 128) * 128
+    if init_from and not is_hf(init_from) and vocab is not None and vocab > size:
+        return vocab
     if is_hf(init_from):
         if size > vocab:
             raise ConfigError(f"The tokenizer has {size} tokens but the model {init_from} "

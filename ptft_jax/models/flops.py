@@ -15,9 +15,14 @@ from ptft_jax.config.schema import ModelConfig, tower_model
 from ptft_jax.models.vision import feature_size
 
 
+def attention_width(cfg: ModelConfig) -> int:
+    """heads x head_dim: the model's width unless heads were pruned (model.head_dim)."""
+    return cfg.num_heads * cfg.head_dim if cfg.head_dim else cfg.hidden_size
+
+
 def _layer_and_head_params(cfg: ModelConfig) -> tuple[int, int]:
     d, f, L, v = cfg.hidden_size, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size or 0
-    per_layer = 4 * d * d + 2 * d * f  # q, k, v, out projections; MLP in and out
+    per_layer = 4 * d * attention_width(cfg) + 2 * d * f  # q, k, v, out projections; MLP
     head = v * d + (d * d if cfg.kind == "encoder" else 0)  # tied projection (+ MLM transform)
     return L * per_layer, head
 
@@ -38,7 +43,8 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, vocab_projection: bool
     layers, head = _layer_and_head_params(cfg)
     head_share = 0.0 if not vocab_projection else \
         (predicted_positions if predicted_positions is not None else seq_len) / seq_len
-    return 6 * (layers + head * head_share) + 12 * cfg.num_layers * seq_len * cfg.hidden_size
+    return 6 * (layers + head * head_share) + \
+        12 * cfg.num_layers * seq_len * attention_width(cfg)
 
 
 def image_train_flops(cfg: ModelConfig, num_classes: int = 0) -> float:

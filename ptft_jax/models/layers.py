@@ -146,7 +146,7 @@ class Attention(nn.Module):
     def __call__(self, x, mask, kv=None):
         cfg = self.cfg
         d, h = cfg.hidden_size, cfg.num_heads
-        k = d // h
+        k = cfg.head_dim or d // h  # head_dim: set when heads were pruned (h * k < d)
 
         def project(name, inputs):
             y = Projection(cfg, 1, (d, h, k), ("embed", "heads", "kv"), (h, k),

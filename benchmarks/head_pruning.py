@@ -1,0 +1,99 @@
+"""Attention-head pruning of the fortunes classifier finetuned from all-MiniLM-L6-v2 (12 heads of
+32 in each of 6 layers; configs/finetune_fortunes_minilm_full.yaml): `ptft export
+--prune-heads K` for K = 8, 6, 4, 2 (heads scored on 1,024 training examples), then each pruned
+run finetuned again for --recover steps (the recipe's learning rate, from the pruned run).
+
+Per model, on all 792 validation fortunes: accuracy and macro F1 (as pruned, and after the
+recovery finetune), parameters, checkpoint size, and predict throughput (`ptft predict`'s
+model, loaded and compiled once, median of three passes after a warm-up, batches of --batch
+texts). Runs live under runs/head_pruning/ (a finished one is read, not rerun). Writes
+benchmarks/results/<device>/head-pruning.{md,jsonl}.
+
+    .venv/bin/python -m benchmarks.head_pruning [RUN_DIR] [--keep 8 6 4 2] [--recover 100]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.fmnist_transfer import REPO, final_eval, ptft
+from benchmarks.quantization import macro_f1, median_s, ptft_predictor, size_mb
+from ptft_jax.bench.report import device_slug, environment
+from ptft_jax.ckpt.pretrained import inference_params
+from ptft_jax.config.load import load_run_config
+from ptft_jax.core.params import count
+from ptft_jax.data.opening import open_documents
+from ptft_jax.infer.run_export import export_run
+
+RUNS = REPO / "runs" / "head_pruning"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", nargs="?", default="runs/fortunes_minilm_full")
+    parser.add_argument("--keep", nargs="+", type=int, default=[8, 6, 4, 2])
+    parser.add_argument("--recover", type=int, default=100, help="finetuning steps after")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    run = Path(args.run_dir).resolve()
+    cfg = load_run_config(run)
+    documents = open_documents(cfg.data, "validation")
+    texts, raw = documents.texts(0, len(documents)), documents.labels(0, len(documents))
+    names = json.loads((run / "labels.json").read_text())["names"]
+    truth = np.array([names.index(str(v)) for v in raw])
+    results = []
+
+    def measure(name: str, folder: Path, heads: int, extra: dict) -> None:
+        predict = ptft_predictor(folder, args.batch)
+        predicted = predict(texts).argmax(1)
+        params, step_dir, _ = inference_params(folder, load_run_config(folder))
+        results.append({
+            "model": name, "heads_per_layer": heads, "params": count(params),
+            "checkpoint_mb": size_mb(step_dir / "params"),
+            "accuracy": float(np.mean(predicted == truth)),
+            "macro_f1": macro_f1(predicted, truth, len(names)),
+            "texts_per_s": len(texts) / median_s(lambda: predict(texts)), **extra})
+
+    RUNS.mkdir(parents=True, exist_ok=True)
+    full = RUNS / "full"
+    if not full.exists():
+        export_run(run, full)
+    measure("unpruned (12 heads)", full, cfg.model.num_heads, {})
+    for keep in args.keep:
+        pruned = RUNS / f"heads_{keep}"
+        if not pruned.exists():
+            export_run(run, pruned, keep_heads=keep)
+        measure(f"{keep} heads per layer, as pruned", pruned, keep, {})
+        recovered = RUNS / f"heads_{keep}_recovered"
+        if final_eval(recovered) is None:
+            ptft("finetune", REPO / "configs" / "finetune_fortunes_minilm_full.yaml",
+                 [f"run_dir={recovered}", f"finetune.init_from={pruned}",
+                  f"train.steps={args.recover}", f"optim.warmup_steps={args.recover // 10}",
+                  f"eval.every={args.recover}", f"checkpoint.every={args.recover}"])
+        measure(f"{keep} heads per layer, + {args.recover} finetuning steps", recovered, keep,
+                {})
+    env = environment()
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    out = REPO / "benchmarks" / "results" / device_slug(env)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "head-pruning.jsonl", "a") as f:
+        for r in results:
+            f.write(json.dumps({**r, "run": str(run), "examples": len(texts),
+                                "batch": args.batch, "time": stamp, **env}) + "\n")
+    lines = [f"Attention-head pruning of {run.name} ({len(texts)} validation texts; predict in "
+             f"batches of {args.batch}); {env.get('machine', '')} {env.get('isa', '')}; {stamp}",
+             "", "| model | params | checkpoint MB | accuracy | macro F1 | predict texts/s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['checkpoint_mb']:.1f} | "
+              f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['texts_per_s']:.1f} |"
+              for r in results]
+    (out / "head-pruning.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
