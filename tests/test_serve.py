@@ -171,15 +171,24 @@ def test_an_encoder_serves_ptft_embeds_embeddings(pretrained):
     encoder = load_served(str(pretrained), 16, 256, 0, seq_len=32)
     assert isinstance(encoder, TextEncoder)
     encoder.warm_up()
+    # Short texts run in rows of 16 tokens, a long one in rows of --seq-len; the same vectors.
+    assert encoder.lengths == [16, 32]
+    ids = encoder.prepare({"texts": TEXTS[:2]}).inputs
+    assert encoder.packed(ids).seq_len == 16
+    long = [" ".join(TEXTS * 3)]
+    assert encoder.packed(encoder.prepare({"texts": long}).inputs).seq_len == 32
     with TestClient(create_app(encoder, Limits(max_wait_s=0.5))) as client:
         responses = _post_all(client, _requests(TEXTS, 3), "/v1/embed")
+        one_long = client.post("/v1/embed", json={"texts": long})
         info = client.get("/v1/model").json()
         wrong = client.post("/v1/predict", json={"texts": ["a"]})
     assert [r.status_code for r in responses] == [200] * 4
-    got = np.array([v for r in responses for v in r.json()["embeddings"]])
-    want = embed(load_encoder(str(pretrained)), TEXTS, seq_len=32, progress=False)
+    got = np.array([v for r in responses for v in r.json()["embeddings"]] +
+                   one_long.json()["embeddings"])
+    want = embed(load_encoder(str(pretrained)), TEXTS + long, seq_len=32, progress=False)
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert info["endpoint"] == "/v1/embed" and info["dimensions"] == got.shape[1]
+    assert info["row_lengths"] == [16, 32]
     assert wrong.status_code == 404 and "/v1/embed" in wrong.json()["error"]
 
 

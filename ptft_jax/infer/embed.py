@@ -8,6 +8,8 @@ sentence-transformers models such as all-MiniLM-L6-v2 are trained for) or the fi
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import sys
 from dataclasses import dataclass
@@ -97,11 +99,10 @@ class Embedder:
             raise ConfigError(f"--seq-len {seq_len} is past the model's {max_len} positions "
                               f"(its max_len); give --seq-len {max_len} or less.")
         self.encoder, self.seq_len = encoder, seq_len
-        self.slots = slots = row_slots(0, seq_len)
         model, pooling = Transformer(encoder.cfg), self.pooling
 
-        @jax.jit
-        def one_batch(params, tokens, segment_ids, positions):
+        @functools.partial(jax.jit, static_argnames="slots")
+        def one_batch(params, tokens, segment_ids, positions, slots: int):
             hidden = model.apply({"params": params}, tokens, segment_ids, positions)
             pooled = pool_segments(hidden.astype(jnp.float32), segment_ids, positions,
                                    pooling, slots)
@@ -114,14 +115,17 @@ class Embedder:
                                             self.encoder.cfg.kind))
 
     def packed(self, examples) -> PackedExamples:
-        return PackedExamples(examples, self.slots, None)
+        """Rows of the examples' own length (`seq_len`, or a shorter row a server picks for
+        short texts): each text its own segment, pooled on its own."""
+        return PackedExamples(examples, row_slots(0, examples.seq_len), None)
 
     def __call__(self, examples: PackedExamples, rows: int, bar=None) -> np.ndarray:
         """[len(examples.examples), hidden] in input order, in batches of `rows` rows."""
         out = []
         for batch in examples.batches(rows):
             out.append(np.asarray(self.one_batch(self.params, batch["tokens"],
-                                                 batch["segment_ids"], batch["positions"])))
+                                                 batch["segment_ids"], batch["positions"],
+                                                 slots=examples.slots)))
             if bar is not None:
                 bar.update()
         return examples.in_input_order(np.concatenate(out, axis=0)[:len(examples)])

@@ -69,6 +69,12 @@ def bucket_for(sizes: list[int], needed: int) -> int:
     return next((s for s in sizes if s >= needed), sizes[-1])
 
 
+def row_lengths(seq_len: int) -> list[int]:
+    """The row lengths a text model serves in: a batch of short texts (one short request,
+    say) runs in short rows rather than paying for `seq_len` tokens per row."""
+    return sorted({n for n in (seq_len // 4, seq_len // 2) if n >= 16} | {seq_len})
+
+
 def params_checksum(params) -> str:
     """One digest of a model's weights (the per-array checksums that checkpoints store): two
     servers answer alike when theirs agree."""
@@ -172,10 +178,7 @@ class TextClassifier(RunModel):
         self.budget = max_batch_tokens
         rows = max(self.dp, max_batch_tokens // self.seq_len // self.dp * self.dp)
         self.sizes = buckets(rows, self.dp)
-        # Row lengths: a batch of short texts (one short request, say) runs in short rows
-        # rather than paying for data.seq_len tokens per row.
-        self.lengths = sorted({n for n in (self.seq_len // 4, self.seq_len // 2) if n >= 16} |
-                              {self.seq_len})
+        self.lengths = row_lengths(self.seq_len)
 
     def prepare(self, body: dict) -> Prepared:
         allowed = ("texts", "text_pairs") if self.pairs else ("texts",)
@@ -328,6 +331,7 @@ class TextEncoder(Served):
         self.seq_len = self.embedder.seq_len
         self.budget = max_batch_tokens
         self.sizes = buckets(max(1, max_batch_tokens // self.seq_len), 1)
+        self.lengths = row_lengths(self.seq_len)
         self.checksum = params_checksum(self.encoder.params)
 
     def prepare(self, body: dict) -> Prepared:
@@ -335,10 +339,22 @@ class TextEncoder(Served):
         ids = encode_texts(self.encoder.tokenizer, self.texts(body))
         return Prepared(len(ids), sum(min(self.seq_len, len(i) + 2) for i in ids), ids)
 
+    def packed(self, ids: list) -> PackedExamples:
+        """The texts in rows of the shortest length that holds the longest (as --seq-len
+        truncates it) in rows the largest batch holds; else --seq-len."""
+        tokenizer, kind = self.encoder.tokenizer, self.encoder.cfg.kind
+        full = examples_of_ids(ids, None, tokenizer, self.seq_len, kind)
+        longest = int(full.lengths.max())
+        for length in self.lengths:
+            if length < longest:
+                continue
+            packed = self.embedder.packed(full if length == self.seq_len else
+                                          examples_of_ids(ids, None, tokenizer, length, kind))
+            if len(packed) <= self.sizes[-1] or length == self.seq_len:
+                return packed
+
     def run(self, parts: list[Prepared]) -> list[list]:
-        examples = self.embedder.packed(examples_of_ids(
-            [ids for p in parts for ids in p.inputs], None, self.encoder.tokenizer,
-            self.seq_len, self.encoder.cfg.kind))
+        examples = self.packed([ids for p in parts for ids in p.inputs])
         self.calls += 1
         vectors = self.embedder(examples, bucket_for(self.sizes, len(examples)))
         if not np.isfinite(vectors).all():
@@ -347,16 +363,23 @@ class TextEncoder(Served):
         return self.split([[round(float(v), 7) for v in row] for row in vectors], parts)
 
     def warm_up(self) -> None:
-        examples = self.embedder.examples(["warm up"])
-        for size in self.sizes:
-            self.embedder(examples, size)
+        for length in self.lengths:
+            examples = self.embedder.packed(examples_of_ids(
+                [[0]], None, self.encoder.tokenizer, length, self.encoder.cfg.kind))
+            for size in self.sizes:
+                self.embedder(examples, size)
+
+    def shapes(self) -> str:
+        return f"{len(self.sizes) * len(self.lengths)} batch shapes: {self.sizes} rows of " \
+            f"{self.lengths} tokens"
 
     def info(self) -> dict:
         return {"endpoint": "/v1/embed", "task": "embedding", "source": self.source,
                 "checkpoint": self.encoder.description, "params_checksum": self.checksum,
                 "parameters": count(self.encoder.params), "pooling": self.embedder.pooling,
                 "dimensions": self.encoder.cfg.hidden_size, "seq_len": self.seq_len,
-                "inputs": ["texts"], "max_batch_tokens": self.budget,
+                "row_lengths": self.lengths, "inputs": ["texts"],
+                "max_batch_tokens": self.budget,
                 "batch_sizes": self.sizes}
 
 
