@@ -9,11 +9,13 @@ same student trained on the labels alone with the same recipe and budget:
 - bert-mini (4 layers, width 256) from a random init
   (configs/finetune_fortunes_distill_bert_mini.yaml).
 
-Per model: accuracy and macro F1 of the final evaluation, parameters, the median training step
-time (distilled runs include the teacher's forward pass), wall time of the run, and predict
-throughput (`ptft predict`'s model, loaded and compiled once, median of three passes over the
-split after a warm-up, batches of --batch texts). Every run is its own process and run
-directory under runs/distill/ (a finished run is read, not rerun). Writes
+Per model: accuracy and macro F1 of the final evaluation, parameters, the training step time
+(distilled runs include the teacher's forward pass: the median of a separate --step-steps
+run of the same recipe, all of them one after another at the end, apart from the training
+runs), the training run's wall time (jsonl only), and predict throughput (`ptft
+predict`'s model, loaded and compiled once, median of three passes over the split after a
+warm-up, batches of --batch texts). Every run is its own process and run directory under
+runs/distill/ (a finished run is read, not rerun). Writes
 benchmarks/results/<device>/distillation.{md,jsonl}.
 
     .venv/bin/python -m benchmarks.distillation [--teacher runs/fortunes_minilm_full]
@@ -24,6 +26,7 @@ import argparse
 import datetime
 import json
 import statistics
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,24 +52,37 @@ STUDENTS = [
 ]
 
 
+def recipe_keys(name: str, overrides: list[str], teacher: Path) -> list[str]:
+    """A student's overrides, with the teacher run (and the start, for the MiniLM student)."""
+    keys = [f"finetune.init_from={teacher}"] if "minilm3" in name else []
+    if "distill.teacher=null" not in overrides:
+        keys.append(f"distill.teacher={teacher}")
+    return keys + overrides
+
+
 def train(name: str, config: str, overrides: list[str], teacher: Path) -> Path:
     run_dir = RUNS / name
     if final_eval(run_dir) is None:
-        teacher_keys = [f"finetune.init_from={teacher}"] if "minilm3" in name else []
-        if "distill.teacher=null" not in overrides:
-            teacher_keys.append(f"distill.teacher={teacher}")
         seconds = ptft("finetune", CONFIGS / config,
-                       [f"run_dir={run_dir}", *teacher_keys, *overrides])
+                       [f"run_dir={run_dir}", *recipe_keys(name, overrides, teacher)])
         (run_dir / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
     return run_dir
 
 
+def step_time(config: Path, overrides: list[str], steps: int) -> float:
+    """The median logged step time of a short run of the recipe (its own process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptft("finetune", config, [*overrides, f"run_dir={tmp}/run", f"train.steps={steps}",
+                                  "train.log_every=1", "eval.every=0", "checkpoint.every=0"])
+        rows = [json.loads(line) for line in
+                (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r][2:]  # after warm-up
+    return statistics.median(times)
+
+
 def describe(name: str, run_dir: Path, texts, truth, batch: int) -> dict:
-    """Final evaluation, size and speeds of one finetuned run."""
+    """Final evaluation, size and predict speed of one finetuned run."""
     cfg = load_run_config(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
-    step_times = [r["step_time_s"] for r in rows if "step_time_s" in r]
     final = final_eval(run_dir) or {}
     predict = ptft_predictor(run_dir, batch)
     predicted = predict(texts).argmax(1)
@@ -77,7 +93,6 @@ def describe(name: str, run_dir: Path, texts, truth, batch: int) -> dict:
             "eval_macro_f1": final.get("eval/macro_f1"),
             "accuracy": float(np.mean(predicted == truth)),
             "macro_f1": macro_f1(predicted, truth, int(truth.max()) + 1),
-            "step_time_s": statistics.median(step_times) if step_times else None,
             "run_seconds": float(wall.read_text()) if wall.exists() else None,
             "texts_per_s": len(texts) / median_s(lambda: predict(texts))}
 
@@ -87,6 +102,8 @@ def main():
     parser.add_argument("--teacher", default="runs/fortunes_minilm_full")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--only", nargs="*", help="student names (default: all)")
+    parser.add_argument("--step-steps", type=int, default=20,
+                        help="steps of each recipe's step-time run")
     args = parser.parse_args()
     teacher = Path(args.teacher).resolve()
     if final_eval(teacher) is None:
@@ -100,6 +117,10 @@ def main():
     runs = [("teacher (all-MiniLM-L6-v2, finetuned)", teacher)] + [
         (name, train(name, config, overrides, teacher)) for name, config, overrides in students]
     results = [describe(name, run, texts, truth, args.batch) for name, run in runs]
+    recipes = [("finetune_fortunes_minilm_full.yaml", [])] + [
+        (config, recipe_keys(name, overrides, teacher)) for name, config, overrides in students]
+    for result, (config, keys) in zip(results, recipes):
+        result["step_time_s"] = step_time(CONFIGS / config, keys, args.step_steps)
     env = environment()
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     out = REPO / "benchmarks" / "results" / device_slug(env)
@@ -110,14 +131,12 @@ def main():
                                 "batch": args.batch, "time": stamp, **env}) + "\n")
     lines = [f"Distillation on fortunes ({len(texts)} validation texts; predict in batches of "
              f"{args.batch}); {env.get('machine', '')} {env.get('isa', '')}; {stamp}", "",
-             "| model | layers x width | params | accuracy | macro F1 | step ms | run s | "
-             "predict texts/s |", "|---|---|---|---|---|---|---|---|"]
+             "| model | layers x width | params | accuracy | macro F1 | step ms | "
+             "predict texts/s |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        step = f"{1000 * r['step_time_s']:.0f}" if r["step_time_s"] else "-"
-        run_s = f"{r['run_seconds']:.0f}" if r["run_seconds"] else "-"
         lines.append(f"| {r['model']} | {r['layers']} x {r['width']} | {r['params'] / 1e6:.1f}M | "
-                     f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} | {step} | {run_s} | "
-                     f"{r['texts_per_s']:.1f} |")
+                     f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
+                     f"{1000 * r['step_time_s']:.0f} | {r['texts_per_s']:.1f} |")
     (out / "distillation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -62,20 +62,28 @@ def main():
     full = RUNS / "full"
     if not full.exists():
         export_run(run, full)
-    measure("unpruned (12 heads)", full, cfg.model.num_heads, {})
+    def recover(name: str, start: Path) -> Path:
+        """`start` finetuned --recover more steps with the recipe (its own process)."""
+        recovered = RUNS / name
+        if final_eval(recovered) is None:
+            ptft("finetune", REPO / "configs" / "finetune_fortunes_minilm_full.yaml",
+                 [f"run_dir={recovered}", f"finetune.init_from={start}",
+                  f"train.steps={args.recover}", f"optim.warmup_steps={args.recover // 10}",
+                  f"eval.every={args.recover}", f"checkpoint.every={args.recover}"])
+        return recovered
+
+    heads = cfg.model.num_heads
+    measure(f"unpruned ({heads} heads)", full, heads, {})
+    # The baseline for the recovered rows: the same extra steps without pruning.
+    measure(f"unpruned, + {args.recover} finetuning steps", recover("full_recovered", full),
+            heads, {})
     for keep in args.keep:
         pruned = RUNS / f"heads_{keep}"
         if not pruned.exists():
             export_run(run, pruned, keep_heads=keep)
         measure(f"{keep} heads per layer, as pruned", pruned, keep, {})
-        recovered = RUNS / f"heads_{keep}_recovered"
-        if final_eval(recovered) is None:
-            ptft("finetune", REPO / "configs" / "finetune_fortunes_minilm_full.yaml",
-                 [f"run_dir={recovered}", f"finetune.init_from={pruned}",
-                  f"train.steps={args.recover}", f"optim.warmup_steps={args.recover // 10}",
-                  f"eval.every={args.recover}", f"checkpoint.every={args.recover}"])
-        measure(f"{keep} heads per layer, + {args.recover} finetuning steps", recovered, keep,
-                {})
+        measure(f"{keep} heads per layer, + {args.recover} finetuning steps",
+                recover(f"heads_{keep}_recovered", pruned), keep, {})
     env = environment()
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     out = REPO / "benchmarks" / "results" / device_slug(env)
