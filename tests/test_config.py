@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from ptft_jax.config.load import load_config
-from ptft_jax.config.schema import ConfigError, resolve_mesh_shape
+from ptft_jax.config.schema import ConfigError
+from ptft_jax.config.resolve import resolve_mesh_shape
 from ptft_jax.config.validate import validate
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))

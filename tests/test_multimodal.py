@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ptft_jax.config.load import load_config
-from ptft_jax.config.schema import ConfigError, tower_model
+from ptft_jax.config.schema import ConfigError
+from ptft_jax.config.resolve import tower_model
 from ptft_jax.config.validate import validate
 from ptft_jax.core import params as ptree
 from ptft_jax.tasks.contrastive import ContrastiveTask, retrieval_recall, zero_shot

@@ -23,7 +23,7 @@ import pytest
 
 from ptft_jax.config import hf
 from ptft_jax.config.load import load_config
-from ptft_jax.config.schema import tower_model
+from ptft_jax.config.resolve import tower_model
 from ptft_jax.convert.hf import flat_params
 from ptft_jax.convert.hf_weights import import_tensors
 from ptft_jax.core.params import flatten, match_rules, unflatten

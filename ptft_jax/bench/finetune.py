@@ -35,7 +35,8 @@ from ptft_jax.bench.benchmark import (load_torch_reference, named_cases, read_ca
 from ptft_jax.bench.report import device_slug, environment
 from ptft_jax.config import hf
 from ptft_jax.config.load import load_config
-from ptft_jax.config.schema import ConfigError, DataConfig, slots_for
+from ptft_jax.config.schema import ConfigError, DataConfig
+from ptft_jax.config.resolve import slots_for
 from ptft_jax.config.validate import validate
 from ptft_jax.core.mesh import data_parallel_size
 from ptft_jax.core.params import split

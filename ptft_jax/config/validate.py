@@ -11,7 +11,8 @@ import re
 from ptft_jax.config.ranges import check_values
 from ptft_jax.config.schema import (DISTILL_TASKS, FINETUNE_TASKS, IMAGE_KINDS, IMAGE_TASKS,
                                     MULTIMODAL_KINDS, MULTIMODAL_TASKS, PRETRAIN_TASKS, Config,
-                                    ConfigError, prune_end, resolve_mesh_shape, task_for)
+                                    ConfigError)
+from ptft_jax.config.resolve import prune_end, resolve_mesh_shape, task_for
 
 
 def _validate_optimizer(cfg: Config) -> None:

@@ -15,8 +15,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ptft_jax.config.schema import (Config, ConfigError, DistributedConfig, MeshConfig,
-                                    resolve_mesh_shape)
+from ptft_jax.config.schema import Config, ConfigError, DistributedConfig, MeshConfig
+from ptft_jax.config.resolve import resolve_mesh_shape
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from ptft_jax.ckpt.pretrained import inference_params
 from ptft_jax.config import hf
 from ptft_jax.config.load import load_run_config
-from ptft_jax.config.schema import ConfigError, ModelConfig, row_slots
+from ptft_jax.config.schema import ConfigError, ModelConfig
+from ptft_jax.config.resolve import row_slots
 from ptft_jax.convert.hf import flat_params
 from ptft_jax.core.files import atomic_write, writing_text
 from ptft_jax.core.params import unflatten

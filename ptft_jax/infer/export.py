@@ -22,7 +22,8 @@ import numpy as np
 from ptft_jax.ckpt.pretrained import inference_params
 from ptft_jax.config.load import load_run_config
 from ptft_jax.config.reading import read_json
-from ptft_jax.config.schema import FINETUNE_TASKS, ConfigError, pooling_for, task_for
+from ptft_jax.config.schema import FINETUNE_TASKS, ConfigError
+from ptft_jax.config.resolve import pooling_for, task_for
 from ptft_jax.convert.hf_weights import export_tensors
 from ptft_jax.core.files import building_folder, check_new_folder
 from ptft_jax.core.params import flatten, unstack_layers

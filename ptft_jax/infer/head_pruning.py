@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptft_jax.config.schema import FINETUNE_TASKS, Config, ConfigError, task_for
+from ptft_jax.config.schema import FINETUNE_TASKS, Config, ConfigError
+from ptft_jax.config.resolve import task_for
 from ptft_jax.core.params import flatten, unflatten
 from ptft_jax.data.labelled import open_examples
 

@@ -38,8 +38,8 @@ from tokenizers import Tokenizer, processors
 
 from ptft_jax.config import hf
 from ptft_jax.config.load import load_run_config
-from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, PRETRAIN_TASKS, ConfigError,
-                                    task_for)
+from ptft_jax.config.schema import FINETUNE_TASKS, IMAGE_TASKS, PRETRAIN_TASKS, ConfigError
+from ptft_jax.config.resolve import task_for
 from ptft_jax.core.files import atomic_write_json, building_folder, check_new_folder
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer
 from ptft_jax.infer.embed import load_encoder

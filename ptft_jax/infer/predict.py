@@ -19,7 +19,8 @@ from ptft_jax.ckpt.pretrained import first_intact
 from ptft_jax.config.load import load_run_config
 from ptft_jax.config.reading import read_jsonl, read_text
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, ConfigError,
-                                    MeshConfig, resolve_mesh_shape, row_slots, task_for)
+                                    MeshConfig)
+from ptft_jax.config.resolve import resolve_mesh_shape, row_slots, task_for
 from ptft_jax.config.validate import validate
 from ptft_jax.core.files import writing_text
 from ptft_jax.core.mesh import data_parallel_size

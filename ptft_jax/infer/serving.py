@@ -21,8 +21,8 @@ import numpy as np
 
 from ptft_jax.ckpt.integrity import checksums
 from ptft_jax.config import hf
-from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, PRETRAIN_TASKS, ConfigError,
-                                    row_slots, task_for)
+from ptft_jax.config.schema import FINETUNE_TASKS, IMAGE_TASKS, PRETRAIN_TASKS, ConfigError
+from ptft_jax.config.resolve import row_slots, task_for
 from ptft_jax.core.mesh import data_parallel_size
 from ptft_jax.core.params import count
 from ptft_jax.data.image_io import BadImage, decode

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 from ptft_jax.ckpt.pretrained import check_init_from, load_pretrained
 from ptft_jax.config.hf import is_hf, open_model
 from ptft_jax.config.load import load_run_config
-from ptft_jax.config.schema import Config, ConfigError, ModelConfig, pooling_for, task_for
+from ptft_jax.config.schema import Config, ConfigError, ModelConfig
+from ptft_jax.config.resolve import pooling_for, task_for
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.data.tokenizer import load_tokenizer
 from ptft_jax.models.heads import Classifier

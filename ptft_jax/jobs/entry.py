@@ -10,7 +10,8 @@ import jax
 
 from ptft_jax.config.reading import read_yaml
 from ptft_jax.config.schema import (FINETUNE_TASKS, IMAGE_TASKS, MULTIMODAL_TASKS, PRETRAIN_TASKS,
-                                    Config, ConfigError, task_for)
+                                    Config, ConfigError)
+from ptft_jax.config.resolve import task_for
 from ptft_jax.config.validate import validate
 from ptft_jax.core.files import (LEGACY_RUN, MARKER, check_ownable, lock_folder, release_folders,
                                  step_folders)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ptft_jax.ckpt.pretrained import check_init_from
 from ptft_jax.config.hf import is_hf
-from ptft_jax.config.schema import Config, ConfigError, slots_for, task_for
+from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.config.resolve import slots_for, task_for
 from ptft_jax.core.mesh import data_parallel_size
 from ptft_jax.data.labelled import open_examples
 from ptft_jax.data.opening import eval_split_of

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ptft_jax.config.schema import Config, ConfigError, task_for
+from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.config.resolve import task_for
 from ptft_jax.data.cache import TokenCache
 from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents

@@ -16,7 +16,8 @@ import numpy as np
 
 from ptft_jax.ckpt.pretrained import load_pretrained, load_pretrained_state
 from ptft_jax.config.hf import is_hf
-from ptft_jax.config.schema import Config, ConfigError, task_for
+from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.config.resolve import task_for
 from ptft_jax.core.mesh import broadcast_text
 from ptft_jax.data.images import prepare_image_cache_once
 from ptft_jax.data.labelled import LabelSpace, predict_examples, select

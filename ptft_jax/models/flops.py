@@ -11,7 +11,8 @@ full T x T score matrix even for causal models, as PaLM does.
 """
 from __future__ import annotations
 
-from ptft_jax.config.schema import ModelConfig, tower_model
+from ptft_jax.config.schema import ModelConfig
+from ptft_jax.config.resolve import tower_model
 from ptft_jax.models.vision import feature_size
 
 

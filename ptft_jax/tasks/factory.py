@@ -9,8 +9,8 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from ptft_jax.config.schema import (Config, ConfigError, pooling_for, slots_for, task_for,
-                                    tower_model)
+from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.config.resolve import pooling_for, slots_for, task_for, tower_model
 from ptft_jax.core.mesh import data_parallel_size
 from ptft_jax.data.labelled import LabelSpace
 from ptft_jax.data.tokenizer import TokenIds

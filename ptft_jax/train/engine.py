@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from ptft_jax.config.schema import Config, ConfigError, OptimConfig, prune_end
+from ptft_jax.config.schema import Config, ConfigError, OptimConfig
+from ptft_jax.config.resolve import prune_end
 from ptft_jax.core.lora import lora_spec
 from ptft_jax.core.mesh import LOGICAL_RULES, global_batch_array, make_mesh, process_rows
 from ptft_jax.core.params import check_rules_hit, flatten, matching

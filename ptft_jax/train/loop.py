@@ -26,7 +26,7 @@ from ptft_jax.core.files import LEGACY_RUN, atomic_write_text, claim_folder
 from ptft_jax.data.loader import BatchLoader, prefetch
 from ptft_jax.tasks.base import add_sums
 from ptft_jax.tasks.metrics import eval_metric
-from ptft_jax.config.schema import prune_end
+from ptft_jax.config.resolve import prune_end
 from ptft_jax.train import peak
 from ptft_jax.train.evaluate import evaluate
 from ptft_jax.train.job import Job

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ptft_jax.config.schema import MULTIMODAL_KINDS, PRETRAIN_TASKS, Config, task_for
+from ptft_jax.config.schema import MULTIMODAL_KINDS, PRETRAIN_TASKS, Config
+from ptft_jax.config.resolve import task_for
 from ptft_jax.core.lora import LORA_KEY, LoraSpec, lora_spec
 from ptft_jax.core.params import check_rules_hit, flatten, matching, rule_values
 

@@ -13,7 +13,8 @@ from jax.experimental import multihost_utils
 
 from ptft_jax.ckpt.checkpoint import Checkpointer
 from ptft_jax.ckpt.integrity import DAMAGED_DIR, CheckpointDamaged
-from ptft_jax.config.schema import Config, ConfigError, task_for
+from ptft_jax.config.schema import Config, ConfigError
+from ptft_jax.config.resolve import task_for
 from ptft_jax.core.state import TrainState
 from ptft_jax.data.loader import BatchLoader
 from ptft_jax.train.engine import Engine, build

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from ptft_jax.config.load import (from_dict, merge_dicts, parse_overrides, read_yaml_mapping,
                                   with_hf_model)
-from ptft_jax.config.schema import ConfigError, task_for
+from ptft_jax.config.schema import ConfigError
+from ptft_jax.config.resolve import task_for
 from ptft_jax.config.validate import validate
 from ptft_jax.core.files import claim_folder
 from ptft_jax.core.params import unflatten
