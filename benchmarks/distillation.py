@@ -23,7 +23,6 @@ benchmarks/results/<device>/distillation.{md,jsonl}.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import tempfile
@@ -31,13 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.classifier_eval import labelled_split, macro_f1, median_s, ptft_predictor
 from benchmarks.fmnist_transfer import REPO, final_eval, ptft
-from benchmarks.quantization import macro_f1, median_s, ptft_predictor
-from ptft_jax.bench.report import device_slug, environment
+from benchmarks.results_io import write_results
 from ptft_jax.ckpt.pretrained import inference_params
 from ptft_jax.config.load import load_run_config
 from ptft_jax.core.params import count
-from ptft_jax.data.opening import open_documents
 
 RUNS = REPO / "runs" / "distill"
 CONFIGS = REPO / "configs"
@@ -108,11 +106,7 @@ def main():
     teacher = Path(args.teacher).resolve()
     if final_eval(teacher) is None:
         ptft("finetune", CONFIGS / "finetune_fortunes_minilm_full.yaml", [f"run_dir={teacher}"])
-    cfg = load_run_config(teacher)
-    documents = open_documents(cfg.data, "validation")
-    texts, raw = documents.texts(0, len(documents)), documents.labels(0, len(documents))
-    names = json.loads((teacher / "labels.json").read_text())["names"]
-    truth = np.array([names.index(str(v)) for v in raw])
+    texts, truth, _ = labelled_split(teacher)
     students = [s for s in STUDENTS if not args.only or s[0] in args.only]
     runs = [("teacher (all-MiniLM-L6-v2, finetuned)", teacher)] + [
         (name, train(name, config, overrides, teacher)) for name, config, overrides in students]
@@ -121,24 +115,14 @@ def main():
         (config, recipe_keys(name, overrides, teacher)) for name, config, overrides in students]
     for result, (config, keys) in zip(results, recipes):
         result["step_time_s"] = step_time(CONFIGS / config, keys, args.step_steps)
-    env = environment()
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    out = REPO / "benchmarks" / "results" / device_slug(env)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "distillation.jsonl", "a") as f:
-        for r in results:
-            f.write(json.dumps({**r, "teacher": str(teacher), "examples": len(texts),
-                                "batch": args.batch, "time": stamp, **env}) + "\n")
-    lines = [f"Distillation on fortunes ({len(texts)} validation texts; predict in batches of "
-             f"{args.batch}); {env.get('machine', '')} {env.get('isa', '')}; {stamp}", "",
-             "| model | layers x width | params | accuracy | macro F1 | step ms | "
+    table = ["| model | layers x width | params | accuracy | macro F1 | step ms | "
              "predict texts/s |", "|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['model']} | {r['layers']} x {r['width']} | {r['params'] / 1e6:.1f}M | "
-                     f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
-                     f"{1000 * r['step_time_s']:.0f} | {r['texts_per_s']:.1f} |")
-    (out / "distillation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table += [f"| {r['model']} | {r['layers']} x {r['width']} | {r['params'] / 1e6:.1f}M | "
+              f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} | {1000 * r['step_time_s']:.0f} | "
+              f"{r['texts_per_s']:.1f} |" for r in results]
+    write_results("distillation", results, f"Distillation on fortunes ({len(texts)} validation "
+                  f"texts; predict in batches of {args.batch})", table, teacher=str(teacher),
+                  examples=len(texts), batch=args.batch)
 
 
 if __name__ == "__main__":

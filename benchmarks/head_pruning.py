@@ -14,19 +14,17 @@ benchmarks/results/<device>/head-pruning.{md,jsonl}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.classifier_eval import (labelled_split, macro_f1, median_s, ptft_predictor,
+                                        size_mb)
 from benchmarks.fmnist_transfer import REPO, final_eval, ptft
-from benchmarks.quantization import macro_f1, median_s, ptft_predictor, size_mb
-from ptft_jax.bench.report import device_slug, environment
+from benchmarks.results_io import write_results
 from ptft_jax.ckpt.pretrained import inference_params
 from ptft_jax.config.load import load_run_config
 from ptft_jax.core.params import count
-from ptft_jax.data.opening import open_documents
 from ptft_jax.infer.run_export import export_run
 
 RUNS = REPO / "runs" / "head_pruning"
@@ -41,10 +39,7 @@ def main():
     args = parser.parse_args()
     run = Path(args.run_dir).resolve()
     cfg = load_run_config(run)
-    documents = open_documents(cfg.data, "validation")
-    texts, raw = documents.texts(0, len(documents)), documents.labels(0, len(documents))
-    names = json.loads((run / "labels.json").read_text())["names"]
-    truth = np.array([names.index(str(v)) for v in raw])
+    texts, truth, names = labelled_split(run)
     results = []
 
     def measure(name: str, folder: Path, heads: int, extra: dict) -> None:
@@ -84,23 +79,14 @@ def main():
         measure(f"{keep} heads per layer, as pruned", pruned, keep, {})
         measure(f"{keep} heads per layer, + {args.recover} finetuning steps",
                 recover(f"heads_{keep}_recovered", pruned), keep, {})
-    env = environment()
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    out = REPO / "benchmarks" / "results" / device_slug(env)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "head-pruning.jsonl", "a") as f:
-        for r in results:
-            f.write(json.dumps({**r, "run": str(run), "examples": len(texts),
-                                "batch": args.batch, "time": stamp, **env}) + "\n")
-    lines = [f"Attention-head pruning of {run.name} ({len(texts)} validation texts; predict in "
-             f"batches of {args.batch}); {env.get('machine', '')} {env.get('isa', '')}; {stamp}",
-             "", "| model | params | checkpoint MB | accuracy | macro F1 | predict texts/s |",
+    table = ["| model | params | checkpoint MB | accuracy | macro F1 | predict texts/s |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['checkpoint_mb']:.1f} | "
+    table += [f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['checkpoint_mb']:.1f} | "
               f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['texts_per_s']:.1f} |"
               for r in results]
-    (out / "head-pruning.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("head-pruning", results, f"Attention-head pruning of {run.name} "
+                  f"({len(texts)} validation texts; predict in batches of {args.batch})",
+                  table, run=str(run), examples=len(texts), batch=args.batch)
 
 
 if __name__ == "__main__":

@@ -20,46 +20,19 @@ model.onnx. Results: benchmarks/results/<device>/quantization.{md,jsonl}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
-from ptft_jax.bench.report import device_slug, environment
-from ptft_jax.config.load import load_run_config
-from ptft_jax.data.opening import open_documents
-from ptft_jax.data.labelled import predict_examples
-from ptft_jax.data.tokenizer import load_tokenizer
+from benchmarks.classifier_eval import (labelled_split, macro_f1, median_s, ptft_predictor,
+                                        size_mb)
+from benchmarks.results_io import write_results
 from ptft_jax.infer.onnx_export import as_matmuls, export_onnx
-from ptft_jax.infer.predict import evaluate_run, load_run, packed_for_inference
+from ptft_jax.infer.predict import evaluate_run
 from ptft_jax.infer.run_export import export_run
-from ptft_jax.train.evaluate import predict_outputs
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def macro_f1(predicted: np.ndarray, truth: np.ndarray, classes: int) -> float:
-    scores = []
-    for c in range(classes):
-        tp = np.sum((predicted == c) & (truth == c))
-        fp, fn = np.sum((predicted == c) & (truth != c)), np.sum((predicted != c) & (truth == c))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(scores))
-
-
-def median_s(fn, passes: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def onnx_predictor(folder: Path, batch: int):
@@ -82,24 +55,6 @@ def onnx_predictor(folder: Path, batch: int):
     return predict
 
 
-def ptft_predictor(run: Path, batch: int):
-    """`ptft predict`'s model, loaded and compiled once: texts -> probabilities."""
-    engine, state, cfg, _ = load_run(run, batch)
-    tokenizer = load_tokenizer(run / "tokenizer.json")
-
-    def predict(texts: list[str]) -> np.ndarray:
-        packed, rows = packed_for_inference(
-            predict_examples(texts, tokenizer, cfg.data.seq_len, cfg.model.kind), cfg)
-        return packed.in_input_order(predict_outputs(engine, state, packed, rows))
-    return predict
-
-
-def size_mb(path: Path) -> float:
-    """A file's size, or a folder's files' together."""
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    return sum(f.stat().st_size for f in files) / 1e6
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?", default="runs/fortunes_minilm_full")
@@ -107,11 +62,7 @@ def main():
     parser.add_argument("--split", default="validation")
     args = parser.parse_args()
     run = Path(args.run_dir)
-    cfg = load_run_config(run)
-    documents = open_documents(cfg.data, args.split)
-    texts, raw = documents.texts(0, len(documents)), documents.labels(0, len(documents))
-    names = json.loads((run / "labels.json").read_text())["names"]
-    truth = np.array([names.index(str(v)) for v in raw])
+    texts, truth, names = labelled_split(run, args.split)
     rows = []
 
     def measure(name: str, predict, file_mb: float, extra: dict) -> None:
@@ -151,21 +102,12 @@ def main():
                              weight_type=QuantType.QInt8, **settings)
             measure(f"onnxruntime int8, {name}", onnx_predictor(folder, args.batch),
                     size_mb(folder / "model.onnx"), {})
-    env = environment()
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    out = RESULTS / device_slug(env)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "quantization.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps({**r, "run": str(run), "split": args.split, "examples": len(texts),
-                                "batch": args.batch, "time": stamp, **env}) + "\n")
-    lines = [f"int8 quantization of {run} ({len(texts)} {args.split} texts, batches of "
-             f"{args.batch}); {env.get('machine', '')} {env.get('isa', '')}; {stamp}", "",
-             "| model | accuracy | macro F1 | texts/s | file MB |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+    table = ["| model | accuracy | macro F1 | texts/s | file MB |", "|---|---|---|---|---|"]
+    table += [f"| {r['model']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
               f"{r['texts_per_s']:.1f} | {r['file_mb']:.1f} |" for r in rows]
-    (out / "quantization.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("quantization", rows, f"int8 quantization of {run} ({len(texts)} "
+                  f"{args.split} texts, batches of {args.batch})", table, run=str(run),
+                  split=args.split, examples=len(texts), batch=args.batch)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import gzip
 import json
 import os
@@ -37,9 +36,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from ptft_jax.bench.report import device_slug, environment
-
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.results_io import write_results
 VALIDATION = Path(__file__).parent.parent / "ptft_jax/data/corpora/fortunes-validation.jsonl.gz"
 
 
@@ -179,23 +176,13 @@ def hf_model_dir() -> str:
 
 
 def write(rows: list[dict], args) -> None:
-    env = environment()
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    out = RESULTS / device_slug(env)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "serve.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps({**r, "run": args.run_dir, "time": stamp, **env}) + "\n")
-    lines = [f"ptft serve load test, {args.run_dir}, one fortune per request, "
-             f"{args.seconds:.0f} s per level; {env.get('machine', '')} {env.get('isa', '')}; "
-             f"{stamp}", "",
-             "| server | clients | requests/s | p50 ms | p95 ms | p99 ms | failed | lost |",
+    table = ["| server | clients | requests/s | p50 ms | p95 ms | p99 ms | failed | lost |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['server']} | {r['clients']} | {r['requests_per_s']:.1f} | "
+    table += [f"| {r['server']} | {r['clients']} | {r['requests_per_s']:.1f} | "
               f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['failed']} | "
               f"{r['lost']} |" for r in rows]
-    (out / "serve.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("serve", rows, f"ptft serve load test, {args.run_dir}, one fortune per "
+                  f"request, {args.seconds:.0f} s per level", table, run=args.run_dir)
 
 
 if __name__ == "__main__":
