@@ -15,10 +15,10 @@ from ptft_jax.data.labelled import open_examples
 from ptft_jax.data.opening import eval_split_of
 from ptft_jax.data.packed_examples import PackedExamples
 from ptft_jax.data.tokenizer import TokenIds, load_tokenizer, run_tokenizer_path
-from ptft_jax.jobs.distill import (check_same_tokenizer, check_teacher_labels, distill_task,
-                                   open_teacher, teacher_init, with_teacher_tokenizer)
 from ptft_jax.jobs.common import (data_cache_root, pretrained_init, resolve_vocab, save_run_files,
                                   saved_labels, text_throughput)
+from ptft_jax.jobs.distill import (check_same_tokenizer, check_teacher_labels, distill_task,
+                                   open_teacher, teacher_init, with_teacher_tokenizer)
 from ptft_jax.tasks.factory import make_task
 from ptft_jax.train.job import Job
 

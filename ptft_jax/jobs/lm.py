@@ -11,10 +11,10 @@ from ptft_jax.data.cache_build import prepare_cache_once
 from ptft_jax.data.opening import open_documents
 from ptft_jax.data.packing import Packer
 from ptft_jax.data.tokenizer import TokenIds, tokenizer_source
-from ptft_jax.jobs.distill import (check_same_tokenizer, distill_task, open_teacher,
-                                   teacher_init, with_teacher_tokenizer)
 from ptft_jax.jobs.common import (data_cache_root, prepare_tokenizer, pretrained_init,
                                   resolve_vocab, save_run_files, text_throughput)
+from ptft_jax.jobs.distill import (check_same_tokenizer, distill_task, open_teacher,
+                                   teacher_init, with_teacher_tokenizer)
 from ptft_jax.tasks.factory import make_task, mlm_spec
 from ptft_jax.tasks.lm import MaskedLM
 from ptft_jax.train.job import Job, Throughput
