@@ -151,10 +151,10 @@ class Checkpointer:
             raise CheckpointDamaged(self.step_dir(step), f"{item} metadata cannot be read "
                                           f"({integrity.short_error(e)})") from None
 
-    def _training_only(self, step: int, abstract_params) -> dict:
-        """Targets (replicated like the params' first leaf) for the stored TRAINING_ONLY
-        subtrees that `abstract_params` does not hold."""
-        stored = self._stored_tree(step, "params")
+    @staticmethod
+    def _training_only(stored, abstract_params) -> dict:
+        """Targets (replicated like the params' first leaf) for the TRAINING_ONLY subtrees of
+        the `stored` params metadata that `abstract_params` does not hold."""
         extra = [k for k in TRAINING_ONLY if k in stored and k not in abstract_params]
         if not extra:
             return {}
@@ -166,9 +166,10 @@ class Checkpointer:
                                                                sharding=replicated), stored[k])
                 for k in extra}
 
-    def check_shapes(self, step: int, abstract_params) -> None:
-        """Raises CheckpointMismatch listing every parameter whose path or shape differs."""
-        stored = self._stored_tree(step, "params")
+    def check_shapes(self, step: int, abstract_params, stored=None) -> None:
+        """Raises CheckpointMismatch listing every parameter whose path or shape differs.
+        `stored`: the step's params metadata, if already read."""
+        stored = self._stored_tree(step, "params") if stored is None else stored
         stored = {p: tuple(m.shape) for p, m in flatten(stored).items()}
         wanted = {p: tuple(a.shape) for p, a in flatten(abstract_params).items()}
         problems = []
@@ -216,10 +217,10 @@ class Checkpointer:
         Raises CheckpointMismatch for a checkpoint that does not fit the config,
         CheckpointDamaged for one that is damaged."""
         meta = self.read_meta(step)
-        wanted = target.params
+        stored, wanted = self._stored_tree(step, "params"), target.params
         if params_only:
-            wanted = {**self._training_only(step, target.params), **target.params}
-        self.check_shapes(step, wanted)
+            wanted = {**self._training_only(stored, target.params), **target.params}
+        self.check_shapes(step, wanted, stored)
         args = {"params": ocp.args.StandardRestore(wanted)}
         if _has_leaves(target.model_state):
             self._stored_tree(step, "model_state")

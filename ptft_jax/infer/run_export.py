@@ -17,15 +17,16 @@ import yaml
 
 from ptft_jax.ckpt.checkpoint import Checkpointer
 from ptft_jax.config.schema import ConfigError
+from ptft_jax.config.load import load_run_config
 from ptft_jax.core.files import building_folder, check_new_folder
 from ptft_jax.core.lora import LORA_KEY, lora_spec, merge
 from ptft_jax.core.params import count
 from ptft_jax.core.state import TrainState
-from ptft_jax.tasks.factory import make_task
 from ptft_jax.infer.head_pruning import (check_prunable, head_importance, importance_batches,
                                          kept_heads, prune_heads, pruned_config)
 from ptft_jax.infer.predict import checkpoint_step, load_run
 from ptft_jax.infer.quantize import QUANTIZATION_FILE, quantize_params, quantized_task, read_mode
+from ptft_jax.tasks.factory import make_task
 
 
 def merged_params(engine, state, cfg):
@@ -50,9 +51,9 @@ def export_run(run_dir, out_dir, quantize: str | None = None, keep_heads: int | 
     if read_mode(run_dir) is not None:
         raise ConfigError(f"{run_dir} is already quantized ({QUANTIZATION_FILE}): export the "
                           f"float run it came from.")
+    if keep_heads is not None and (run_dir / "config.yaml").is_file():
+        check_prunable(load_run_config(run_dir), keep_heads)  # before the run is loaded
     engine, state, cfg, source = load_run(run_dir)
-    if keep_heads is not None:
-        check_prunable(cfg, keep_heads)
     host, params, merged = merged_params(engine, state, cfg)
     cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_rank=0,
                                                                 init_from=None))

@@ -75,6 +75,23 @@ def row_lengths(seq_len: int) -> list[int]:
     return sorted({n for n in (seq_len // 4, seq_len // 2) if n >= 16} | {seq_len})
 
 
+def in_shortest_rows(first: list, second: list | None, tokenizer, kind: str, lengths: list[int],
+                     most_rows: int, pack) -> PackedExamples:
+    """The texts (token ids) packed (`pack`: examples -> PackedExamples) into rows of the
+    shortest of `lengths` that holds the longest of them (as the longest length truncates it)
+    in at most `most_rows` rows; else rows of the longest length. Each text is the same
+    segment whatever its row's length: the same outputs."""
+    full = examples_of_ids(first, second, tokenizer, lengths[-1], kind)
+    longest = int(full.lengths.max())
+    for length in lengths:
+        if length < longest:
+            continue
+        packed = pack(full if length == lengths[-1] else
+                      examples_of_ids(first, second, tokenizer, length, kind))
+        if len(packed) <= most_rows or length == lengths[-1]:
+            return packed
+
+
 def params_checksum(params) -> str:
     """One digest of a model's weights (the per-array checksums that checkpoints store): two
     servers answer alike when theirs agree."""
@@ -198,21 +215,11 @@ class TextClassifier(RunModel):
         return Prepared(len(texts), cost, inputs)
 
     def packed(self, first: list, second: list | None) -> PackedExamples:
-        """The texts packed into rows of the shortest length that holds the longest of them
-        (as data.seq_len truncates it) in rows the largest batch holds; else data.seq_len.
-        Each text is the same segment whatever its row's length: the same outputs."""
-        kind = self.cfg.model.kind
-        full = examples_of_ids(first, second, self.tokenizer, self.seq_len, kind)
-        longest = int(full.lengths.max())
-        for length in self.lengths:
-            if length < longest:
-                continue
-            examples = full if length == self.seq_len else \
-                examples_of_ids(first, second, self.tokenizer, length, kind)
-            packed = PackedExamples(examples, row_slots(self.cfg.data.examples_per_row, length),
-                                    None)
-            if len(packed) <= self.sizes[-1] or length == self.seq_len:
-                return packed
+        """The texts in the shortest rows that hold them (in_shortest_rows)."""
+        return in_shortest_rows(
+            first, second, self.tokenizer, self.cfg.model.kind, self.lengths, self.sizes[-1],
+            lambda examples: PackedExamples(examples, row_slots(
+                self.cfg.data.examples_per_row, examples.seq_len), None))
 
     def run(self, parts: list[Prepared]) -> list[list]:
         first = [ids for p in parts for ids in p.inputs["texts"]]
@@ -340,18 +347,9 @@ class TextEncoder(Served):
         return Prepared(len(ids), sum(min(self.seq_len, len(i) + 2) for i in ids), ids)
 
     def packed(self, ids: list) -> PackedExamples:
-        """The texts in rows of the shortest length that holds the longest (as --seq-len
-        truncates it) in rows the largest batch holds; else --seq-len."""
-        tokenizer, kind = self.encoder.tokenizer, self.encoder.cfg.kind
-        full = examples_of_ids(ids, None, tokenizer, self.seq_len, kind)
-        longest = int(full.lengths.max())
-        for length in self.lengths:
-            if length < longest:
-                continue
-            packed = self.embedder.packed(full if length == self.seq_len else
-                                          examples_of_ids(ids, None, tokenizer, length, kind))
-            if len(packed) <= self.sizes[-1] or length == self.seq_len:
-                return packed
+        """The texts in the shortest rows that hold them (in_shortest_rows)."""
+        return in_shortest_rows(ids, None, self.encoder.tokenizer, self.encoder.cfg.kind,
+                                self.lengths, self.sizes[-1], self.embedder.packed)
 
     def run(self, parts: list[Prepared]) -> list[list]:
         examples = self.packed([ids for p in parts for ids in p.inputs])

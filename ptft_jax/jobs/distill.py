@@ -35,6 +35,7 @@ class Teacher:
     model: ModelConfig
     pooling: str
     tokenizer: Path
+    run_dir: Path | None = None  # a ptft teacher's run directory (its labels.json)
 
 
 def open_teacher(cfg: Config) -> Teacher:
@@ -68,6 +69,7 @@ def open_teacher(cfg: Config) -> Teacher:
                               f"{task_for(run)}; a {kind} student learns from a {kind} "
                               f"teacher.")
         model, pooling, theirs = run.model, pooling_for(run), folder / "tokenizer.json"
+    folder = None if is_hf(spec) else folder
     if theirs is None or not Path(theirs).is_file():
         raise ConfigError(f"distill.teacher: {spec} has no tokenizer (tokenizer.json or "
                           f"vocab.txt); distillation needs the teacher's to check it is the "
@@ -79,7 +81,7 @@ def open_teacher(cfg: Config) -> Teacher:
     # The teacher only runs forward: the run's dtype policy, no dropout, no remat.
     model = dataclasses.replace(model, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                                 dropout=0.0, remat="none", attention=cfg.model.attention)
-    return Teacher(spec, model, pooling, Path(theirs))
+    return Teacher(spec, model, pooling, Path(theirs), folder)
 
 
 def with_teacher_tokenizer(cfg: Config, teacher: Teacher) -> Config:
@@ -104,12 +106,10 @@ def check_teacher_labels(teacher: Teacher, labels: LabelSpace) -> None:
     """A ptft teacher's labels.json must name the data's labels in the same order (the
     student's output i is matched to the teacher's output i). An HF teacher's labels are
     matched by name when its weights load."""
-    if is_hf(teacher.source):
+    if teacher.run_dir is None:
         return
-    found = next((f / "labels.json" for f in (Path(teacher.source),
-                                               *Path(teacher.source).parents[:2])
-                  if (f / "labels.json").is_file()), None)
-    if found is None:
+    found = teacher.run_dir / "labels.json"
+    if not found.is_file():
         raise ConfigError(f"distill.teacher: {teacher.source} has no labels.json; give the "
                           f"run directory of a ptft finetune run.")
     theirs = LabelSpace.load(found)
