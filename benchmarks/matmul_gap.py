@@ -6,8 +6,10 @@ weighted sum: `jax.nn.dot_product_attention` against PyTorch's `scaled_dot_produ
 and one whole post-norm BERT layer (attention with a padding
 mask, MLP with exact GELU, two layer norms), in JAX under `jax.jit` and in PyTorch eager
 (`transformers`' BertLayer, SDPA and eager attention), at bert-mini's shape by default
-(batch 32 x 128, width 256, 4 heads). Same process, same inputs, median of 10 calls after two
-warm-up calls. Figures in the README ("Finetuning, 1 CPU device").
+(batch 32 x 128, width 256, 4 heads; all-MiniLM-L6-v2's: --width 384 --heads 12). The
+attention core is also timed in two other JAX forms (the batch cut into 4 independent parts;
+heads-major einsums written out) and its q.k products alone. Same process, same inputs,
+median of 10 calls after two warm-up calls. Figures in the README ("Finetuning, 1 CPU device").
 
     .venv/bin/python -m benchmarks.matmul_gap [--batch 32] [--len 128] [--width 256] [--heads 4]
 """
@@ -62,8 +64,24 @@ def jax_cases(x, valid, heads):
     def attention(q, kv):  # the attention core alone: scores, mask, softmax, weighted sum
         return jnp.sum(jax.nn.dot_product_attention(q, *kv, mask=mask) ** 2)
 
+    def attention_in_parts(q, kv):  # the same, the batch cut into 4 independent programs
+        parts = zip(*(jnp.split(t, 4) for t in (q, *kv, mask)))
+        return sum(jnp.sum(jax.nn.dot_product_attention(a, b, c, mask=m) ** 2)
+                   for a, b, c, m in parts)
+
+    def attention_heads_major(q, kv):  # written out, heads-major: [batch, heads, len, k]
+        qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, *kv))
+        scores = jnp.where(mask, jnp.einsum("bhqd,bhkd->bhqk", qh * K ** -0.5, kh), -1e30)
+        return jnp.sum(jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores), vh) ** 2)
+
+    def scores(q, kv):  # q . k alone: the batched [len, k] x [k, len] products
+        return jnp.sum(jnp.einsum("bqhd,bkhd->bhqk", q, kv[0]) ** 2)
+
     out = {}
     cases = (("MLP matmuls", matmuls, (p, x)), ("attention core", attention, (q, (k, v))),
+             ("attention core, batch in 4 parts", attention_in_parts, (q, (k, v))),
+             ("attention core, heads-major einsums", attention_heads_major, (q, (k, v))),
+             ("attention scores q.k alone", scores, (q, (k, v))),
              ("BERT layer", bert_layer, (p, x)))
     for name, f, args in cases:
         step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
@@ -121,6 +139,9 @@ def main():
     print(f"| MLP matmuls | {ours['MLP matmuls']:.1f} | {theirs['MLP matmuls']:.1f} |")
     print(f"| attention core (XLA's; PyTorch's SDPA) | {ours['attention core']:.1f} | "
           f"{theirs['attention core']:.1f} |")
+    for variant in ("batch in 4 parts", "heads-major einsums"):
+        print(f"| attention core, {variant} | {ours[f'attention core, {variant}']:.1f} | - |")
+    print(f"| attention scores q.k alone | {ours['attention scores q.k alone']:.1f} | - |")
     for attention in ("sdpa", "eager"):
         print(f"| BERT layer ({attention} attention in PyTorch) | {ours['BERT layer']:.1f} | "
               f"{theirs[f'BERT layer ({attention} attention)']:.1f} |")
