@@ -1,5 +1,6 @@
 """The model keeps packed documents apart: changing one document of a packed row leaves the
-other document's outputs unchanged, and padding changes nothing."""
+other document's outputs unchanged, and padding changes nothing. The CPU's attention form
+computes what jax.nn.dot_product_attention does."""
 import dataclasses
 
 import flax.linen as nn
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ptft_jax.models.layers import heads_major_attention
 from ptft_jax.models.transformer import LanguageModel
 from tests.helpers import tiny_config
 
@@ -44,3 +46,30 @@ def test_packed_documents_do_not_see_each_other(kind, scan):
     alone = model.apply({"params": params}, tokens[:, 7:13], jnp.ones((1, 6), jnp.int32),
                         POSITIONS[:, 7:13], method=lambda m, *a: m.transformer(*a))
     np.testing.assert_allclose(np.asarray(alone)[0], hidden[0, 7:13], atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_heads_major_attention_is_jax_attention_values_and_gradients(causal, dtype):
+    """What model.attention=auto runs on a CPU, against jax.nn.dot_product_attention's XLA
+    form: packed documents, a padding tail (rows that may attend to nothing), no mask."""
+    dtype = jnp.dtype(dtype)
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4, 8), dtype) for i in range(3))
+    segments = jnp.concatenate([SEGMENTS, jnp.ones_like(SEGMENTS)])
+    mask = ((segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0))[:, None]
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for m in (mask, None):
+        def ours(q, k, v):
+            return jnp.sum(jnp.sin(heads_major_attention(q, k, v, m, causal).astype(jnp.float32)))
+
+        def theirs(q, k, v):
+            out = jax.nn.dot_product_attention(q, k, v, mask=m, is_causal=causal,
+                                               implementation="xla")
+            return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+        (a, grads_a), (b, grads_b) = (jax.value_and_grad(f, (0, 1, 2))(q, k, v)
+                                      for f in (ours, theirs))
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+        for x, y in zip(grads_a, grads_b):
+            assert x.dtype == y.dtype == dtype
+            np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                                       rtol=tol, atol=tol)

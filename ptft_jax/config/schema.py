@@ -82,7 +82,8 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = False
     remat: Literal[REMAT_POLICIES] = "none"
-    # The implementation of jax.nn.dot_product_attention
+    # Attention: xla (jax.nn.dot_product_attention's XLA form), cudnn (its cuDNN kernel, NVIDIA
+    # GPUs), auto (xla; on a CPU, models/layers.heads_major_attention, measured faster there)
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     # Image encoders. Images are resized to image_size once, when the image cache is built.
     image_size: int = 224
