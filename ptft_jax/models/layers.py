@@ -136,7 +136,7 @@ def heads_major_attention(q, k, v, mask, causal: bool):
     """Softmax attention over q, k, v [batch, len, heads, k] as jax.nn.dot_product_attention
     computes it (float32 scores scaled by 1/sqrt(k), masked, float32 softmax), with the
     heads moved ahead of the positions first. On XLA's CPU backend its batched products
-    then run on contiguous [len, k] blocks: the finetuning step was 2-6% faster than with
+    then run on contiguous [len, k] blocks: the finetuning steps were 1-11% faster than with
     jax's form, interleaved in one process (benchmarks/results/cpu-*/matmul-gap-attention.md).
     """
     qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
