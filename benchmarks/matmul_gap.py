@@ -69,7 +69,9 @@ def jax_cases(x, valid, heads):
         return sum(jnp.sum(jax.nn.dot_product_attention(a, b, c, mask=m) ** 2)
                    for a, b, c, m in parts)
 
-    def attention_heads_major(q, kv):  # written out, heads-major: [batch, heads, len, k]
+    # Written out, heads-major: [batch, heads, len, k]. The form these results led to, as the
+    # model runs it on a CPU, is models/layers.heads_major_attention (batched matmuls).
+    def attention_heads_major(q, kv):
         qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, *kv))
         scores = jnp.where(mask, jnp.einsum("bhqd,bhkd->bhqk", qh * K ** -0.5, kh), -1e30)
         return jnp.sum(jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores), vh) ** 2)

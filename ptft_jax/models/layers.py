@@ -153,12 +153,11 @@ def heads_major_attention(q, k, v, mask, causal: bool):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through `jax.nn.dot_product_attention`: self-attention, or
-    cross-attention from `x` to `kv` (the fusion layers). `mask` is a boolean
-    [batch, 1, q, k] (True = may attend) or None. `model.attention`: xla runs
-    `jax.nn.dot_product_attention`'s XLA form; cudnn runs cuDNN's fused kernel on NVIDIA GPUs,
-    which takes the document mask as a dense bias; auto is xla, except on a CPU, where it is
-    `heads_major_attention` (the same function, measured faster there)."""
+    """Multi-head attention: self-attention, or cross-attention from `x` to `kv` (the fusion
+    layers). `mask` is a boolean [batch, 1, q, k] (True = may attend) or None.
+    `model.attention`: xla runs `jax.nn.dot_product_attention`'s XLA form; cudnn runs cuDNN's
+    fused kernel on NVIDIA GPUs, which takes the document mask as a dense bias; auto is xla,
+    except on a CPU, where it is `heads_major_attention` (the same function, faster there)."""
     cfg: ModelConfig
     causal: bool
     recipe: str | None = None  # kernel_init's; None: the model's own
